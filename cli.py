@@ -1,0 +1,399 @@
+"""moe-export: Vision MoE models from PyTorch to portable ONNX (and TensorRT), with routing-aware parity.
+
+A thin click layer over the ``exporter`` library: options -> one library call -> a table. Heavy
+modules (torch, onnx, onnxruntime) are imported inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from exporter import settings
+from exporter.errors import CheckFailed, UserError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:  # pipes and files: long lines rather than wrapped table cells
+        console.width = 200
+    return console
+
+
+@contextmanager
+def step(message: str):
+    """Shows a spinner (or a start line when not on a terminal) and the time a step took."""
+    err = _console(stderr=True)
+    start = time.perf_counter()
+    if err.is_terminal:
+        with err.status(escape(message) + " ..."):
+            yield
+    else:
+        err.print(f"... {escape(message)}")
+        yield
+    err.print(f"[green]✓[/green] {escape(message)} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+
+
+class _Cli(click.Group):
+    """Turns library errors into one line on stderr and the documented exit codes."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except CheckFailed as e:
+            click.echo(f"FAILED: {e}", err=True)
+            ctx.exit(EXIT_CHECK_FAILED)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _write_json(dest: str, data) -> None:
+    if dest == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from exporter.fileio import write_json
+
+        write_json(dest, data)
+
+
+def model_options(f):
+    """--model / --module / --input-shape / --checkpoint / --seed and the V-MoE routing overrides."""
+    options = [
+        click.option("--model", "model", metavar="NAME", help="A zoo model (see `moe-export models`)."),
+        click.option(
+            "--module",
+            "module",
+            metavar="FILE.py:FACTORY",
+            help="A user model: FILE.py:factory or package.module:factory, a callable returning an nn.Module.",
+        ),
+        click.option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="Input images of a user module (e.g. 8,3,224,224); N is the example batch.",
+        ),
+        click.option("--checkpoint", type=click.Path(), help="Weights (.safetensors or a PyTorch state dict)."),
+        click.option("--seed", type=int, default=None, help="Seed of the random weights when there is no checkpoint."),
+        click.option("--k", "k", type=int, help="V-MoE: experts per token (1 or 2 in the papers)."),
+        click.option(
+            "--capacity-factor", type=float, help="V-MoE: capacity factor C (e.g. 1.05; below 1 drops tokens)."
+        ),
+        click.option("--batch-priority/--no-batch-priority", default=None, help="V-MoE: Batch Prioritized Routing."),
+        click.option("--group-images", type=int, help="V-MoE: images per routing group (8 in the papers, 1 for edge)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _source(
+    model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=None
+):
+    from exporter import source as sources
+
+    shape = sources.parse_shape(input_shape) if input_shape else None
+    overrides = dict(k=k, capacity_factor=capacity_factor, batch_priority=batch_priority, group_images=group_images)
+    if model and module:
+        raise UserError("give either --model or --module, not both")
+    if module:
+        if any(v is not None for v in overrides.values()):
+            raise UserError("--k, --capacity-factor, --batch-priority and --group-images only apply to --model")
+        return sources.from_module(module, input_shape=shape, seed=_seed(seed), checkpoint=checkpoint)
+    if model is None and default is not None and default.kind == "zoo":
+        model = default.spec  # validate: start from the graph's own config, then apply overrides
+        config = default.config.replace(**overrides)
+        return sources.ModelSource(
+            "zoo",
+            model,
+            config.input_shape,
+            config,
+            default.seed if seed is None else seed,
+            *sources._checkpoint(checkpoint or default.checkpoint),
+        )
+    if model is None and default is not None:
+        return default
+    if model is None:
+        raise UserError("give --model NAME (see `moe-export models`) or --module FILE.py:FACTORY")
+    return sources.from_zoo(model, seed=_seed(seed), checkpoint=checkpoint, input_shape=shape, **overrides)
+
+
+def _seed(seed):
+    return settings.DEFAULT_SEED if seed is None else seed
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="moe-export")
+def main():
+    """Export Vision Mixture-of-Experts models (V-MoE, Soft-MoE) to portable ONNX and check parity,
+    routing decisions included.
+
+    \b
+    Example:
+      moe-export models
+      moe-export export --model vmoe-s32-last2-e8 --routing-outputs -o vmoe.onnx
+      moe-export validate vmoe.onnx
+    """
+
+
+@main.command()
+@click.option("--json", "json_out", metavar="PATH", help="Also write the list as JSON ('-' for stdout).")
+def models(json_out):
+    """List the model zoo: name, family, parameters, summary.
+
+    \b
+    Example:
+      moe-export models --json -
+    """
+    from rich.table import Table
+
+    from exporter.zoo import ZOO, param_count
+
+    rows = [(c.name, c.family, param_count(c), c.summary) for c in ZOO.values()]
+    if json_out:
+        _write_json(json_out, [dict(name=n, family=f, params=p, summary=s) for n, f, p, s in rows])
+        if json_out == "-":
+            return
+    table = Table(box=None, pad_edge=False, show_header=False)  # one model name at the start of each line
+    for col in ("model", "family", "params", "summary"):
+        table.add_column(col, justify="right" if col == "params" else "left", no_wrap=col != "summary")
+    for n, f, p, s in rows:
+        table.add_row(n, f, f"{p / 1e6:,.1f}M", escape(s))
+    _console().print(table)
+
+
+@main.command()
+@model_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", type=int, default=settings.DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 18).")
+@click.option("--routing-outputs", is_flag=True, help="Expose each V-MoE layer's routing as graph outputs.")
+@click.option("--json", "json_out", metavar="PATH", help="Write an export report as JSON ('-' for stdout).")
+def export(
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    output,
+    opset,
+    routing_outputs,
+    json_out,
+):
+    """Export a model to a portable ONNX graph (standard ops only, dynamic batch).
+
+    \b
+    Examples:
+      moe-export export --model vmoe-tiny --capacity-factor 0.5 --batch-priority --routing-outputs -o tiny.onnx
+      moe-export export --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32 -o my.onnx
+    """
+    from exporter.export import export_onnx
+    from exporter.source import load
+
+    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    with step(f"Building {src.name}"):
+        loaded = load(src)
+    result = export_onnx(loaded, output, opset=opset, routing_outputs=routing_outputs, step=step)
+    if json_out != "-":
+        _print_export(result)
+    if json_out:
+        _write_json(json_out, result.to_dict())
+
+
+def _print_export(result) -> None:
+    out = _console()
+    size = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
+    out.print(
+        f"wrote [bold]{escape(str(result.path))}[/bold] ({size / 2**20:,.1f} MiB, opset {result.opset}, "
+        f"{sum(result.op_counts.values())} nodes, export {result.seconds:.1f}s)"
+    )
+    for name, (dtype, dims) in {**result.inputs, **result.outputs}.items():
+        kind = "input " if name in result.inputs else "output"
+        out.print(escape(f"  {kind} {name}: {dtype}[{', '.join(map(str, dims))}]"))
+    if not result.dynamic_batch:
+        out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
+    if result.findings:
+        out.print(f"[yellow]warning:[/yellow] {len(result.findings)} TensorRT portability findings:")
+        for f in result.findings[:20]:
+            out.print(escape(f"  - {f}"))
+    else:
+        out.print("portable: standard ONNX ops only, none of the TensorRT hazards")
+
+
+@main.command()
+@click.argument("graph", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group.")
+@click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False), help="A .npz with the input images.")
+@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of random inputs.")
+@click.option(
+    "--rtol",
+    type=float,
+    default=settings.FP32_TOLERANCES.rtol,
+    show_default=True,
+    help="Max |actual-expected| / max|expected| per output.",
+)
+@click.option(
+    "--min-routing-agreement",
+    type=float,
+    default=settings.FP32_TOLERANCES.routing_agreement,
+    show_default=True,
+    help="Smallest share of (token, choice) pairs with identical routing, per layer.",
+)
+@click.option("--json", "json_out", metavar="PATH", help="Write the parity report as JSON ('-' for stdout).")
+def validate(
+    graph,
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    batch,
+    inputs_npz,
+    input_seed,
+    rtol,
+    min_routing_agreement,
+    json_out,
+):
+    """Check an exported graph against PyTorch: outputs and routing decisions.
+
+    The model defaults to the one recorded in the graph at export. Exit code 0 on parity, 1 when
+    parity fails, 2 on bad input.
+
+    \b
+    Examples:
+      moe-export validate tiny.onnx
+      moe-export validate my.onnx --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32
+    """
+    from exporter.parity import source_of, validate_onnx
+    from exporter.runners import read_onnx_header
+
+    header = read_onnx_header(graph)
+    recorded = None if (model or module) else source_of(graph, header, None)
+    src = _source(
+        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=recorded
+    )
+    tolerances = settings.Tolerances(rtol=rtol, routing_agreement=min_routing_agreement)
+    report = validate_onnx(
+        graph, src, batch=batch, seed=input_seed, inputs_npz=inputs_npz, tolerances=tolerances, step=step
+    )
+    if json_out != "-":
+        _print_report(report)
+    if json_out:
+        _write_json(json_out, report.to_dict())
+    if not report.passed:
+        raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")
+
+
+def _mark(ok: bool) -> str:
+    return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+
+
+def _print_report(report) -> None:
+    from rich.table import Table
+
+    out = _console()
+    out.print(
+        f"[bold]{escape(report.graph)}[/bold] vs PyTorch {escape(report.model)} "
+        f"on {report.backend}, batch {report.batch}"
+    )
+    t = Table(title="outputs", title_justify="left", box=None, pad_edge=False)
+    for col in ("output", "shape", "max abs err", "max rel err", f"rel tol {report.tolerances['rtol']:g}"):
+        t.add_column(col, justify="left" if col in ("output", "shape") else "right")
+    for o in report.outputs:
+        t.add_row(escape(o.name), "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", _mark(o.passed))
+    out.print(t)
+    if report.routing:
+        t = Table(title="routing per V-MoE layer", title_justify="left", box=None, pad_edge=False)
+        cols = ("layer", "pairs", "expert", "kept", "slot", "all", "dropped (torch / graph)", "")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for r in report.routing:
+            t.add_row(
+                escape(r.layer),
+                str(r.pairs),
+                f"{r.expert:.2%}",
+                f"{r.kept:.2%}",
+                f"{r.slot:.2%}",
+                f"{r.agreement:.2%}",
+                f"{r.dropped_expected:.1%} / {r.dropped_actual:.1%}",
+                _mark(r.passed),
+            )
+        out.print(t)
+    else:
+        out.print(f"routing: {report.routing_status}")
+    for note in report.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    out.print(f"{_mark(report.passed)} ({report.seconds:.1f}s)")
+
+
+@main.command()
+@click.option(
+    "-o",
+    "--output-dir",
+    default="moe-export-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where to write the graphs and reports.",
+)
+def demo(output_dir):
+    """The main job on built-in defaults: export and validate a small V-MoE (Batch Prioritized Routing,
+    capacity factor 0.5, so tokens are dropped) and a small Soft-MoE, on CPU.
+
+    \b
+    Example:
+      moe-export demo -o out/
+    """
+    from exporter.export import export_onnx
+    from exporter.parity import validate_onnx
+    from exporter.source import from_zoo, load
+
+    runs = [
+        ("vmoe-tiny", dict(capacity_factor=0.5, batch_priority=True)),
+        ("soft-moe-tiny", {}),
+    ]
+    failed = []
+    for name, overrides in runs:
+        _console().rule(f"{name} {' '.join(f'{k}={v}' for k, v in overrides.items())}")
+        src = from_zoo(name, **overrides)
+        with step(f"Building {name}"):
+            loaded = load(src)
+        path = Path(output_dir) / f"{name}.onnx"
+        result = export_onnx(loaded, path, routing_outputs=True, step=step)
+        _print_export(result)
+        report = validate_onnx(path, src, step=step)
+        _print_report(report)
+        _write_json(Path(output_dir) / f"{name}.parity.json", report.to_dict())
+        if not report.passed:
+            failed.append(name)
+    if failed:
+        raise CheckFailed(f"parity failed for {', '.join(failed)}")
+    _console().print(f"all passed; graphs and reports in [bold]{escape(str(output_dir))}[/bold]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The V-MoE layer: softmax router, top-k routing with capacity, gather dispatch, batched experts,
+gather combine. As ``vmoe.nn.vit_moe.MlpMoeBlock`` with the einsum dispatcher, at inference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from exporter import settings
+from exporter.errors import UserError
+from exporter.models.capture import record
+from exporter.models.experts import StackedMlpExperts
+from exporter.routing import TopKRouting, compute_capacity, route_top_k
+
+
+class TopKRouter(nn.Module):
+    """Gates ``[G, S, E]`` -> routing decisions (top-k, capacity, priority). No parameters."""
+
+    def __init__(self, k: int, batch_priority: bool):
+        super().__init__()
+        self.k, self.batch_priority = k, batch_priority
+
+    def forward(self, gates: torch.Tensor, capacity: int) -> TopKRouting:
+        return route_top_k(gates, self.k, capacity, self.batch_priority)
+
+
+class Dispatch(nn.Module):
+    """Tokens ``[G, S, D]`` -> expert inputs ``[E, G*C, D]``, a gather; empty slots are zeros."""
+
+    def forward(self, x: torch.Tensor, routing: TopKRouting, num_experts: int, capacity: int) -> torch.Tensor:
+        num_groups, group_size, dim = x.shape
+        per_expert = slot_tokens(routing, num_experts, capacity).reshape(num_groups, num_experts, capacity)
+        per_expert = per_expert.transpose(0, 1)  # [E, G, C]
+        offset = (torch.arange(num_groups, device=x.device) * group_size).view(1, num_groups, 1)
+        rows = (per_expert.clamp(min=0) + offset).reshape(-1)
+        gathered = x.reshape(num_groups * group_size, dim).index_select(0, rows)
+        filled = (per_expert >= 0).reshape(-1, 1).to(x.dtype)
+        return (gathered * filled).reshape(num_experts, num_groups * capacity, dim)
+
+
+class Combine(nn.Module):
+    """Expert outputs ``[E, G*C, D]`` -> tokens ``[G, S, D]``: per token, the gate-weighted sum of
+    its kept choices (a gather and a k-term dot product; no scatter, deterministic)."""
+
+    def forward(self, expert_out: torch.Tensor, routing: TopKRouting, capacity: int) -> torch.Tensor:
+        num_experts, rows, dim = expert_out.shape
+        num_groups, group_size, k = routing.slot.shape
+        group = torch.arange(num_groups, device=expert_out.device).view(num_groups, 1, 1)
+        row = routing.expert * rows + group * capacity + routing.slot.clamp(min=0)  # rows == G*C
+        picked = expert_out.reshape(num_experts * rows, dim).index_select(0, row.reshape(-1))
+        picked = picked.reshape(num_groups * group_size, k, dim)
+        weight = routing.weight.to(expert_out.dtype).reshape(num_groups * group_size, 1, k)
+        return torch.matmul(weight, picked).reshape(num_groups, group_size, dim)
+
+
+def slot_tokens(routing: TopKRouting, num_experts: int, capacity: int) -> torch.Tensor:
+    """``[G, E*C]`` int64: the group-local token in each buffer slot ``e*C + c``, ``-1`` when empty.
+
+    A ScatterElements without reduction: every kept (token, choice) writes its token index to its
+    own slot; dropped choices all write to one spare slot that is cut off afterwards.
+    """
+    num_groups, group_size, k = routing.slot.shape
+    spare = num_experts * capacity
+    target = torch.where(routing.slot >= 0, routing.expert * capacity + routing.slot, spare)
+    token = torch.arange(group_size, device=target.device).view(1, group_size, 1).expand_as(target)
+    table = torch.full((num_groups, spare + 1), -1, dtype=torch.int64, device=target.device)
+    table = table.scatter(1, target.reshape(num_groups, group_size * k), token.reshape(num_groups, group_size * k))
+    return table[:, :spare]
+
+
+class VMoEMlp(nn.Module):
+    """Sparse MoE of MLPs with top-k routing and a fixed capacity per routing group.
+
+    Args:
+        dim: Token width D.
+        mlp_dim: Expert hidden width M.
+        num_experts: E.
+        k: Experts per token.
+        capacity_factor: Capacity ``ceil(k*S*C/E)`` padded to ``multiple_of``; or give ``capacity``.
+        capacity: A fixed capacity per expert and group, instead of ``capacity_factor``.
+        batch_priority: Batch Prioritized Routing.
+        group_images: Images per routing group; a batch must hold a multiple of it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        num_experts: int,
+        *,
+        k: int = 2,
+        capacity_factor: float | None = 1.05,
+        capacity: int | None = None,
+        batch_priority: bool = False,
+        group_images: int = settings.DEFAULT_GROUP_IMAGES,
+        ceil_or_round: str = settings.DEFAULT_CAPACITY_CEIL_OR_ROUND,
+        multiple_of: int | None = settings.DEFAULT_CAPACITY_MULTIPLE_OF,
+    ):
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise UserError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
+        if capacity is None and (capacity_factor is None or not capacity_factor > 0):
+            raise UserError(f"capacity factor must be > 0, got {capacity_factor}")
+        if group_images < 1:
+            raise UserError(f"group size must be at least 1 image, got {group_images}")
+        self.num_experts, self.k, self.batch_priority = num_experts, k, batch_priority
+        self.capacity_factor, self.fixed_capacity = capacity_factor, capacity
+        self.group_images, self.ceil_or_round, self.multiple_of = group_images, ceil_or_round, multiple_of
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.routing = TopKRouter(k, batch_priority)
+        self.dispatch = Dispatch()
+        self.experts = StackedMlpExperts(num_experts, dim, mlp_dim)
+        self.combine = Combine()
+
+    @torch.no_grad()
+    def init_(self, generator: torch.Generator) -> None:
+        self.router.weight.normal_(0.0, 1.0 / math.sqrt(self.router.in_features), generator=generator)
+        self.experts.init_(generator)
+
+    def capacity(self, group_size: int) -> int:
+        if self.fixed_capacity is not None:
+            return self.fixed_capacity
+        return compute_capacity(
+            group_size * self.k, self.num_experts, self.capacity_factor, self.ceil_or_round, self.multiple_of
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[TopKRouting, int]:
+        """Routing of grouped tokens ``[G, S, D]`` and the capacity it used."""
+        gates = torch.softmax(self.router(x).float(), dim=-1)  # the router stays float32
+        capacity = self.capacity(x.shape[1])
+        return self.routing(gates, capacity), capacity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, tokens, dim = x.shape
+        if images % self.group_images != 0:
+            raise UserError(f"batch of {images} images is not a multiple of the routing group ({self.group_images})")
+        grouped = x.reshape(-1, self.group_images * tokens, dim)
+        routing, capacity = self.route(grouped)
+        record(self, routing)
+        expert_in = self.dispatch(grouped, routing, self.num_experts, capacity)
+        expert_out = self.experts(expert_in)
+        return self.combine(expert_out, routing, capacity).reshape(images, tokens, dim)
+
+    def extra_repr(self) -> str:
+        cap = f"capacity={self.fixed_capacity}" if self.fixed_capacity else f"capacity_factor={self.capacity_factor}"
+        return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, group_images={self.group_images}"

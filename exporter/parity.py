@@ -1,0 +1,235 @@
+"""Routing-aware parity: outputs within tolerance, and per V-MoE layer the same expert, the same
+kept/dropped decision and the same buffer slot for every (token, choice)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporter import settings
+from exporter.errors import UserError
+from exporter.export import INPUT_NAME, ROUTING_LAYERS_KEY, ROUTING_PREFIX, routing_output_names
+from exporter.routing import TopKRouting
+from exporter.runners import graph_inputs, read_onnx_header, run_onnxruntime, run_torch
+from exporter.source import METADATA_KEY, ModelSource, load
+
+ROUTING_CHECKED, ROUTING_NOT_EXPOSED, ROUTING_NONE = "checked", "not exposed by the graph", "no V-MoE layers"
+
+
+@dataclass
+class OutputParity:
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float  # max|actual - expected| / max|expected|
+    passed: bool
+
+
+@dataclass
+class RoutingParity:
+    layer: str
+    pairs: int  # (token, choice) pairs compared
+    expert: float  # share with the same expert
+    kept: float  # share with the same kept/dropped decision
+    slot: float  # share with the same buffer slot
+    agreement: float  # share where all three agree
+    dropped_expected: float  # share of pairs dropped by the reference
+    dropped_actual: float
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    model: str
+    graph: str
+    backend: str
+    batch: int
+    seed: int | None
+    tolerances: dict
+    outputs: list[OutputParity]
+    routing: list[RoutingParity]
+    routing_status: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def compare_output(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float) -> OutputParity:
+    if expected.shape != actual.shape:
+        return OutputParity(name, list(actual.shape), float("inf"), float("inf"), False)
+    expected64, actual64 = expected.astype(np.float64), actual.astype(np.float64)
+    max_abs = float(np.max(np.abs(actual64 - expected64))) if expected.size else 0.0
+    scale = float(np.max(np.abs(expected64))) if expected.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    finite = bool(np.isfinite(actual64).all() == np.isfinite(expected64).all())
+    return OutputParity(name, list(actual.shape), max_abs, max_rel, finite and max_rel <= rtol)
+
+
+def compare_routing(
+    layer: str, expected: TopKRouting, actual: dict[str, np.ndarray], min_agreement: float
+) -> RoutingParity:
+    expert_name, kept_name, slot_name = routing_output_names(layer)
+    e_ref, s_ref = expected.expert.numpy(), expected.slot.numpy()
+    k_ref = s_ref >= 0
+    e_act, k_act, s_act = actual[expert_name], actual[kept_name].astype(bool), actual[slot_name]
+    if e_act.shape != e_ref.shape:
+        raise UserError(
+            f"routing of {layer} has shape {list(e_act.shape)} in the graph but {list(e_ref.shape)} in the model; "
+            "was the graph exported from this model and routing configuration?"
+        )
+    same_e, same_k, same_s = e_act == e_ref, k_act == k_ref, s_act == s_ref
+    agreement = float(np.mean(same_e & same_k & same_s))
+    return RoutingParity(
+        layer=layer,
+        pairs=int(e_ref.size),
+        expert=float(np.mean(same_e)),
+        kept=float(np.mean(same_k)),
+        slot=float(np.mean(same_s)),
+        agreement=agreement,
+        dropped_expected=float(np.mean(~k_ref)),
+        dropped_actual=float(np.mean(~k_act)),
+        passed=agreement >= min_agreement,
+    )
+
+
+def source_of(graph_path: str | Path, header, source: ModelSource | None) -> ModelSource:
+    if source is not None:
+        return source
+    text = {p.key: p.value for p in header.metadata_props}.get(METADATA_KEY)
+    if text is None:
+        raise UserError(f"{graph_path} does not say which model it was exported from; pass --model or --module")
+    return ModelSource.from_json(text)
+
+
+def make_inputs(
+    header, source: ModelSource, *, batch: int | None, seed: int, inputs_npz: str | None, batch_multiple: int
+) -> tuple[str, np.ndarray]:
+    inputs = graph_inputs(header)
+    if len(inputs) != 1:
+        raise UserError(f"the graph has {len(inputs)} inputs; only single-input image models are supported")
+    name = inputs[0].name
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if inputs_npz:
+        try:
+            with np.load(inputs_npz) as data:
+                if name in data:
+                    array = data[name]
+                elif len(data.files) == 1:
+                    array = data[data.files[0]]
+                else:
+                    raise UserError(f"{inputs_npz} holds {data.files}, none named {name!r}")
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read inputs from {inputs_npz}: {type(e).__name__}: {e}") from None
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    else:
+        batch = batch or (
+            batch_multiple * settings.DEFAULT_VALIDATE_BATCH_GROUPS
+            if batch_multiple > 1
+            else settings.DEFAULT_VALIDATE_BATCH_IMAGES
+        )
+        rng = np.random.default_rng(seed)
+        array = rng.standard_normal((batch, *source.input_shape), dtype=np.float32)
+    fits = len(dims) == array.ndim and all(d in (None, 0, s) for d, s in zip(dims, array.shape))
+    if not fits:
+        want = "x".join("N" if d in (None, 0) else str(d) for d in dims)
+        raise UserError(f"input shape {'x'.join(map(str, array.shape))} does not match the graph's {name} ({want})")
+    if array.shape[0] % batch_multiple:
+        raise UserError(
+            f"batch of {array.shape[0]} images is not a multiple of the routing group ({batch_multiple} images)"
+        )
+    return name, array
+
+
+def validate_onnx(
+    graph_path: str | Path,
+    source: ModelSource | None = None,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> ParityReport:
+    """Runs PyTorch and ONNX Runtime (CPU) on the same inputs and compares outputs and routing.
+
+    Args:
+        graph_path: The exported .onnx.
+        source: The model to compare against; by default the one recorded in the graph's metadata.
+        batch: Images per run (a multiple of the routing group); default one group.
+        seed: Seed of the random inputs (ignored with ``inputs_npz``).
+        inputs_npz: A .npz with the input array (named after the graph input, or alone).
+        tolerances: Pass criteria.
+        step: Context-manager factory the CLI uses to show progress.
+    """
+    start = time.perf_counter()
+    header = read_onnx_header(graph_path)
+    source = source_of(graph_path, header, source)
+    with step(f"Building {source.name} in PyTorch"):
+        loaded = load(source)
+    name, images = make_inputs(
+        header, source, batch=batch, seed=seed, inputs_npz=inputs_npz, batch_multiple=loaded.batch_multiple
+    )
+    with step(f"Running PyTorch on {images.shape[0]} images"):
+        expected, routing = run_torch(loaded.module, images)
+    del loaded  # big models: free PyTorch's copy of the weights before ONNX Runtime loads its own
+    gc.collect()
+    with step("Running ONNX Runtime (CPU)"):
+        actual = run_onnxruntime(graph_path, {name: images})
+
+    plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
+    if len(plain) != len(expected):
+        raise UserError(
+            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source.name}?"
+        )
+    outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
+    exposed = json.loads({p.key: p.value for p in header.metadata_props}.get(ROUTING_LAYERS_KEY, "[]"))
+    exposed = [layer for layer in exposed if all(n in actual for n in routing_output_names(layer))]
+    notes = []
+    if not routing:
+        status, checked = ROUTING_NONE, []
+    elif not exposed:
+        status, checked = ROUTING_NOT_EXPOSED, []
+        notes.append("routing not compared: export with --routing-outputs to check routing decisions")
+    else:
+        status = ROUTING_CHECKED
+        missing = sorted(set(routing) - set(exposed))
+        if missing:
+            raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source.name}?")
+        checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    return ParityReport(
+        model=source.name,
+        graph=str(graph_path),
+        backend="onnxruntime-cpu",
+        batch=int(images.shape[0]),
+        seed=None if inputs_npz else seed,
+        tolerances=asdict(tolerances),
+        outputs=outputs,
+        routing=checked,
+        routing_status=status,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+__all__ = ["validate_onnx", "ParityReport", "OutputParity", "RoutingParity", "INPUT_NAME"]
