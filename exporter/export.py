@@ -168,6 +168,7 @@ def export_onnx(
         for value in program.model.graph.outputs:  # name the routing outputs' group axis
             if value.name.startswith(ROUTING_PREFIX) and value.shape is not None:
                 value.shape = ir.Shape(["groups", *value.shape[1:]])
+    _name_folded_weights(program.model.graph)
     program.model.metadata_props[METADATA_KEY] = loaded.source.to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.producer_name = "moe-export"
@@ -195,6 +196,25 @@ def export_onnx(
     )
 
 
+def trace_structure(config, *, opset: int = settings.DEFAULT_OPSET, routing_outputs: bool = False) -> onnx.ModelProto:
+    """The graph a zoo config exports to, without its weights: uninitialised parameter memory that is
+    never touched, so every zoo model's op set can be checked in seconds (0.5 GB for a 3.7B model)."""
+    import tempfile
+
+    from exporter.source import LoadedModel, ModelSource, describe
+    from exporter.zoo import build_model
+
+    module = build_model(config, device="meta").to_empty(device="cpu").eval()
+    source = ModelSource("zoo", config.name, config.input_shape, config)
+    loaded = LoadedModel(module, source, *describe(module))
+    images = torch.zeros((2 * loaded.batch_multiple, *config.input_shape))
+    names = ["logits"] + [n for layer in loaded.routing_layers for n in routing_output_names(layer)] * routing_outputs
+    program, _ = _torch_export(module, images, loaded.batch_multiple, opset, names, routing_outputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        program.save(f"{tmp}/graph.onnx", include_initializers=False)
+        return onnx.load(f"{tmp}/graph.onnx")
+
+
 def _torch_export(model, images, multiple, opset, names, routing_outputs):
     dim = torch.export.Dim("groups", min=1) * multiple if multiple > 1 else torch.export.Dim("batch", min=1)
     holder: list[str] = []
@@ -210,6 +230,23 @@ def _torch_export(model, images, multiple, opset, names, routing_outputs):
             return torch.onnx.export(model, (images,), **kwargs), False
         except Exception as e:
             raise UserError(f"export failed: {_first_line(e)}") from None
+
+
+def _name_folded_weights(graph) -> None:
+    """Gives the transposed weights torch.onnx folds for ``nn.Linear`` (named ``val_<n>``) the name
+    of their parameter, ``<module>.weight.T``, so initializers stay readable and findable."""
+    for name, value in list(graph.initializers.items()):
+        uses = list(value.uses())
+        if not name.startswith("val_") or len(uses) != 1 or uses[0][0].op_type not in ("MatMul", "Gemm"):
+            continue
+        scopes = uses[0][0].metadata_props.get("namespace", "").split("/")
+        if len(scopes) < 2 or not scopes[-2].endswith(": torch.nn.modules.linear.Linear"):
+            continue
+        new = scopes[-2].split(":")[0].strip() + ".weight.T"
+        if new not in graph.initializers:
+            graph.initializers.pop(name)
+            value.name = new
+            graph.register_initializer(value)
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests mirror the source tree; everything here runs on CPU.
+
+A test that needs CUDA or TensorRT carries the ``gpu`` marker and is skipped with one reason when
+either is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_SKIP_REASON = "needs an NVIDIA GPU with CUDA and TensorRT (not present on this machine)"
+
+
+def _has_gpu_and_tensorrt() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not _has_gpu_and_tensorrt():
+        skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Exports a zoo model once per session per configuration: ``exported(name, **overrides)``."""
+    from exporter.export import export_onnx
+    from exporter.source import from_zoo, load
+
+    cache: dict = {}
+    folder = tmp_path_factory.mktemp("exported")
+
+    def export(name: str, routing_outputs: bool = True, **overrides):
+        key = (name, routing_outputs, tuple(sorted(overrides.items())))
+        if key not in cache:
+            source = from_zoo(name, **overrides)
+            path = folder / f"model{len(cache)}.onnx"
+            result = export_onnx(load(source), path, routing_outputs=routing_outputs)
+            cache[key] = (source, result)
+        return cache[key]
+
+    return export
