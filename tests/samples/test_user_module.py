@@ -1,0 +1,58 @@
+"""samples/01_user_module: the README's two commands, export then validate, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_user_module_exports_and_validates(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the sample's commands are written relative to the repository
+    graph = tmp_path / "my_vit.onnx"
+    runner = CliRunner()
+    spec = "samples/01_user_module/my_vit.py:build"
+    result = runner.invoke(
+        main, ["export", "--module", spec, "--input-shape", "4,3,32,32", "--routing-outputs", "-o", str(graph)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "routing.blocks.1.mlp.kept" in result.output
+    report = tmp_path / "report.json"
+    result = runner.invoke(main, ["validate", str(graph), "--batch", "3", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["model"] == spec
+    (layer,) = data["routing"]
+    assert layer["layer"] == "blocks.1.mlp" and layer["agreement"] == 1.0 and layer["dropped_expected"] > 0
+    assert os.path.getsize(graph) > 10_000
+
+
+def test_user_module_with_two_outputs_and_grouped_routing(tmp_path):
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "user_modules.py"
+    graph = tmp_path / "u.onnx"
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "export",
+            "--module",
+            f"{fixture}:tiny_vmoe_user_model",
+            "--input-shape",
+            "4,3,16,16",
+            "--routing-outputs",
+            "-o",
+            str(graph),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2*groups" in result.output and "output_1" in result.output
+    result = runner.invoke(main, ["validate", str(graph), "--batch", "6", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [o["name"] for o in data["outputs"]] == ["output_0", "output_1"] and data["passed"]

@@ -1,0 +1,163 @@
+"""The CLI: help with examples, the zoo listing, JSON reports, and one clear line with exit code 2 for
+every bad input (exit 1 when parity fails)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from cli import main
+from exporter.zoo import ZOO
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "user_modules.py"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", ["models", "export", "validate", "demo"])
+def test_every_command_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_models_lists_one_zoo_model_at_the_start_of_each_line():
+    lines = run("models").output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(ZOO)
+    assert all(ZOO[line.split()[0]].family in line for line in lines)
+    listed = json.loads(run("models", "--json", "-").output)
+    assert {m["name"]: m["params"] for m in listed}["vmoe-b16-every2-e32"] == 978_974_835
+
+
+def test_export_then_validate_with_json_report(tmp_path):
+    graph, report = tmp_path / "v.onnx", tmp_path / "report.json"
+    args = ["--model", "vmoe-tiny", "--k", "1", "--capacity-factor", "0.5", "--batch-priority", "--group-images", "2"]
+    result = run("export", *args, "--routing-outputs", "-o", graph, "--json", tmp_path / "export.json")
+    assert result.exit_code == 0, result.output
+    assert "portable" in result.output and "2*groups" in result.output
+    assert json.loads((tmp_path / "export.json").read_text())["routing_layers"] == ["blocks.1.mlp", "blocks.3.mlp"]
+    result = run("validate", graph, "--batch", 4, "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["batch"] == 4 and len(data["routing"]) == 2
+    assert "100.00%" in result.output
+
+
+def test_validate_exits_1_when_parity_fails(tmp_path):
+    graph = tmp_path / "v.onnx"
+    assert run("export", "--model", "vmoe-tiny", "--routing-outputs", "-o", graph).exit_code == 0
+    model = onnx.load(str(graph))
+    for init in model.graph.initializer:
+        if init.name == "head.weight" or init.name == "head.weight.T":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+    onnx.save(model, str(graph))
+    result = run("validate", graph, "--json", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "Traceback" not in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
+def test_unknown_model(tmp_path):
+    assert_one_line_error(run("export", "--model", "vmoe-huge", "-o", tmp_path / "x.onnx"), "unknown model 'vmoe-huge'")
+
+
+def test_missing_onnx():
+    assert_one_line_error(run("validate", "nowhere.onnx"), "does not exist")
+
+
+def test_corrupt_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not really a protobuf\xff\xff")
+    assert_one_line_error(run("validate", bad, "--model", "vmoe-tiny"), "not a readable ONNX model")
+
+
+def test_truncated_onnx(tmp_path, exported):
+    _, result = exported("soft-moe-tiny")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(result.path.read_bytes()[:5000])
+    assert_one_line_error(run("validate", cut, "--model", "soft-moe-tiny"), "not a readable ONNX model")
+
+
+def test_factory_that_does_not_return_a_module(tmp_path):
+    result = run(
+        "export", "--module", f"{FIXTURES}:not_a_module", "--input-shape", "1,3,16,16", "-o", tmp_path / "x.onnx"
+    )
+    assert_one_line_error(result, "not a torch.nn.Module")
+
+
+def test_zoo_input_shape_mismatch(tmp_path):
+    result = run("export", "--model", "vmoe-tiny", "--input-shape", "8,3,64,64", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "does not match vmoe-tiny")
+
+
+def test_user_module_input_shape_mismatch(tmp_path):
+    result = run("export", "--module", f"{FIXTURES}:plain_cnn", "--input-shape", "2,1,16,16", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "does not run on input 2x1x16x16")
+
+
+def test_inputs_npz_shape_mismatch(tmp_path, exported):
+    _, result = exported("soft-moe-tiny")
+    npz = tmp_path / "in.npz"
+    np.savez(npz, images=np.zeros((2, 3, 16, 16), np.float32))
+    assert_one_line_error(run("validate", result.path, "--inputs", npz), "does not match the graph's images")
+
+
+def test_batch_not_a_multiple_of_the_group(exported):
+    _, result = exported("vmoe-tiny")
+    assert_one_line_error(run("validate", result.path, "--batch", 5), "not a multiple of the routing group (8 images)")
+
+
+def test_k_larger_than_experts(tmp_path):
+    result = run("export", "--model", "vmoe-tiny", "--k", "5", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "k must be between 1 and the number of experts (4)")
+
+
+@pytest.mark.parametrize("factor", ["0", "-0.5"])
+def test_capacity_factor_not_positive(tmp_path, factor):
+    result = run("export", "--model", "vmoe-tiny", "--capacity-factor", factor, "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "capacity factor must be > 0")
+
+
+def test_routing_options_on_a_soft_moe(tmp_path):
+    result = run("export", "--model", "soft-moe-tiny", "--k", "1", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "only apply to V-MoE")
+
+
+def test_model_and_module_together(tmp_path):
+    result = run("export", "--model", "vmoe-tiny", "--module", f"{FIXTURES}:plain_cnn", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "not both")
+
+
+def test_usage_errors_exit_2():
+    assert run("export", "--model", "vmoe-tiny").exit_code == 2  # missing -o
+    assert run("export", "--bogus").exit_code == 2
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "export", "--model", "nope", "-o", str(tmp_path / "x.onnx")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown model 'nope'; `moe-export models` lists the zoo"
+    assert not (tmp_path / "x.onnx").exists()
