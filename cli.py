@@ -126,9 +126,18 @@ def _source(
             config.input_shape,
             config,
             default.seed if seed is None else seed,
-            *sources._checkpoint(checkpoint or default.checkpoint),
+            *sources.checkpoint_info(checkpoint or default.checkpoint),
         )
     if model is None and default is not None:
+        if any(v is not None for v in overrides.values()):
+            raise UserError("--k, --capacity-factor, --batch-priority and --group-images only apply to zoo models")
+        if checkpoint or seed is not None:
+            return sources.from_module(
+                default.spec,
+                input_shape=default.input_shape,
+                seed=_seed(seed),
+                checkpoint=checkpoint or default.checkpoint,
+            )
         return default
     if model is None:
         raise UserError("give --model NAME (see `moe-export models`) or --module FILE.py:FACTORY")

@@ -113,7 +113,7 @@ def from_zoo(
     if image_shape is not None and tuple(image_shape) != config.input_shape:
         got, want = "x".join(map(str, image_shape)), "x".join(map(str, config.input_shape))
         raise UserError(f"input shape {got} does not match {name}, which takes {want} images")
-    return ModelSource("zoo", name, config.input_shape, config, seed, *_checkpoint(checkpoint))
+    return ModelSource("zoo", name, config.input_shape, config, seed, *checkpoint_info(checkpoint))
 
 
 def from_module(
@@ -124,10 +124,10 @@ def from_module(
     if input_shape is None:
         raise UserError("a user module needs --input-shape, e.g. --input-shape 8,3,224,224")
     _, image_shape = split_shape(input_shape)
-    return ModelSource("module", spec, tuple(image_shape), None, seed, *_checkpoint(checkpoint))
+    return ModelSource("module", spec, tuple(image_shape), None, seed, *checkpoint_info(checkpoint))
 
 
-def _checkpoint(path: str | None) -> tuple[str | None, str | None]:
+def checkpoint_info(path: str | None) -> tuple[str | None, str | None]:
     if path is None:
         return None, None
     p = Path(path)
