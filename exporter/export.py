@@ -72,7 +72,7 @@ def run_with_routing(model: torch.nn.Module, images: torch.Tensor):
 
 
 @contextlib.contextmanager
-def _forward_exposing_routing(model: torch.nn.Module, names: list[str]):
+def _forward_exposing_routing(model: torch.nn.Module):
     """Temporarily makes ``model.forward`` also return every V-MoE layer's routing.
 
     Done on the instance rather than with a wrapper module so that parameter names and scope
@@ -84,7 +84,6 @@ def _forward_exposing_routing(model: torch.nn.Module, names: list[str]):
     def forward(*args, **kwargs):
         with capture_routing() as records:
             outs = _flatten_outputs(original(*args, **kwargs))
-        names[:] = layer_names(model, records)
         for _, r in records:
             outs += [r.expert.to(torch.int32), r.slot >= 0, r.slot.to(torch.int32)]
         return tuple(outs)
@@ -208,7 +207,9 @@ def trace_structure(config, *, opset: int = settings.DEFAULT_OPSET, routing_outp
     source = ModelSource("zoo", config.name, config.input_shape, config)
     loaded = LoadedModel(module, source, *describe(module))
     images = torch.zeros((2 * loaded.batch_multiple, *config.input_shape))
-    names = ["logits"] + [n for layer in loaded.routing_layers for n in routing_output_names(layer)] * routing_outputs
+    names = ["logits"]
+    if routing_outputs:
+        names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
     program, _ = _torch_export(module, images, loaded.batch_multiple, opset, names, routing_outputs)
     with tempfile.TemporaryDirectory() as tmp:
         program.save(f"{tmp}/graph.onnx", include_initializers=False)
@@ -217,8 +218,7 @@ def trace_structure(config, *, opset: int = settings.DEFAULT_OPSET, routing_outp
 
 def _torch_export(model, images, multiple, opset, names, routing_outputs):
     dim = torch.export.Dim("groups", min=1) * multiple if multiple > 1 else torch.export.Dim("batch", min=1)
-    holder: list[str] = []
-    ctx = _forward_exposing_routing(model, holder) if routing_outputs else contextlib.nullcontext()
+    ctx = _forward_exposing_routing(model) if routing_outputs else contextlib.nullcontext()
     kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
     with ctx, _quiet():
         try:
