@@ -308,7 +308,14 @@ def validate(
     )
     tolerances = settings.Tolerances(rtol=rtol, routing_agreement=min_routing_agreement)
     report = validate_onnx(
-        graph, src, batch=batch, seed=input_seed, inputs_npz=inputs_npz, tolerances=tolerances, step=step
+        graph,
+        src,
+        batch=batch,
+        seed=input_seed,
+        inputs_npz=inputs_npz,
+        tolerances=tolerances,
+        step=step,
+        header=header,
     )
     if json_out != "-":
         _print_report(report)

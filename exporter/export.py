@@ -65,9 +65,16 @@ def _flatten_outputs(out) -> list[torch.Tensor]:
 
 
 def run_with_routing(model: torch.nn.Module, images: torch.Tensor):
-    """(flat outputs, {layer name: TopKRouting}) of one forward pass."""
-    with capture_routing() as records:
-        out = _flatten_outputs(model(images))
+    """(flat outputs, {layer name: TopKRouting}) of one no-grad forward pass; a model that fails on
+    the input is a user error naming the input shape."""
+    with torch.no_grad(), capture_routing() as records:
+        try:
+            out = _flatten_outputs(model(images))
+        except UserError:
+            raise
+        except Exception as e:
+            shape = "x".join(map(str, images.shape))
+            raise UserError(f"model does not run on input {shape}: {type(e).__name__}: {e}") from None
     return out, dict(zip(layer_names(model, records), (r for _, r in records)))
 
 
@@ -147,14 +154,8 @@ def export_onnx(
     if loaded.source.kind == "zoo":  # the config fixes the input shape and the outputs
         names, layers = ["logits"], list(loaded.routing_layers)
     else:
-        with step("Checking the model runs on the input shape"), torch.no_grad():
-            try:
-                outputs, routing = run_with_routing(model, images)
-            except UserError:
-                raise
-            except Exception as e:
-                shape = "x".join(map(str, images.shape))
-                raise UserError(f"model does not run on input {shape}: {type(e).__name__}: {e}") from None
+        with step("Checking the model runs on the input shape"):
+            outputs, routing = run_with_routing(model, images)
         names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         layers = list(routing)
     if routing_outputs:

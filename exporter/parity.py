@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from exporter import settings
 from exporter.errors import UserError
-from exporter.export import INPUT_NAME, ROUTING_LAYERS_KEY, ROUTING_PREFIX, routing_output_names
+from exporter.export import ROUTING_LAYERS_KEY, ROUTING_PREFIX, routing_output_names
 from exporter.routing import TopKRouting
 from exporter.runners import graph_inputs, read_onnx_header, run_onnxruntime, run_torch
-from exporter.source import METADATA_KEY, ModelSource, load
+from exporter.source import METADATA_KEY, LoadedModel, ModelSource, check_batch, default_batch, load
 
 ROUTING_CHECKED, ROUTING_NOT_EXPOSED, ROUTING_NONE = "checked", "not exposed by the graph", "no V-MoE layers"
 
@@ -121,7 +122,7 @@ def source_of(graph_path: str | Path, header, source: ModelSource | None) -> Mod
 
 
 def make_inputs(
-    header, source: ModelSource, *, batch: int | None, seed: int, inputs_npz: str | None, batch_multiple: int
+    header, loaded: LoadedModel, *, batch: int | None, seed: int, inputs_npz: str | None
 ) -> tuple[str, np.ndarray]:
     inputs = graph_inputs(header)
     if len(inputs) != 1:
@@ -143,21 +144,13 @@ def make_inputs(
             raise UserError(f"cannot read inputs from {inputs_npz}: {type(e).__name__}: {e}") from None
         array = np.ascontiguousarray(array, dtype=np.float32)
     else:
-        batch = batch or (
-            batch_multiple * settings.DEFAULT_VALIDATE_BATCH_GROUPS
-            if batch_multiple > 1
-            else settings.DEFAULT_VALIDATE_BATCH_IMAGES
-        )
         rng = np.random.default_rng(seed)
-        array = rng.standard_normal((batch, *source.input_shape), dtype=np.float32)
+        array = rng.standard_normal((batch or default_batch(loaded), *loaded.source.input_shape), dtype=np.float32)
     fits = len(dims) == array.ndim and all(d in (None, 0, s) for d, s in zip(dims, array.shape))
     if not fits:
         want = "x".join("N" if d in (None, 0) else str(d) for d in dims)
         raise UserError(f"input shape {'x'.join(map(str, array.shape))} does not match the graph's {name} ({want})")
-    if array.shape[0] % batch_multiple:
-        raise UserError(
-            f"batch of {array.shape[0]} images is not a multiple of the routing group ({batch_multiple} images)"
-        )
+    check_batch(array.shape[0], loaded)
     return name, array
 
 
@@ -170,6 +163,7 @@ def validate_onnx(
     inputs_npz: str | None = None,
     tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    header: onnx.ModelProto | None = None,
 ) -> ParityReport:
     """Runs PyTorch and ONNX Runtime (CPU) on the same inputs and compares outputs and routing.
 
@@ -181,15 +175,14 @@ def validate_onnx(
         inputs_npz: A .npz with the input array (named after the graph input, or alone).
         tolerances: Pass criteria.
         step: Context-manager factory the CLI uses to show progress.
+        header: The graph without weights, if the caller has already read it (``read_onnx_header``).
     """
     start = time.perf_counter()
-    header = read_onnx_header(graph_path)
+    header = header if header is not None else read_onnx_header(graph_path)
     source = source_of(graph_path, header, source)
     with step(f"Building {source.name} in PyTorch"):
         loaded = load(source)
-    name, images = make_inputs(
-        header, source, batch=batch, seed=seed, inputs_npz=inputs_npz, batch_multiple=loaded.batch_multiple
-    )
+    name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
     with step(f"Running PyTorch on {images.shape[0]} images"):
         expected, routing = run_torch(loaded.module, images)
     del loaded  # big models: free PyTorch's copy of the weights before ONNX Runtime loads its own
@@ -232,4 +225,4 @@ def validate_onnx(
     )
 
 
-__all__ = ["validate_onnx", "ParityReport", "OutputParity", "RoutingParity", "INPUT_NAME"]
+__all__ = ["validate_onnx", "ParityReport", "OutputParity", "RoutingParity"]
