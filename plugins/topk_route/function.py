@@ -1,0 +1,70 @@
+"""``moe::TopKRoute`` as standard ONNX ops (the model-local function beside every plugin node).
+
+The same static formulation as ``exporter.routing.route_top_k``: TopK over the experts (ONNX TopK puts
+the lower index first on ties, like ``jax.lax.top_k``), buffer positions as matmuls of 0/1 matrices,
+and the slot table as a ScatterElements without reduction.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from plugins.onnx_function import BOOL, FLOAT, INT32, INT64, FunctionBuilder
+
+NAME = "TopKRoute"
+
+
+def function() -> onnx.FunctionProto:
+    b = FunctionBuilder(
+        NAME, ["gates"], ["expert", "slot", "weight", "slot_token"], {"k": 2, "capacity": 1, "batch_priority": 0}
+    )
+    k, capacity, bpr = b.attr_int("k"), b.attr_int("capacity"), b.attr_int("batch_priority")
+    zero, one = b.scalar(0), b.scalar(1)
+    groups, tokens, experts = (b.dim("gates", axis) for axis in range(3))
+
+    top_gate, top_expert = b.op(
+        "TopK", "gates", b.op("Reshape", k, b.ints([1])), axis=-1, largest=1, sorted=1, outputs=2
+    )
+    expert_ids = b.op("Range", zero, experts, one)
+    choice = b.op("Cast", b.op("Equal", b.op("Unsqueeze", top_expert, b.ints([-1])), expert_ids), to=FLOAT)  # GSKE
+
+    # before[g, i, j] = 1 when token j takes a slot before token i (same pass).
+    token_ids = b.op("Range", zero, tokens, one)
+    earlier = b.op("Less", b.op("Unsqueeze", token_ids, b.ints([0])), b.op("Unsqueeze", token_ids, b.ints([1])))
+    priority = b.op("Gather", top_gate, zero, axis=2)  # [G, S]: the top-1 gate
+    p_i, p_j = b.op("Unsqueeze", priority, b.ints([2])), b.op("Unsqueeze", priority, b.ints([1]))
+    by_priority = b.op("Or", b.op("Greater", p_j, p_i), b.op("And", b.op("Equal", p_j, p_i), earlier))
+    by_priority, earlier = b.op("Cast", by_priority, to=FLOAT), b.op("Cast", earlier, to=FLOAT)
+    before = b.op("Where", b.op("Cast", bpr, to=BOOL), by_priority, earlier)  # [G, S, S]
+
+    flat = b.shape(groups, tokens, b.op("Mul", k, experts))
+    same_pass = b.op("Reshape", b.op("MatMul", before, b.op("Reshape", choice, flat)), b.op("Shape", choice))
+    per_pass = b.op("ReduceSum", choice, b.ints([1]), keepdims=0)  # [G, K, E]
+    pass_ids = b.op("Range", zero, k, one)
+    lower = b.op(
+        "Cast",
+        b.op("Less", b.op("Unsqueeze", pass_ids, b.ints([0])), b.op("Unsqueeze", pass_ids, b.ints([1]))),
+        to=FLOAT,
+    )
+    earlier_passes = b.op("Unsqueeze", b.op("MatMul", lower, per_pass), b.ints([1]))  # [G, 1, K, E]
+    position = b.op("Mul", b.op("Add", same_pass, earlier_passes), choice)
+    position = b.op("Cast", b.op("ReduceSum", position, b.ints([3]), keepdims=0), to=INT64)  # [G, S, K]
+
+    kept = b.op("Less", position, capacity)
+    flat_slot = b.op("Add", b.op("Mul", top_expert, capacity), position)
+    b.op("Cast", top_expert, to=INT32, outputs=["expert"])
+    b.op("Cast", b.op("Where", kept, flat_slot, b.scalar(-1)), to=INT32, outputs=["slot"])
+    b.op("Where", kept, top_gate, b.scalar(0.0), outputs=["weight"])
+
+    # slot_token: every kept choice writes its token index to its slot; dropped ones to a spare slot.
+    slots = b.op("Mul", experts, capacity)
+    target = b.op("Where", kept, flat_slot, slots)
+    per_group = b.shape(groups, b.op("Mul", tokens, k))
+    table = b.op("Expand", b.scalar(-1), b.shape(groups, b.op("Add", slots, one)))
+    token_of = b.op("Expand", b.op("Unsqueeze", token_ids, b.ints([0, 2])), b.op("Shape", target))
+    table = b.op(
+        "ScatterElements", table, b.op("Reshape", target, per_group), b.op("Reshape", token_of, per_group), axis=1
+    )
+    table = b.op("Slice", table, b.ints([0]), b.op("Reshape", slots, b.ints([1])), b.ints([1]))
+    b.op("Cast", table, to=INT32, outputs=["slot_token"])
+    return b.build()

@@ -1,0 +1,154 @@
+"""The ONNX local function of every plugin, run by ONNX Runtime, against the PyTorch semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from exporter.models.vmoe import Combine, Dispatch, slot_tokens
+from exporter.routing import route_top_k
+from plugins.onnx_function import DOMAIN, OPSET, PARSER_ATTRIBUTES
+from plugins.soft_combine.function import function as soft_combine
+from plugins.soft_dispatch.function import function as soft_dispatch
+from plugins.soft_route.function import function as soft_route
+from plugins.topk_combine.function import function as topk_combine
+from plugins.topk_dispatch.function import function as topk_dispatch
+from plugins.topk_route.function import function as topk_route
+
+ROUTE_TYPES = [(np.int32, 3), (np.int32, 3), (np.float32, 3), (np.int32, 2)]
+_DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int32: TensorProto.INT32}
+
+
+def run_function(function: onnx.FunctionProto, inputs: dict[str, np.ndarray], out_types: list[tuple], **attrs) -> list:
+    """One plugin node plus its local function, as a model; the node carries the parser attributes."""
+    outs = [f"out{i}" for i in range(len(out_types))]
+    node = helper.make_node(function.name, list(inputs), outs, domain=DOMAIN, **attrs, **PARSER_ATTRIBUTES)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(k, _DTYPES[v.dtype.type], v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, _DTYPES[t], [None] * r) for o, (t, r) in zip(outs, out_types)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], functions=[function]
+    )
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def tied_gates(rng, groups, tokens, experts, distinct):
+    """Router probabilities with exact ties: tokens repeat a few distinct rows, some rows tie experts."""
+    rows = rng.random((distinct, experts)).astype(np.float32)
+    rows[0, :] = rows[0, 0]  # every expert ties
+    logits = rows[rng.integers(0, distinct, size=(groups, tokens))]
+    gates = torch.softmax(torch.from_numpy(logits), dim=-1)
+    return gates
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 3),
+    tokens=st.integers(1, 40),
+    experts=st.integers(1, 6),
+    k=st.integers(1, 2),
+    capacity=st.integers(1, 12),
+    bpr=st.booleans(),
+)
+def test_topk_route_function_matches_route_top_k(seed, groups, tokens, experts, k, capacity, bpr):
+    k = min(k, experts)
+    rng = np.random.default_rng(seed)
+    gates = tied_gates(rng, groups, tokens, experts, distinct=max(1, tokens // 3))
+    expert, slot, weight, table = run_function(
+        topk_route(), {"gates": gates.numpy()}, ROUTE_TYPES, k=k, capacity=capacity, batch_priority=int(bpr)
+    )
+    ref = route_top_k(gates, k, capacity, bpr)
+    assert expert.dtype == np.int32 and slot.dtype == np.int32 and table.dtype == np.int32
+    np.testing.assert_array_equal(expert, ref.expert.numpy())
+    flat = torch.where(ref.slot >= 0, ref.expert * capacity + ref.slot, -1)
+    np.testing.assert_array_equal(slot, flat.numpy())
+    np.testing.assert_array_equal(weight, ref.weight.numpy())
+    np.testing.assert_array_equal(table, slot_tokens(ref, experts, capacity).numpy())
+
+
+def test_topk_route_function_drops_and_prioritizes():
+    """A hand-checked case: 4 tokens, 2 experts, capacity 1, k=1. Vanilla keeps the first token per
+    expert, BPR the most confident one."""
+    gates = torch.tensor([[[0.6, 0.4], [0.9, 0.1], [0.3, 0.7], [0.2, 0.8]]])
+    for bpr, kept_tokens in ((0, {0, 2}), (1, {1, 3})):
+        _, slot, _, table = run_function(
+            topk_route(), {"gates": gates.numpy()}, ROUTE_TYPES, k=1, capacity=1, batch_priority=bpr
+        )
+        assert {t for t in range(4) if slot[0, t, 0] >= 0} == kept_tokens
+        assert set(table[0].tolist()) == kept_tokens
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_topk_dispatch_and_combine_functions_match_the_model(dtype):
+    rng = np.random.default_rng(1)
+    groups, tokens, experts, k, capacity, dim = 2, 24, 4, 2, 8, 16
+    gates = tied_gates(rng, groups, tokens, experts, distinct=10)
+    routing = route_top_k(gates, k, capacity, True)
+    x = torch.from_numpy(rng.standard_normal((groups, tokens, dim)).astype(dtype))
+    table = slot_tokens(routing, experts, capacity).to(torch.int32).numpy()
+    (expert_in,) = run_function(
+        topk_dispatch(), {"x": x.numpy(), "slot_token": table}, [(dtype, 3)], num_experts=experts
+    )
+    ref_in = Dispatch()(x.float(), routing, experts, capacity).numpy()
+    assert expert_in.dtype == dtype and (ref_in == 0).all(axis=-1).any()  # some slots are empty
+    np.testing.assert_array_equal(expert_in, ref_in.astype(dtype))
+
+    expert_out = rng.standard_normal(expert_in.shape).astype(dtype)
+    flat = torch.where(routing.slot >= 0, routing.expert * capacity + routing.slot, -1).to(torch.int32).numpy()
+    (y,) = run_function(
+        topk_combine(),
+        {"expert_out": expert_out, "slot": flat, "weight": routing.weight.numpy()},
+        [(dtype, 3)],
+        capacity=capacity,
+    )
+    ref_y = Combine()(torch.from_numpy(expert_out).float(), routing, capacity).numpy()
+    tol = 1e-6 if dtype == np.float32 else 2e-3
+    np.testing.assert_allclose(y.astype(np.float32), ref_y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("expert_major", [0, 1])
+def test_soft_functions_match_the_reference(expert_major):
+    rng = np.random.default_rng(2)
+    images, tokens, experts, per_expert, dim = 3, 10, 4, 2, 8
+    slots = experts * per_expert
+    logits = rng.standard_normal((images, tokens, slots)).astype(np.float32)
+    dispatch, combine = run_function(soft_route(), {"logits": logits}, [(np.float32, 3)] * 2)
+    t = torch.from_numpy(logits)
+    np.testing.assert_allclose(dispatch, torch.softmax(t, 1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(combine, torch.softmax(t, 2).numpy(), rtol=1e-6)
+
+    x = rng.standard_normal((images, tokens, dim)).astype(np.float32)
+    (out,) = run_function(
+        soft_dispatch(),
+        {"x": x, "dispatch": dispatch},
+        [(np.float32, 3)],
+        num_experts=experts,
+        expert_major=expert_major,
+    )
+    mixed = np.einsum("bms,bmd->bsd", dispatch, x)
+    if expert_major:
+        mixed = mixed.reshape(images, experts, per_expert, dim).transpose(1, 0, 2, 3).reshape(experts, -1, dim)
+    np.testing.assert_allclose(out, mixed, rtol=1e-5, atol=1e-6)
+
+    (y,) = run_function(
+        soft_combine(),
+        {"slot_out": out, "combine": combine},
+        [(np.float32, 3)],
+        num_experts=experts,
+        expert_major=expert_major,
+    )
+    canonical = np.einsum("bms,bmd->bsd", dispatch, x)
+    np.testing.assert_allclose(y, np.einsum("bms,bsd->bmd", combine, canonical), rtol=1e-5, atol=1e-6)
