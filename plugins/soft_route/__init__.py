@@ -1,0 +1,1 @@
+"""``moe::SoftRoute``: Soft-MoE dispatch and combine weights from the router logits."""

@@ -1,0 +1,20 @@
+"""Contract of ``moe::TopKCombine``."""
+
+from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
+
+SPEC = PluginSpec(
+    name="TopKCombine",
+    namespace=NAMESPACE,
+    inputs=(
+        TensorSpec("expert_out", ("float32", "float16"), "[E, G*C, D]", "expert outputs per buffer slot"),
+        TensorSpec("slot", ("int32",), "[G, S, K]", "TopKRoute's flat slots e*C + c, -1 when dropped"),
+        TensorSpec("weight", ("float32",), "[G, S, K]", "TopKRoute's weights, 0 when dropped"),
+    ),
+    outputs=(
+        TensorSpec(
+            "y", ("float32", "float16"), "[G, S, D]", "sum over kept choices of weight * expert_out[e, g*C + c]"
+        ),
+    ),
+    attributes=(AttrSpec("capacity", "int", "buffer slots C per expert and group"),),
+    doc="As exporter.models.vmoe.Combine, accumulated in float32; dtype of expert_out; deterministic.",
+)

@@ -1,0 +1,1 @@
+"""``moe::TopKDispatch``: tokens to expert buffers, a gather through the slot table."""
