@@ -30,6 +30,7 @@ INPUT_NAME = "images"
 ROUTING_PREFIX = "routing."
 ROUTING_FIELDS = ("expert_index", "kept", "buffer_slot")
 ROUTING_LAYERS_KEY = "moe_export.routing_layers"
+VMOE_LAYERS_KEY = "moe_export.vmoe_layers"
 
 
 def routing_output_names(layer: str) -> list[str]:
@@ -171,6 +172,7 @@ def export_onnx(
     _name_folded_weights(program.model.graph)
     program.model.metadata_props[METADATA_KEY] = loaded.source.to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
+    program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
     program.model.producer_name = "moe-export"
 
     with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
@@ -194,6 +196,27 @@ def export_onnx(
         findings=check_portable(proto),
         dynamic_batch=dynamic,
     )
+
+
+def vmoe_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
+    """Routing settings of every V-MoE layer, stored in the graph for the plugin rewrite (capacity
+    depends on the group size, so the rule is stored rather than one number)."""
+    from exporter.models.vmoe import VMoEMlp
+
+    return {
+        name: dict(
+            num_experts=m.num_experts,
+            k=m.k,
+            batch_priority=bool(m.batch_priority),
+            capacity_factor=m.capacity_factor,
+            capacity=m.fixed_capacity,
+            ceil_or_round=m.ceil_or_round,
+            multiple_of=m.multiple_of,
+            group_images=m.group_images,
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, VMoEMlp)
+    }
 
 
 def trace_structure(config, *, opset: int = settings.DEFAULT_OPSET, routing_outputs: bool = False) -> onnx.ModelProto:
