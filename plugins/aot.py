@@ -1,0 +1,159 @@
+"""Ahead-of-time compilation of the plugin kernels to PTX, and precompiled PTX bundles.
+
+``triton.compile`` with an explicit ``GPUTarget`` needs no GPU, so PTX for any architecture can be
+produced here and shipped (``compile_all``), then loaded where Triton is missing (a Jetson building
+its engine): ``compiled_kernel`` looks in ``$MOE_PLUGINS_PTX_DIR`` first.
+
+Triton >= 3.3 appends two pointer parameters to every kernel (global and profile scratch), after
+the parameters TensorRT passes (inputs, scalars, outputs). They are only dereferenced when the
+kernel asks for scratch memory; ``compile_ptx`` refuses a kernel that does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from plugins.recipe import KernelRecipe
+
+__all__ = [
+    "DEFAULT_PTX_VERSION",
+    "PTX_DIR_ENV",
+    "CompiledPTX",
+    "compile_all",
+    "compile_ptx",
+    "compile_recipe",
+    "compiled_kernel",
+    "current_arch",
+    "load_precompiled",
+]
+
+#: PTX ISA 8.5 (CUDA 12.5): loadable by the drivers of JetPack 6 and of current datacenter GPUs.
+DEFAULT_PTX_VERSION = 85
+PTX_DIR_ENV = "MOE_PLUGINS_PTX_DIR"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CompiledPTX:
+    """What TensorRT's AOT implementation needs: the entry name, the PTX, warps and dynamic shared memory."""
+
+    name: str
+    ptx: str
+    num_warps: int
+    shared: int
+    arch: int
+    ptx_version: int | None
+
+
+def _jit_function(kernel):
+    """The compilable ``JITFunction`` of a kernel, also when it was decorated under ``TRITON_INTERPRET=1``."""
+    from triton.runtime.jit import JITFunction
+
+    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+
+
+def compile_ptx(
+    kernel,
+    signature: Mapping[str, str],
+    constexprs: Mapping[str, object],
+    arch: int,
+    ptx_version: int | None = DEFAULT_PTX_VERSION,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> CompiledPTX:
+    """PTX of a Triton kernel for ``sm_<arch>`` (``sm_90a`` for 90), without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    options: dict = {"num_warps": num_warps, "num_stages": num_stages}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    source = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=dict(signature), constexprs=dict(constexprs))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    meta = compiled.metadata
+    for scratch in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(meta, scratch, 0):
+            raise RuntimeError(f"{meta.name} needs {scratch}={getattr(meta, scratch)}; TensorRT passes no scratch")
+    return CompiledPTX(meta.name, compiled.asm["ptx"], meta.num_warps, meta.shared, arch, ptx_version)
+
+
+def kernel_for(recipe: KernelRecipe):
+    """The Triton kernel a recipe names (``plugins.<op>.kernels``)."""
+    for folder in ("topk_route", "topk_dispatch", "topk_combine", "soft_route", "soft_dispatch", "soft_combine"):
+        if recipe.kernel == f"{folder}_kernel":
+            return importlib.import_module(f"plugins.{folder}.kernels").kernel(recipe.kernel)
+    raise KeyError(f"no plugin kernel named {recipe.kernel!r}")
+
+
+def compile_recipe(recipe: KernelRecipe, arch: int, ptx_version: int | None = DEFAULT_PTX_VERSION) -> CompiledPTX:
+    return compile_ptx(
+        kernel_for(recipe), recipe.signature, recipe.constexprs, arch, ptx_version, recipe.num_warps, recipe.num_stages
+    )
+
+
+def _file_key(recipe: KernelRecipe, arch: int, ptx_version: int | None) -> str:
+    return f"{recipe.key()}@sm_{arch}/ptx{ptx_version or 'default'}"
+
+
+def compile_all(
+    recipes: Iterable[KernelRecipe],
+    out_dir: str | os.PathLike,
+    targets: Iterable[int] = (80, 87, 90),
+    ptx_version: int | None = DEFAULT_PTX_VERSION,
+) -> Path:
+    """Writes the PTX of every recipe for every target under ``out_dir`` plus a ``manifest.json``.
+
+    The manifest maps each variant (kernel, pointer types, constexprs, warps, arch, PTX version) to
+    its file, entry name, warps and shared memory; returns the manifest's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    for recipe in {r.key(): r for r in recipes}.values():
+        for arch in targets:
+            compiled = compile_recipe(recipe, arch, ptx_version)
+            entry = asdict(compiled)
+            ptx = entry.pop("ptx")
+            entry["file"] = f"sm_{arch}/{compiled.name}-{len(manifest):04d}.ptx"
+            (out / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / entry["file"]).write_text(ptx)
+            manifest[_file_key(recipe, arch, ptx_version)] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest_path
+
+
+def load_precompiled(
+    recipe: KernelRecipe, arch: int, ptx_version: int | None, ptx_dir: str | os.PathLike
+) -> CompiledPTX | None:
+    """The variant ``compile_all`` wrote for this recipe and target, or None."""
+    manifest_path = Path(ptx_dir) / MANIFEST
+    if not manifest_path.exists():
+        return None
+    entry = json.loads(manifest_path.read_text()).get(_file_key(recipe, arch, ptx_version))
+    if entry is None:
+        return None
+    ptx = (Path(ptx_dir) / entry.pop("file")).read_text()
+    return CompiledPTX(ptx=ptx, **entry)
+
+
+def current_arch() -> int:
+    """Compute capability of the current CUDA device as ``major*10 + minor`` (87 for Orin, 90 for H100/H200)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def compiled_kernel(recipe: KernelRecipe, arch: int | None = None, ptx_version: int | None = DEFAULT_PTX_VERSION):
+    """PTX for a recipe on this GPU: precompiled from ``$MOE_PLUGINS_PTX_DIR`` if there, else compiled now."""
+    arch = current_arch() if arch is None else arch
+    ptx_dir = os.environ.get(PTX_DIR_ENV)
+    if ptx_dir and (found := load_precompiled(recipe, arch, ptx_version, ptx_dir)) is not None:
+        return found
+    return compile_recipe(recipe, arch, ptx_version)
