@@ -157,3 +157,17 @@ def compiled_kernel(recipe: KernelRecipe, arch: int | None = None, ptx_version: 
     if ptx_dir and (found := load_precompiled(recipe, arch, ptx_version, ptx_dir)) is not None:
         return found
     return compile_recipe(recipe, arch, ptx_version)
+
+
+def launch_params(recipe: KernelRecipe, compiled: CompiledPTX) -> dict:
+    """What the AOT implementation hands TensorRT, as plain values (ints or ShapeExprs).
+
+    ``grid`` and ``block`` are (x, y, z); ``scalars`` are the extra kernel arguments in order, which
+    TensorRT passes after the tensor inputs and before the tensor outputs.
+    """
+    return {
+        "grid": tuple(recipe.grid),
+        "block": (compiled.num_warps * 32, 1, 1),
+        "shared": compiled.shared,
+        "scalars": recipe.scalar_values,
+    }

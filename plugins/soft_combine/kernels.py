@@ -95,7 +95,9 @@ def kernel(name: str = "soft_combine_kernel"):
     return _kernels()[name]
 
 
-def launch(slot_out: torch.Tensor, combine: torch.Tensor, num_experts: int, expert_major: int) -> torch.Tensor:
+def launch(
+    slot_out: torch.Tensor, combine: torch.Tensor, num_experts: int, expert_major: int, out=None
+) -> torch.Tensor:
     """Tokens ``[B, m, D]`` in the dtype of ``slot_out``."""
     images, tokens, slots = combine.shape
     dim = slot_out.shape[2]
@@ -103,6 +105,6 @@ def launch(slot_out: torch.Tensor, combine: torch.Tensor, num_experts: int, expe
     if slots % num_experts or tuple(slot_out.shape) != expected:
         raise ValueError(f"slot_out {tuple(slot_out.shape)} does not fit combine {tuple(combine.shape)}")
     plan = recipe(dtype_name(slot_out), images, tokens, dim, slots, num_experts, expert_major)
-    y = torch.empty((images, tokens, dim), dtype=slot_out.dtype, device=slot_out.device)
+    y = torch.empty((images, tokens, dim), dtype=slot_out.dtype, device=slot_out.device) if out is None else out
     run(kernel(), plan, [slot_out, combine], [y])
     return y

@@ -94,7 +94,7 @@ def kernel(name: str = "soft_dispatch_kernel"):
     return _kernels()[name]
 
 
-def launch(x: torch.Tensor, dispatch: torch.Tensor, num_experts: int, expert_major: int) -> torch.Tensor:
+def launch(x: torch.Tensor, dispatch: torch.Tensor, num_experts: int, expert_major: int, out=None) -> torch.Tensor:
     """Slots ``[B, S, D]`` (expert_major=0) or ``[n, B*p, D]`` (expert_major=1) in the dtype of ``x``."""
     images, tokens, dim = x.shape
     slots = dispatch.shape[2]
@@ -102,6 +102,7 @@ def launch(x: torch.Tensor, dispatch: torch.Tensor, num_experts: int, expert_maj
         raise ValueError(f"dispatch {tuple(dispatch.shape)} does not fit x {tuple(x.shape)}")
     plan = recipe(dtype_name(x), images, tokens, dim, slots, num_experts, expert_major)
     shape = (num_experts, images * (slots // num_experts), dim) if expert_major else (images, slots, dim)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
     run(kernel(), plan, [x, dispatch], [out])
     return out

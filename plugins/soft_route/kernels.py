@@ -84,9 +84,9 @@ def kernel(name: str = "soft_route_kernel"):
     return _kernels()[name]
 
 
-def launch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dispatch, combine)`` for logits ``[B, m, S]`` float32."""
+def launch(logits: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dispatch, combine)`` for logits ``[B, m, S]`` float32 (written to ``out`` when given)."""
     images, tokens, slots = logits.shape
-    dispatch, combine = torch.empty_like(logits), torch.empty_like(logits)
+    dispatch, combine = out or (torch.empty_like(logits), torch.empty_like(logits))
     run(kernel(), recipe(images, tokens, slots), [logits], [dispatch, combine])
     return dispatch, combine

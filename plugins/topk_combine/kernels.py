@@ -86,8 +86,8 @@ def kernel(name: str = "topk_combine_kernel"):
     return _kernels()[name]
 
 
-def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Tokens ``[G, S, D]`` in the dtype of ``expert_out``."""
+def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, capacity: int, out=None) -> torch.Tensor:
+    """Tokens ``[G, S, D]`` in the dtype of ``expert_out`` (written to ``out`` when given)."""
     num_experts, rows, dim = expert_out.shape
     groups, tokens, k = slot.shape
     if rows != groups * capacity or weight.shape != slot.shape:
@@ -96,6 +96,6 @@ def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, c
             f"capacity {capacity} do not fit"
         )
     plan = recipe(dtype_name(expert_out), groups, tokens, k, dim, capacity)
-    y = torch.empty((groups, tokens, dim), dtype=expert_out.dtype, device=expert_out.device)
+    y = torch.empty((groups, tokens, dim), dtype=expert_out.dtype, device=expert_out.device) if out is None else out
     run(kernel(), plan, [expert_out, slot, weight], [y])
     return y

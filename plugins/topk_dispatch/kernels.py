@@ -78,13 +78,14 @@ def kernel(name: str = "topk_dispatch_kernel"):
     return _kernels()[name]
 
 
-def launch(x: torch.Tensor, slot_token: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Expert inputs ``[E, G*C, D]`` in the dtype of ``x``."""
+def launch(x: torch.Tensor, slot_token: torch.Tensor, num_experts: int, out=None) -> torch.Tensor:
+    """Expert inputs ``[E, G*C, D]`` in the dtype of ``x`` (written to ``out`` when given)."""
     groups, tokens, dim = x.shape
     slots = slot_token.shape[1]
     if slot_token.shape[0] != groups or slots % num_experts:
         raise ValueError(f"slot_token {tuple(slot_token.shape)} does not fit x {tuple(x.shape)} and E={num_experts}")
     plan = recipe(dtype_name(x), groups, tokens, dim, slots, num_experts)
-    out = torch.empty((num_experts, groups * (slots // num_experts), dim), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((num_experts, groups * (slots // num_experts), dim), dtype=x.dtype, device=x.device)
     run(kernel(), plan, [x, slot_token], [out])
     return out

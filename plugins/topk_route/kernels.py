@@ -146,12 +146,15 @@ def kernel(name: str = "topk_route_kernel"):
     return _kernels()[name]
 
 
-def launch(gates: torch.Tensor, k: int, capacity: int, batch_priority: int):
-    """``(expert, slot, weight, slot_token)`` for gates ``[G, S, E]`` float32, on the gates' device."""
+def launch(gates: torch.Tensor, k: int, capacity: int, batch_priority: int, out=None):
+    """``(expert, slot, weight, slot_token)`` for gates ``[G, S, E]`` float32, on the gates' device.
+
+    ``out`` may give the four output tensors to write (TensorRT's, in the JIT implementation).
+    """
     groups, tokens, num_experts = gates.shape
     plan = recipe(groups, tokens, num_experts, k, capacity, batch_priority)
     new = functools.partial(torch.empty, device=gates.device)
-    outs = (
+    outs = out or (
         new((groups, tokens, k), dtype=torch.int32),
         new((groups, tokens, k), dtype=torch.int32),
         new((groups, tokens, k), dtype=torch.float32),

@@ -1,0 +1,69 @@
+"""Helpers of the ``trt.py`` registrations (TensorRT's Quickly Deployable Plugins).
+
+Imported only by ``plugins/<op>/trt.py``; everything that needs tensorrt or CUDA imports it inside
+the function, so that this module imports anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from plugins.aot import compiled_kernel, launch_params
+from plugins.recipe import KernelRecipe
+
+
+def dtype_name(trt_dtype) -> str:
+    """``"float32"``, ``"float16"`` or ``"int32"`` for a ``tensorrt.DataType``."""
+    import tensorrt as trt
+
+    names = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32"}
+    if trt_dtype not in names:
+        raise TypeError(f"unsupported TensorRT dtype {trt_dtype}; the plugins take float32, float16 and int32")
+    return names[trt_dtype]
+
+
+def combinations(pattern: str) -> list:
+    """One LINEAR ``AutoTuneCombination`` per token dtype: ``pattern`` has ``{T}`` where FP32|FP16 go."""
+    import tensorrt.plugin as trtp
+
+    return [trtp.AutoTuneCombination(pattern.format(T=t), "LINEAR") for t in ("FP32", "FP16")]
+
+
+def aot_result(recipe: KernelRecipe):
+    """``(kernel name, PTX, KernelLaunchParams, SymIntExprs)`` for ``trtp.aot_impl``, for this GPU."""
+    import tensorrt.plugin as trtp
+
+    compiled = compiled_kernel(recipe)
+    params = launch_params(recipe, compiled)
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x, launch.grid_y, launch.grid_z = params["grid"]
+    launch.block_x, launch.block_y, launch.block_z = params["block"]
+    launch.shared_mem = params["shared"]
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(value) for value in params["scalars"]])
+    return compiled.name, compiled.ptx, launch, extra
+
+
+def static(dim, what: str) -> int:
+    """A build-time dimension's value, or a clear error."""
+    from plugins.recipe import static_dim
+
+    value = static_dim(dim)
+    if value is None:
+        raise ValueError(f"{what} must be static (a build-time constant) for the AOT kernel")
+    return value
+
+
+def torch_view(tensor):
+    """A zero-copy torch view of a ``trtp.Tensor`` on the GPU."""
+    import torch
+
+    return torch.as_tensor(tensor, device="cuda")
+
+
+@contextlib.contextmanager
+def on_stream(stream: int):
+    """Run torch/Triton work on TensorRT's CUDA stream."""
+    import torch
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        yield

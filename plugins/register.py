@@ -1,0 +1,27 @@
+"""Register every ``moe::`` plugin with TensorRT: ``register_all()`` before parsing or deserializing."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from plugins import FOLDERS, SPECS
+
+
+def register_all() -> list[str]:
+    """Imports each ``plugins/<op>/trt.py`` and registers its plugin; returns the plugin ids.
+
+    Needs TensorRT >= 10.9 (``tensorrt.plugin`` with ``aot_impl``); raises RuntimeError when absent.
+    """
+    if importlib.util.find_spec("tensorrt") is None:
+        raise RuntimeError(
+            "TensorRT is not installed: the moe plugins register with TensorRT's Python package "
+            "(tensorrt >= 10.9, on a machine with an NVIDIA GPU)"
+        )
+    import tensorrt as trt
+
+    if not hasattr(trt, "QuickPluginCreationRequest"):
+        raise RuntimeError(f"TensorRT {trt.__version__} lacks AOT Python plugins; need >= 10.9")
+    for folder in FOLDERS.values():
+        importlib.import_module(f"plugins.{folder}.trt").register()
+    return [SPECS[name].id for name in FOLDERS]

@@ -1,0 +1,61 @@
+"""TensorRT Quickly Deployable Plugin ``moe::SoftCombine`` (AOT Triton kernel, JIT fallback).
+
+The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
+import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+"""
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers the plugin with TensorRT (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt.plugin as trtp
+
+    from plugins import qdp
+    from plugins.soft_combine import kernels
+
+    @trtp.register("moe::SoftCombine")
+    def soft_combine_desc(
+        slot_out: trtp.TensorDesc, combine: trtp.TensorDesc, num_experts: int, expert_major: int
+    ) -> trtp.TensorDesc:
+        images, tokens, _ = combine.shape_expr
+        return trtp.from_shape_expr((images, tokens, slot_out.shape_expr[2]), dtype=slot_out.dtype)
+
+    @trtp.autotune("moe::SoftCombine")
+    def soft_combine_autotune(
+        slot_out: trtp.TensorDesc, combine: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return qdp.combinations("{T}, FP32, {T}")
+
+    @trtp.aot_impl("moe::SoftCombine")
+    def soft_combine_aot(
+        slot_out: trtp.TensorDesc,
+        combine: trtp.TensorDesc,
+        num_experts: int,
+        expert_major: int,
+        outputs: tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        images, tokens, slots = combine.shape_expr
+        slots = qdp.static(slots, "SoftCombine's number of slots")
+        dtype = qdp.dtype_name(slot_out.dtype)
+        plan = kernels.recipe(dtype, images, tokens, slot_out.shape_expr[2], slots, num_experts, expert_major)
+        return qdp.aot_result(plan)
+
+    @trtp.impl("moe::SoftCombine")
+    def soft_combine_impl(
+        slot_out: trtp.Tensor,
+        combine: trtp.Tensor,
+        num_experts: int,
+        expert_major: int,
+        outputs: tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
+        with qdp.on_stream(stream):
+            out = qdp.torch_view(outputs[0])
+            kernels.launch(qdp.torch_view(slot_out), qdp.torch_view(combine), num_experts, expert_major, out=out)
+
+    _REGISTERED = True

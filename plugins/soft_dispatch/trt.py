@@ -1,0 +1,62 @@
+"""TensorRT Quickly Deployable Plugin ``moe::SoftDispatch`` (AOT Triton kernel, JIT fallback).
+
+The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
+import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+"""
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers the plugin with TensorRT (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt.plugin as trtp
+
+    from plugins import qdp
+    from plugins.soft_dispatch import kernels
+
+    @trtp.register("moe::SoftDispatch")
+    def soft_dispatch_desc(
+        x: trtp.TensorDesc, dispatch: trtp.TensorDesc, num_experts: int, expert_major: int
+    ) -> trtp.TensorDesc:
+        images, _, dim = x.shape_expr
+        slots = dispatch.shape_expr[2]
+        shape = (num_experts, images * (slots // num_experts), dim) if expert_major else (images, slots, dim)
+        return trtp.from_shape_expr(shape, dtype=x.dtype)
+
+    @trtp.autotune("moe::SoftDispatch")
+    def soft_dispatch_autotune(
+        x: trtp.TensorDesc, dispatch: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return qdp.combinations("{T}, FP32, {T}")
+
+    @trtp.aot_impl("moe::SoftDispatch")
+    def soft_dispatch_aot(
+        x: trtp.TensorDesc,
+        dispatch: trtp.TensorDesc,
+        num_experts: int,
+        expert_major: int,
+        outputs: tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        images, tokens, dim = x.shape_expr
+        slots = qdp.static(dispatch.shape_expr[2], "SoftDispatch's number of slots")
+        plan = kernels.recipe(qdp.dtype_name(x.dtype), images, tokens, dim, slots, num_experts, expert_major)
+        return qdp.aot_result(plan)
+
+    @trtp.impl("moe::SoftDispatch")
+    def soft_dispatch_impl(
+        x: trtp.Tensor,
+        dispatch: trtp.Tensor,
+        num_experts: int,
+        expert_major: int,
+        outputs: tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
+        with qdp.on_stream(stream):
+            out = qdp.torch_view(outputs[0])
+            kernels.launch(qdp.torch_view(x), qdp.torch_view(dispatch), num_experts, expert_major, out=out)
+
+    _REGISTERED = True

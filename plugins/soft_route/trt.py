@@ -1,0 +1,45 @@
+"""TensorRT Quickly Deployable Plugin ``moe::SoftRoute`` (AOT Triton kernel, JIT fallback).
+
+The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
+import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+"""
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers the plugin with TensorRT (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    from plugins import qdp
+    from plugins.soft_route import kernels
+
+    @trtp.register("moe::SoftRoute")
+    def soft_route_desc(logits: trtp.TensorDesc) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return (
+            trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
+            trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
+        )
+
+    @trtp.autotune("moe::SoftRoute")
+    def soft_route_autotune(logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32, FP32, FP32", "LINEAR")]
+
+    @trtp.aot_impl("moe::SoftRoute")
+    def soft_route_aot(
+        logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        images, tokens, slots = logits.shape_expr
+        qdp.static(slots, "SoftRoute's number of slots (last logits dimension)")
+        return qdp.aot_result(kernels.recipe(images, tokens, slots))
+
+    @trtp.impl("moe::SoftRoute")
+    def soft_route_impl(logits: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:
+        with qdp.on_stream(stream):
+            kernels.launch(qdp.torch_view(logits), out=tuple(qdp.torch_view(t) for t in outputs))
+
+    _REGISTERED = True

@@ -1,0 +1,59 @@
+"""TensorRT Quickly Deployable Plugin ``moe::TopKCombine`` (AOT Triton kernel, JIT fallback).
+
+The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
+import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+"""
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers the plugin with TensorRT (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt.plugin as trtp
+
+    from plugins import qdp
+    from plugins.topk_combine import kernels
+
+    @trtp.register("moe::TopKCombine")
+    def topk_combine_desc(
+        expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc, capacity: int
+    ) -> trtp.TensorDesc:
+        groups, tokens, _ = slot.shape_expr
+        return trtp.from_shape_expr((groups, tokens, expert_out.shape_expr[2]), dtype=expert_out.dtype)
+
+    @trtp.autotune("moe::TopKCombine")
+    def topk_combine_autotune(
+        expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return qdp.combinations("{T}, INT32, FP32, {T}")
+
+    @trtp.aot_impl("moe::TopKCombine")
+    def topk_combine_aot(
+        expert_out: trtp.TensorDesc,
+        slot: trtp.TensorDesc,
+        weight: trtp.TensorDesc,
+        capacity: int,
+        outputs: tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        groups, tokens, k = slot.shape_expr
+        dtype = qdp.dtype_name(expert_out.dtype)
+        return qdp.aot_result(kernels.recipe(dtype, groups, tokens, k, expert_out.shape_expr[2], capacity))
+
+    @trtp.impl("moe::TopKCombine")
+    def topk_combine_impl(
+        expert_out: trtp.Tensor,
+        slot: trtp.Tensor,
+        weight: trtp.Tensor,
+        capacity: int,
+        outputs: tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
+        with qdp.on_stream(stream):
+            views = [qdp.torch_view(t) for t in (expert_out, slot, weight)]
+            kernels.launch(*views, capacity, out=qdp.torch_view(outputs[0]))
+
+    _REGISTERED = True

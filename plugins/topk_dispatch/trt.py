@@ -1,0 +1,47 @@
+"""TensorRT Quickly Deployable Plugin ``moe::TopKDispatch`` (AOT Triton kernel, JIT fallback).
+
+The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
+import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+"""
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Registers the plugin with TensorRT (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt.plugin as trtp
+
+    from plugins import qdp
+    from plugins.topk_dispatch import kernels
+
+    @trtp.register("moe::TopKDispatch")
+    def topk_dispatch_desc(x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int) -> trtp.TensorDesc:
+        groups, _, dim = x.shape_expr
+        capacity = slot_token.shape_expr[1] // num_experts
+        return trtp.from_shape_expr((num_experts, groups * capacity, dim), dtype=x.dtype)
+
+    @trtp.autotune("moe::TopKDispatch")
+    def topk_dispatch_autotune(
+        x: trtp.TensorDesc, slot_token: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return qdp.combinations("{T}, INT32, {T}")
+
+    @trtp.aot_impl("moe::TopKDispatch")
+    def topk_dispatch_aot(
+        x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int, outputs: tuple[trtp.TensorDesc], tactic: int
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        groups, tokens, dim = x.shape_expr
+        dtype = qdp.dtype_name(x.dtype)
+        return qdp.aot_result(kernels.recipe(dtype, groups, tokens, dim, slot_token.shape_expr[1], num_experts))
+
+    @trtp.impl("moe::TopKDispatch")
+    def topk_dispatch_impl(
+        x: trtp.Tensor, slot_token: trtp.Tensor, num_experts: int, outputs: tuple[trtp.Tensor], stream: int
+    ) -> None:
+        with qdp.on_stream(stream):
+            kernels.launch(qdp.torch_view(x), qdp.torch_view(slot_token), num_experts, out=qdp.torch_view(outputs[0]))
+
+    _REGISTERED = True
