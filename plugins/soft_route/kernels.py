@@ -49,10 +49,12 @@ def _kernels() -> dict:
             x = tl.load(logits_ptr + at, mask=mask, other=float("-inf"))
             row_max = tl.where(mr, tl.max(x, axis=1), 0.0)
             e = tl.exp(x - row_max[:, None])
-            tl.store(combine_ptr + at, e / tl.sum(e, axis=1)[:, None], mask=mask)
+            row_sum = tl.where(mr, tl.sum(e, axis=1), 1.0)  # padding rows: no 0/0
+            tl.store(combine_ptr + at, e / row_sum[:, None], mask=mask)
             new_max = tl.where(mc, tl.maximum(col_max, tl.max(x, axis=0)), 0.0)
             col_sum = col_sum * tl.exp(col_max - new_max) + tl.sum(tl.exp(x - new_max[None, :]), axis=0)
             col_max = new_max
+        col_sum = tl.where(mc, col_sum, 1.0)  # padding columns: no 0/0
         for m0 in range(0, M, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             mask = (rows < M)[:, None] & mc[None, :]

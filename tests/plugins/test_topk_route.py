@@ -1,0 +1,92 @@
+"""``moe::TopKRoute``'s Triton kernel against ``exporter.routing.route_top_k``: exact, ties included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plugins.topk_route.kernels import BLOCK_S, launch, recipe
+from plugins.topk_route.reference import topk_route
+
+NAMES = ("expert", "slot", "weight", "slot_token")
+
+
+def assert_routes_equal(gates: torch.Tensor, k: int, capacity: int, bpr: int, device: str) -> tuple:
+    got = launch(gates.to(device), k, capacity, bpr)
+    want = topk_route(gates, k, capacity, bpr)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, name
+        assert torch.equal(g.cpu(), w), f"{name} differs (k={k}, C={capacity}, bpr={bpr})"
+    return want
+
+
+def gates_with_ties(groups: int, tokens: int, experts: int, distinct: int, seed: int) -> torch.Tensor:
+    """Softmax gates whose tokens repeat a few distinct rows: equal priorities across tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.softmax(torch.randn(groups, distinct, experts, generator=gen), dim=-1)
+    pick = torch.randint(0, distinct, (tokens,), generator=gen)
+    return rows[:, pick].contiguous()
+
+
+@pytest.mark.parametrize("bpr", [0, 1])
+@pytest.mark.parametrize("k", [1, 2])
+def test_random_gates_with_drops(k, bpr, device):
+    gen = torch.Generator().manual_seed(10 * k + bpr)
+    gates = torch.softmax(torch.randn(3, 45, 6, generator=gen) * 2, dim=-1)
+    capacity = 7  # 45*k/6 choices per expert on average: many dropped
+    expert, slot, weight, table = assert_routes_equal(gates, k, capacity, bpr, device)
+    assert (slot < 0).any() and (slot >= 0).any()
+    assert (weight[slot < 0] == 0).all()
+
+
+@pytest.mark.parametrize("bpr", [0, 1])
+def test_exact_ties_between_tokens(bpr, device):
+    gates = gates_with_ties(2, 40, 5, distinct=3, seed=1)
+    assert_routes_equal(gates, 2, 6, bpr, device)
+
+
+@pytest.mark.parametrize("bpr", [0, 1])
+def test_ties_within_a_token_go_to_the_lower_expert(bpr, device):
+    gates = torch.full((1, 12, 4), 0.25)
+    gates[0, ::3, 2] = 0.4  # some tokens prefer expert 2, the rest tie everywhere
+    expert, *_ = assert_routes_equal(gates, 3, 5, bpr, device)
+    assert expert[0, 1].tolist() == [0, 1, 2]
+
+
+def test_more_tokens_than_a_block_and_empty_slots(device):
+    tokens = 2 * BLOCK_S + 23
+    gates = gates_with_ties(1, tokens, 8, distinct=40, seed=3)
+    for bpr in (0, 1):
+        *_, table = assert_routes_equal(gates, 2, 60, bpr, device)  # capacity 60: some slots stay empty
+        assert (table < 0).any()
+
+
+def test_k_equals_experts_and_capacity_one(device):
+    gates = torch.softmax(torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(4)), dim=-1)
+    assert_routes_equal(gates, 3, 1, 1, device)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    groups=st.integers(1, 2),
+    tokens=st.integers(1, 70),
+    experts=st.integers(2, 9),
+    data=st.data(),
+)
+def test_matches_route_top_k(groups, tokens, experts, data):
+    k = data.draw(st.integers(1, min(3, experts)), label="k")
+    capacity = data.draw(st.integers(1, tokens * k), label="capacity")
+    bpr = data.draw(st.integers(0, 1), label="bpr")
+    distinct = data.draw(st.integers(1, tokens), label="distinct rows")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    gates = gates_with_ties(groups, tokens, experts, distinct, seed)
+    assert_routes_equal(gates, k, capacity, bpr, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_recipe_rejects_bad_attributes():
+    with pytest.raises(ValueError, match="k must be between"):
+        recipe(1, 10, 4, 5, 3, 0)
+    with pytest.raises(ValueError, match="capacity must be"):
+        recipe(1, 10, 4, 2, 0, 0)
