@@ -57,6 +57,10 @@ def _jit_function(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def compile_ptx(
     kernel,
     signature: Mapping[str, str],
@@ -74,6 +78,9 @@ def compile_ptx(
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
     source = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=dict(signature), constexprs=dict(constexprs))
+    if _interpreting():
+        # Triton decorated its own library as interpreted functions at import: nothing compiles here.
+        raise RuntimeError("cannot compile PTX in a process with TRITON_INTERPRET=1; use a separate process")
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     meta = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):

@@ -1,0 +1,179 @@
+"""AOT: every plugin kernel compiles to PTX for sm_80, sm_87 and sm_90 without a GPU, with the
+parameter order TensorRT launches (tensor inputs, int32 scalars, tensor outputs) and the launch
+parameters the ``aot_impl`` hands TensorRT."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugins import aot
+from plugins.soft_combine.kernels import recipe as soft_combine
+from plugins.soft_dispatch.kernels import recipe as soft_dispatch
+from plugins.soft_route.kernels import recipe as soft_route
+from plugins.topk_combine.kernels import recipe as topk_combine
+from plugins.topk_dispatch.kernels import recipe as topk_dispatch
+from plugins.topk_route.kernels import recipe as topk_route
+
+# V-MoE B/16 (E=8, k=2, C=1.05, 2 groups of 8 images of 197 tokens) and Soft-MoE S/16 (n=128, p=1) shapes.
+G, S, E, K, C, D = 2, 1576, 8, 2, 414, 768
+B, M, N, DS = 4, 196, 128, 384
+RECIPES = {
+    "TopKRoute": topk_route(G, S, E, K, C, 1),
+    "TopKDispatch": topk_dispatch("float16", G, S, D, E * C, E),
+    "TopKCombine": topk_combine("float32", G, S, K, D, C),
+    "SoftRoute": soft_route(B, M, N),
+    "SoftDispatch": soft_dispatch("float16", B, M, DS, N, N, 1),
+    "SoftCombine": soft_combine("float32", B, M, DS, N, N, 0),
+}
+TARGETS = {80: "sm_80", 87: "sm_87", 90: "sm_90a"}
+ROOT = Path(__file__).resolve().parents[2]
+COMPILE = """
+import pickle, sys
+from plugins.aot import compile_all
+recipes = pickle.load(open(sys.argv[1], "rb"))
+compile_all(recipes, sys.argv[2], targets=(80, 87, 90), ptx_version=85)
+compile_all(recipes, sys.argv[2], targets=(90,), ptx_version=None)
+"""
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """Every recipe compiled once by ``compile_all``, in a process without TRITON_INTERPRET (Triton
+    decorates its own library for the interpreter at import, and then cannot compile)."""
+    folder = tmp_path_factory.mktemp("ptx")
+    (folder / "recipes.pkl").write_bytes(pickle.dumps(list(RECIPES.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE, str(folder / "recipes.pkl"), str(folder / "out")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "out"
+
+
+def compiled(bundle: Path, name: str, arch: int, ptx_version: int | None) -> aot.CompiledPTX:
+    kernel = aot.load_precompiled(RECIPES[name], arch, ptx_version, bundle)
+    assert kernel is not None, (name, arch, ptx_version)
+    return kernel
+
+
+def entry_params(ptx: str, name: str) -> list[str]:
+    """``"ptr"`` or ``"u32"`` per kernel parameter, in order."""
+    match = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S)
+    assert match, f"no .entry {name} in the PTX"
+    return ["ptr" if ".u64" in p else p.split()[1].lstrip(".") for p in match.group(1).split(",")]
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_ptx_for_every_target_at_isa_8_5(bundle, name, arch):
+    recipe = RECIPES[name]
+    kernel = compiled(bundle, name, arch, 85)
+    assert kernel.name == recipe.kernel
+    assert re.search(r"^\.version 8\.5$", kernel.ptx, re.M)
+    assert re.search(rf"^\.target {TARGETS[arch]}$", kernel.ptx, re.M)
+    expected = ["ptr"] * len(recipe.inputs) + ["u32"] * len(recipe.scalars) + ["ptr"] * len(recipe.outputs)
+    # Triton appends two scratch pointers TensorRT does not pass; compile_ptx checks they go unused.
+    assert entry_params(kernel.ptx, kernel.name) == [*expected, "ptr", "ptr"]
+    assert kernel.num_warps == recipe.num_warps
+    assert kernel.shared <= 48 * 1024  # no opt-in to large shared memory needed
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_default_isa_for_sm_90(bundle, name):
+    kernel = compiled(bundle, name, 90, None)
+    version = re.search(r"^\.version (\d+)\.(\d+)$", kernel.ptx, re.M)
+    assert version and (int(version[1]), int(version[2])) >= (8, 5)
+    assert re.search(r"^\.target sm_90a$", kernel.ptx, re.M)
+    assert f".entry {kernel.name}(" in kernel.ptx
+
+
+def test_launch_parameters_of_the_aot_impl(bundle):
+    kernel = compiled(bundle, "TopKDispatch", 90, 85)
+    params = aot.launch_params(RECIPES["TopKDispatch"], kernel)
+    # [E, G*C, D] rows of 768 in blocks of 8 rows x 256 columns
+    assert params["grid"] == ((E * G * C + 7) // 8, 3, 1)
+    assert params["block"] == (128, 1, 1)
+    assert params["shared"] == kernel.shared
+    assert params["scalars"] == (G, S, E, C, D)  # signature order: G, S, E, C, D
+    assert list(RECIPES["TopKDispatch"].signature)[:9] == [
+        "x_ptr", "slot_token_ptr", "G", "S", "E", "C", "D", "out_ptr", "BLOCK_R",
+    ]  # fmt: skip
+
+    route = RECIPES["TopKRoute"]
+    params = aot.launch_params(route, compiled(bundle, "TopKRoute", 90, 85))
+    assert params["grid"] == (G, 1, 1) and params["scalars"] == (S, E, C)
+    assert route.constexprs == {"K": K, "BPR": 1, "BLOCK_E": 8, "BLOCK_S": 64}
+
+    combine = aot.launch_params(RECIPES["TopKCombine"], compiled(bundle, "TopKCombine", 90, 85))
+    assert combine["grid"] == ((G * S + 7) // 8, 3, 1) and combine["scalars"] == (G, S, K, C, D)
+
+    soft = aot.launch_params(RECIPES["SoftDispatch"], compiled(bundle, "SoftDispatch", 90, 85))
+    assert soft["grid"] == (B, 1, 6) and soft["scalars"] == (B, M, N, 1, DS)
+    assert RECIPES["SoftDispatch"].constexprs["TF32"] == 1 and RECIPES["SoftCombine"].constexprs["TF32"] == 0
+
+
+def test_symbolic_sizes_stay_symbolic():
+    """The recipe only combines sizes with + - * // (symbolic operand on the left), as TensorRT's ShapeExpr."""
+
+    class Sym:
+        def __init__(self, text):
+            self.text = text
+
+        def _op(self, sign, other):
+            return Sym(f"({self.text}{sign}{getattr(other, 'text', other)})")
+
+        def __add__(self, other):
+            return self._op("+", other)
+
+        def __sub__(self, other):
+            return self._op("-", other)
+
+        def __mul__(self, other):
+            return self._op("*", other)
+
+        def __floordiv__(self, other):
+            return self._op("//", other)
+
+    plan = topk_dispatch("float32", Sym("G"), Sym("S"), Sym("D"), Sym("EC"), 8)
+    assert plan.grid[0].text == "(((G*((EC//8)*8))+7)//8)"
+    assert [getattr(v, "text", v) for v in plan.scalar_values] == ["G", "S", 8, "(EC//8)", "D"]
+    assert plan.constexprs == {"BLOCK_R": 8, "BLOCK_D": 256}  # unknown width: 256-column blocks
+
+
+def test_precompiled_bundle_lookup(bundle, monkeypatch):
+    recipe = RECIPES["TopKCombine"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(manifest) == len(RECIPES) * 4  # 3 targets at ISA 8.5, sm_90 at the default ISA
+    assert len(list(bundle.glob("sm_*/*.ptx"))) == len(manifest)
+    loaded = aot.load_precompiled(recipe, 80, 85, bundle)
+    assert loaded.name == recipe.kernel and ".target sm_80" in loaded.ptx
+    assert aot.load_precompiled(recipe, 87, None, bundle) is None
+    other = topk_combine("float16", G, S, K, D, C)  # another variant: not in the bundle
+    assert aot.load_precompiled(other, 80, 85, bundle) is None
+    monkeypatch.setenv(aot.PTX_DIR_ENV, str(bundle))
+    assert aot.compiled_kernel(recipe, arch=80, ptx_version=85) == loaded
+
+
+def test_compiling_under_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    recipe = RECIPES["TopKDispatch"]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compile_recipe(recipe, 90)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_register_all_says_tensorrt_is_missing():
+    from plugins.register import register_all
+
+    with pytest.raises(RuntimeError, match="TensorRT is not installed"):
+        register_all()
