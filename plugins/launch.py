@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 from plugins.recipe import KernelRecipe
 
-_DTYPES = {"float32", "float16", "int32"}
+_DTYPES = {"float32", "float16", "bfloat16", "int32"}
 
 
 def dtype_name(tensor) -> str:
-    """``"float32"``, ``"float16"`` or ``"int32"`` for a torch tensor; anything else is refused."""
+    """``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"int32"`` for a torch tensor; anything else is refused."""
     name = str(tensor.dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise TypeError(f"unsupported dtype {tensor.dtype}; the plugins take float32, float16 and int32")
+        raise TypeError(f"unsupported dtype {tensor.dtype}; the kernels take float32, float16, bfloat16 and int32")
     return name
 
 

@@ -81,7 +81,7 @@ def recipe(dtype: str, images, tokens, dim, slots, num_experts: int, expert_majo
         outputs=(("y_ptr", dtype),),
         constexprs={
             "EXPERT_MAJOR": int(bool(expert_major)),
-            "TF32": int(dtype == "float16"),
+            "TF32": int(dtype != "float32"),
             "BLOCK_M": 64,
             "BLOCK_S": block_s,
             "BLOCK_D": block_d,

@@ -2,7 +2,7 @@
 
 A program owns ``BLOCK_S`` slots by ``BLOCK_D`` columns of one image and walks the tokens in
 ``BLOCK_M`` steps, accumulating in float32: exact float32 products (``ieee``) for float32 tokens,
-TF32 for float16 tokens (exact for the tokens, the float32 weights rounded to 10 mantissa bits as
+TF32 for float16/bfloat16 tokens (exact for the tokens, the float32 weights rounded to 10 mantissa bits as
 float16 would, without float16's underflow). The output row of slot ``s = e*p + q`` of image ``b``
 is ``b*S + s`` (``expert_major=0``) or ``(e*B + b)*p + q`` (``expert_major=1``).
 """
@@ -80,7 +80,7 @@ def recipe(dtype: str, images, tokens, dim, slots, num_experts: int, expert_majo
         outputs=(("out_ptr", dtype),),
         constexprs={
             "EXPERT_MAJOR": int(bool(expert_major)),
-            "TF32": int(dtype == "float16"),
+            "TF32": int(dtype != "float32"),
             "BLOCK_S": block_s,
             "BLOCK_M": 32,
             "BLOCK_D": block_d,

@@ -44,3 +44,17 @@ def test_rejects_mismatched_shapes():
     slot = torch.zeros(2, 3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="do not fit"):
         launch(torch.zeros(4, 9, 8), slot, torch.zeros(2, 3, 2), 5)
+
+
+def test_bfloat16_kernel_path(device):
+    """bfloat16 is a kernel-level extra (the plugins advertise float32/float16): same gather and sum."""
+    from plugins.topk_dispatch.kernels import launch as dispatch
+    from plugins.topk_dispatch.reference import topk_dispatch
+
+    gates = torch.softmax(torch.randn(2, 21, 4, generator=torch.Generator().manual_seed(9)), dim=-1)
+    _, slot, weight, table = topk_route(gates, 2, 6, 1)
+    x = torch.randn(2, 21, 32).bfloat16()
+    expert_in = dispatch(x.to(device), table.to(device), 4).cpu()
+    assert torch.equal(expert_in, topk_dispatch(x, table, 4))
+    y = launch(expert_in.to(device), slot.to(device), weight.to(device), 6).cpu()
+    torch.testing.assert_close(y, topk_combine(expert_in, slot, weight, 6), rtol=1e-2, atol=1e-2)
