@@ -251,6 +251,61 @@ def _print_export(result) -> None:
 
 @main.command()
 @click.argument("graph", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="The plugin .onnx file to write.")
+@click.option("--plan-only", is_flag=True, help="Find and check the MoE layers, print the plan, write nothing.")
+@click.option("--seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the probe images.")
+@click.option("--json", "json_out", metavar="PATH", help="Write the rewrite report as JSON ('-' for stdout).")
+def rewrite(graph, output, plan_only, seed, json_out):
+    """Replace each MoE layer's routing, dispatch and combine with moe:: TensorRT plugin nodes.
+
+    Every candidate layer is checked by value (one ONNX Runtime run on random images) before it is
+    replaced; a layer that fails a check is listed with the reason and left as standard ONNX. Each
+    plugin node carries a local function with its standard-op form, so ONNX Runtime (and `validate`)
+    run the result on CPU.
+
+    \b
+    Examples:
+      moe-export rewrite tiny.onnx -o tiny.plugins.onnx
+      moe-export rewrite tiny.onnx --plan-only
+    """
+    from exporter.rewrite import rewrite_onnx
+
+    if not plan_only and not output:
+        raise UserError("give -o OUT.onnx, or --plan-only to write nothing")
+    result = rewrite_onnx(graph, None if plan_only else output, plan_only=plan_only, seed=seed, step=step)
+    if json_out != "-":
+        _print_rewrite(result)
+    if json_out:
+        _write_json(json_out, result.to_dict())
+
+
+def _print_rewrite(result) -> None:
+    from rich.table import Table
+
+    out = _console()
+    t = Table(title="MoE layers", title_justify="left", box=None, pad_edge=False)
+    for col in ("layer", "family", "routing", "dispatch", "combine", ""):
+        t.add_column(col)
+    for layer in result.layers:
+        if layer.replaced:
+            cells = [escape(n.describe()) for n in layer.nodes]
+            t.add_row(
+                escape(layer.layer), layer.family, *cells, "[green]replaced[/green]" if result.path else "planned"
+            )
+        else:
+            t.add_row(escape(layer.layer), layer.family, "", "", "", "[yellow]declined[/yellow]")
+    out.print(t)
+    for layer in result.declined:
+        out.print(f"[yellow]declined[/yellow] {escape(layer.layer)}: {escape(layer.reason)}")
+    counts = ", ".join(f"{n} {p}" for p, n in result.counts.items()) or "no plugin nodes"
+    if result.path:
+        out.print(f"wrote [bold]{escape(str(result.path))}[/bold]: {counts} ({result.seconds:.1f}s)")
+    else:
+        out.print(f"plan: {counts}; nothing written ({result.seconds:.1f}s)")
+
+
+@main.command()
+@click.argument("graph", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group.")
 @click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False), help="A .npz with the input images.")
@@ -378,7 +433,8 @@ def _print_report(report) -> None:
 )
 def demo(output_dir):
     """The main job on built-in defaults: export and validate a small V-MoE (Batch Prioritized Routing,
-    capacity factor 0.5, so tokens are dropped) and a small Soft-MoE, on CPU.
+    capacity factor 0.5, so tokens are dropped) and a small Soft-MoE, then rewrite both into plugin
+    graphs and validate those too, on CPU.
 
     \b
     Example:
@@ -386,6 +442,7 @@ def demo(output_dir):
     """
     from exporter.export import export_onnx
     from exporter.parity import validate_onnx
+    from exporter.rewrite import rewrite_onnx
     from exporter.source import from_zoo, load
 
     runs = [
@@ -404,11 +461,211 @@ def demo(output_dir):
         report = validate_onnx(path, src, step=step)
         _print_report(report)
         _write_json(Path(output_dir) / f"{name}.parity.json", report.to_dict())
-        if not report.passed:
+        plugin_path = Path(output_dir) / f"{name}.plugins.onnx"
+        rewritten = rewrite_onnx(path, plugin_path, step=step)
+        _print_rewrite(rewritten)
+        plugin_report = validate_onnx(plugin_path, src, step=step)
+        _print_report(plugin_report)
+        _write_json(Path(output_dir) / f"{name}.plugins.parity.json", plugin_report.to_dict())
+        if not report.passed or not plugin_report.passed or rewritten.declined:
             failed.append(name)
     if failed:
-        raise CheckFailed(f"parity failed for {', '.join(failed)}")
+        raise CheckFailed(f"parity or rewrite failed for {', '.join(failed)}")
     _console().print(f"all passed; graphs and reports in [bold]{escape(str(output_dir))}[/bold]")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of numbers like 0.5,1,2") from None
+    if not values:
+        raise UserError(f"{option} needs at least one value")
+    return values
+
+
+def _cell(value) -> str:
+    """A table cell: shares (floats up to 1) as percentages, other floats to 3 digits, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1%}" if value <= 1 else f"{value:.3g}"
+    return str(value)
+
+
+@main.group("inspect")
+def inspect_group():
+    """Look inside a model: pictures of its routing."""
+
+
+@inspect_group.command("routing")
+@model_options
+@click.option("--image", type=click.Path(dir_okay=False), help="A PNG or JPEG, resized to the model's input.")
+@click.option("--sample", type=int, help="An image of the digits test split instead (default: sample 0).")
+@click.option(
+    "--capacity-factors",
+    "factors",
+    default=",".join(f"{c:g}" for c in settings.INSPECT_CAPACITY_FACTORS),
+    show_default=True,
+    help="V-MoE: one column per factor, each vanilla and BPR; the image is routed in a group of its own.",
+)
+@click.option("--onnx", "graph", type=click.Path(dir_okay=False), help="V-MoE: picture this graph's routing outputs.")
+@click.option("--slots", help="Soft-MoE: slots to picture, e.g. 0,5,9 (default: the most concentrated).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--json", "json_out", metavar="PATH", help="Write the per-panel numbers as JSON ('-' for stdout).")
+def inspect_routing(
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    image,
+    sample,
+    factors,
+    graph,
+    slots,
+    output,
+    json_out,
+):
+    """Draw where each patch of one image is routed, per MoE layer.
+
+    V-MoE: patches coloured by first and second expert, dropped ones grey, for several capacity factors,
+    vanilla and Batch Prioritized Routing; with --onnx, the exported graph's routing next to PyTorch's.
+    Soft-MoE: chosen slots' dispatch weights over the patches and each patch's combine spread.
+
+    \b
+    Examples:
+      moe-export inspect routing --model vmoe-tiny --checkpoint samples/02_digits/vmoe_digits.safetensors -o r.png
+      moe-export inspect routing --model soft-moe-tiny --image digit.png --slots 0,1,2 -o soft.png
+      moe-export inspect routing --onnx tiny.onnx --sample 3 -o deployed.png
+    """
+    from exporter.inspect_routing import inspect_routing as draw
+
+    recorded = None
+    if graph and not (model or module):
+        from exporter.parity import source_of
+        from exporter.runners import read_onnx_header
+
+        recorded = source_of(graph, read_onnx_header(graph), None)
+    src = _source(
+        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=recorded
+    )
+    slot_list = [int(s) for s in _floats(slots, "--slots")] if slots else None
+    picture = draw(
+        src,
+        output,
+        image=image,
+        sample=sample,
+        capacity_factors=_floats(factors, "--capacity-factors"),
+        graph=graph,
+        slots=slot_list,
+        step=step,
+    )
+    if json_out != "-":
+        from rich.table import Table
+
+        out = _console()
+        out.print(
+            f"wrote [bold]{escape(str(picture.path))}[/bold] ({picture.layout.width}x{picture.layout.height} px, "
+            f"{picture.layout.rows}x{picture.layout.cols} panels): {escape(picture.image)}"
+        )
+        table = Table(box=None, pad_edge=False)
+        for col in picture.stats[0]:
+            table.add_column(col, justify="left" if col in ("layer", "column") else "right")
+        for row in picture.stats:
+            table.add_row(*(escape(_cell(v)) for v in row.values()))
+        out.print(table)
+        for note in picture.notes:
+            out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if json_out:
+        _write_json(json_out, picture.to_dict())
+
+
+@main.group("sweep")
+def sweep_group():
+    """Sweep a routing setting and measure what it costs."""
+
+
+@sweep_group.command("capacity")
+@model_options
+@click.option(
+    "--factors",
+    default=",".join(f"{c:g}" for c in settings.SWEEP_CAPACITY_FACTORS),
+    show_default=True,
+    help="Capacity factors, each run vanilla and with Batch Prioritized Routing.",
+)
+@click.option("--parity/--no-parity", default=True, show_default=True, help="Export and check the graph at each point.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="A PNG plot of the sweep.")
+@click.option("--json", "json_out", metavar="PATH", help="Write the sweep as JSON ('-' for stdout).")
+def sweep_capacity(
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    factors,
+    parity,
+    output,
+    json_out,
+):
+    """V-MoE: dropped share, output deviation from unlimited capacity, digits test accuracy and exported
+    graph parity, per capacity factor, vanilla vs Batch Prioritized Routing. Exit 1 if parity fails.
+
+    \b
+    Example:
+      moe-export sweep capacity --model vmoe-tiny --checkpoint samples/02_digits/vmoe_digits.safetensors -o sweep.png
+    """
+    from exporter.sweep import plot_sweep
+    from exporter.sweep import sweep_capacity as run_sweep
+
+    if capacity_factor is not None or batch_priority is not None:
+        raise UserError("the sweep sets --capacity-factor and --batch-priority itself; use --factors")
+    src = _source(model, module, input_shape, checkpoint, seed, k, None, None, group_images)
+    report = run_sweep(src, capacity_factors=_floats(factors, "--factors"), parity=parity, step=step)
+    if output:
+        plot_sweep(report, output)
+    if json_out != "-":
+        from rich.table import Table
+
+        out = _console()
+        acc = report.unlimited_accuracy
+        out.print(
+            f"{escape(report.model)} on {report.images} digits test images, groups of {report.group_images}; "
+            f"unlimited capacity (C={report.unlimited_capacity_factor:g}): accuracy "
+            f"{'-' if acc is None else f'{acc:.2%}'}"
+        )
+        table = Table(box=None, pad_edge=False)
+        for col in ("C", "routing", "capacity", "dropped", "gate mass", "unrouted", "deviation", "accuracy", "parity"):
+            table.add_column(col, justify="right")
+        for p in report.points:
+            table.add_row(
+                f"{p.capacity_factor:g}",
+                "BPR" if p.batch_priority else "vanilla",
+                "/".join(str(c) for c in p.capacity.values()),
+                f"{p.dropped:.1%}",
+                f"{p.dropped_gate_mass:.1%}",
+                f"{p.tokens_unrouted:.1%}",
+                f"{p.deviation:.3f}",
+                "-" if p.accuracy is None else f"{p.accuracy:.2%}",
+                "-" if p.parity is None else _mark(p.parity["passed"]),
+            )
+        out.print(table)
+        for note in report.notes:
+            out.print(f"[yellow]note:[/yellow] {escape(note)}")
+        if output:
+            out.print(f"wrote [bold]{escape(output)}[/bold]")
+    if json_out:
+        _write_json(json_out, report.to_dict())
+    if not report.parity_passed:
+        raise CheckFailed("the exported graph does not match PyTorch at some capacity factors (see the table)")
 
 
 if __name__ == "__main__":
