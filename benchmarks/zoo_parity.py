@@ -1,7 +1,8 @@
-"""Export and validate every zoo model through the CLI, one process per step, and print a table of
-time, peak memory, output error and routing agreement.
+"""Export and validate every zoo model through the CLI, then rewrite it into plugin nodes and validate
+that too, one process per step; print a table of time, peak memory, output error, routing agreement
+and plugin replacements.
 
-    python benchmarks/zoo_parity.py                    # all zoo models (about 6 minutes, 16 GB peak)
+    python benchmarks/zoo_parity.py                    # all zoo models (about 12 minutes, 16 GB peak)
     python benchmarks/zoo_parity.py vmoe-tiny soft-moe-tiny
 """
 
@@ -40,25 +41,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         for name in names:
             graph, report = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.json"
+            plugins, plan = Path(tmp) / f"{name}.plugins.onnx", Path(tmp) / f"{name}.rewrite.json"
+            plugin_report = Path(tmp) / f"{name}.plugins.json"
             rc_e, t_e, m_e = run(["export", "--model", name, "--routing-outputs", "-o", str(graph)])
             rc_v, t_v, m_v = run(["validate", str(graph), "--json", str(report)]) if rc_e == 0 else (rc_e, 0, 0)
-            data = json.loads(report.read_text()) if report.exists() else {}
-            agreement = min((r["agreement"] for r in data.get("routing", [])), default=None)
-            rel = max((o["max_rel"] for o in data.get("outputs", [])), default=float("nan"))
-            rows.append((name, t_e, m_e, t_v, m_v, data.get("batch", 0), rel, agreement, rc_v))
-            for f in Path(tmp).glob(f"{name}.onnx*"):
+            rc_r, t_r, m_r = (
+                run(["rewrite", str(graph), "-o", str(plugins), "--json", str(plan)]) if rc_e == 0 else (rc_e, 0, 0)
+            )
+            rc_p, t_p, m_p = (
+                run(["validate", str(plugins), "--json", str(plugin_report)]) if rc_r == 0 else (rc_r, 0, 0)
+            )
+            row = dict(name=name, export=(t_e, m_e), validate=(t_v, m_v), rewrite=(t_r, m_r), plugins=(t_p, m_p))
+            for key, path in (("portable", report), ("plugin", plugin_report)):
+                data = json.loads(path.read_text()) if path.exists() else {}
+                row[key] = (
+                    max((o["max_rel"] for o in data.get("outputs", [])), default=float("nan")),
+                    min((r["agreement"] for r in data.get("routing", [])), default=None),
+                )
+                row["batch"] = data.get("batch", row.get("batch", 0))
+            rewrite = json.loads(plan.read_text()) if plan.exists() else {"counts": {}, "layers": []}
+            layers = len(rewrite["layers"])
+            row["replaced"] = f"{sum(rewrite['counts'].values())}/{3 * layers}" if layers else "-"
+            row["rc"] = max(rc_v, rc_p, 0 if layers and not any(not x["replaced"] for x in rewrite["layers"]) else 1)
+            rows.append(row)
+            for f in Path(tmp).glob(f"{name}.*onnx*"):
                 f.unlink()
             print(f"  done {name}", file=sys.stderr)
     print(
-        f"{'model':<20} {'export s':>9} {'peak GiB':>9} {'validate s':>11} {'peak GiB':>9} {'batch':>6} "
-        f"{'max rel err':>12} {'routing':>8} {'result':>7}"
+        f"{'model':<20} {'export s':>9} {'validate s':>11} {'rewrite s':>10} {'validate s':>11} {'peak GiB':>9} "
+        f"{'batch':>6} {'portable err':>13} {'plugin err':>11} {'routing':>8} {'plugins':>8} {'result':>7}"
     )
-    for name, t_e, m_e, t_v, m_v, batch, rel, agree, rc in rows:
-        routing = "n/a" if agree is None else f"{agree:.2%}"
-        result = {0: "pass", 1: "FAIL", 2: "error"}.get(rc, str(rc))
+    for r in rows:
+        agreement = [a for _, a in (r["portable"], r["plugin"]) if a is not None]
+        routing = "n/a" if not agreement else f"{min(agreement):.2%}"
+        peak = max(m for _, m in (r["export"], r["validate"], r["rewrite"], r["plugins"]))
+        result = {0: "pass", 1: "FAIL", 2: "error"}.get(r["rc"], str(r["rc"]))
         print(
-            f"{name:<20} {t_e:>9.1f} {m_e:>9.1f} {t_v:>11.1f} {m_v:>9.1f} {batch:>6} {rel:>12.1e} "
-            f"{routing:>8} {result:>7}"
+            f"{r['name']:<20} {r['export'][0]:>9.1f} {r['validate'][0]:>11.1f} {r['rewrite'][0]:>10.1f} "
+            f"{r['plugins'][0]:>11.1f} {peak:>9.1f} {r['batch']:>6} {r['portable'][0]:>13.1e} "
+            f"{r['plugin'][0]:>11.1e} {routing:>8} {r['replaced']:>8} {result:>7}"
         )
 
 
