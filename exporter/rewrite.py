@@ -467,8 +467,8 @@ class _SoftMatch:
             raise _Decline("no MatMul/Einsum computes softmax-over-tokens(logits)ᵀ · x")
         dim = mixed.shape[-1]
 
-        # The token mix: y = combine · slot outputs.
-        for u in self.us:
+        # The token mix: y = combine · slot outputs (read as far back as the expert outputs themselves).
+        for u in reversed(self.us):
             uv = values[u.name].astype(np.float64)
             if uv.size != images * slots * dim:
                 continue
