@@ -420,16 +420,12 @@ def _plugin(graph: gs.Graph, node: PluginNode, inputs: list, outputs: list, name
 class _SoftMatch:
     """Two Softmax nodes over one logits tensor, each feeding a MatMul/Einsum mix."""
 
-    def __init__(self, graph: gs.Graph, scopes: dict[str, str], first: gs.Node, second: gs.Node):
+    def __init__(self, graph: gs.Graph, scopes: dict[str, str], dispatch_sm: gs.Node, combine_sm: gs.Node):
         self.graph = graph
-        for _, combine_sm in ((first, second), (second, first)):
-            logits = combine_sm.inputs[0]
-            if (logits.shape is not None and len(logits.shape) == 3) and combine_sm.attrs.get("axis", -1) in (-1, 2):
-                break
-        else:
-            raise _Decline("neither softmax normalises the last axis of a [B, m, S] logits tensor (the combine)")
+        logits = combine_sm.inputs[0]
+        if logits.shape is None or len(logits.shape) != 3 or combine_sm.attrs.get("axis", -1) not in (-1, 2):
+            raise _Decline("no softmax normalises the last axis of a [B, m, S] logits tensor (the combine)")
         self.logits = logits
-        dispatch_sm = first if combine_sm is second else second
         self.dispatch_mix, dispatch_w = _mix_consumer(dispatch_sm.outputs[0])
         self.combine_mix, combine_w = _mix_consumer(combine_sm.outputs[0])
         self.combine_sm = combine_sm
@@ -577,7 +573,27 @@ def _reshaped(graph: gs.Graph, t: gs.Variable, shape, canonical, target, name: s
     )[0]
 
 
-def _soft_candidates(graph: gs.Graph, scopes: dict[str, str]) -> tuple[list[_SoftMatch], list[LayerPlan]]:
+class _Either:
+    """Both readings of a softmax pair (which one is the dispatch); the first that checks out wins."""
+
+    def __init__(self, options: list[_SoftMatch]):
+        self.options = options
+        self.layer = options[0].layer
+
+    def names(self) -> set[str]:
+        return set().union(*(o.names() for o in self.options))
+
+    def check(self, values):
+        reasons = []
+        for option in self.options:
+            try:
+                return option.check(values)
+            except _Decline as e:
+                reasons.append(str(e))
+        raise _Decline("; ".join(dict.fromkeys(reasons)))
+
+
+def _soft_candidates(graph: gs.Graph, scopes: dict[str, str]) -> tuple[list[_Either], list[LayerPlan]]:
     by_root: dict[str, list[gs.Node]] = {}
     for node in graph.nodes:
         if node.op == "Softmax" and _is_var(node.inputs[0]):
@@ -586,10 +602,17 @@ def _soft_candidates(graph: gs.Graph, scopes: dict[str, str]) -> tuple[list[_Sof
     for nodes in by_root.values():
         if len(nodes) != 2:
             continue
-        try:
-            matches.append(_SoftMatch(graph, scopes, *nodes))
-        except _Decline as e:
-            declined.append(LayerPlan(f"softmax pair {nodes[0].name}/{nodes[1].name}", "soft_moe", reason=str(e)))
+        options, reasons = [], []
+        for dispatch_sm, combine_sm in (nodes, nodes[::-1]):
+            try:
+                options.append(_SoftMatch(graph, scopes, dispatch_sm, combine_sm))
+            except _Decline as e:
+                reasons.append(str(e))
+        if options:
+            matches.append(_Either(options))
+        else:
+            reason = "; ".join(dict.fromkeys(reasons))
+            declined.append(LayerPlan(f"softmax pair {nodes[0].name}/{nodes[1].name}", "soft_moe", reason=reason))
     return matches, declined
 
 
@@ -611,7 +634,14 @@ def plan_rewrite(
 
     plans: list[LayerPlan] = []
     matches: list = []
-    for layer, config in _vmoe_layers(proto).items():
+    vmoe = _vmoe_layers(proto)
+    scoped = sorted(
+        {m.group(1) for ns in scopes.values() if (m := re.search(r"/([^/:]+)\.routing: \S+TopKRouter", ns))}
+    )
+    for layer in (layer for layer in scoped if layer not in vmoe):
+        reason = "the graph lacks this layer's routing settings (exported by an older moe-export?); export it again"
+        plans.append(LayerPlan(layer, "vmoe", reason=reason))
+    for layer, config in vmoe.items():
         try:
             matches.append(_VMoEMatch(graph, scopes, layer, config))
         except _Decline as e:
@@ -641,8 +671,8 @@ def rewrite_onnx(
 ) -> RewriteResult:
     """Rewrites ``src`` into ``dest`` (atomically; checked with onnx.checker), or only plans it.
 
-    Weights stored beside ``src`` as external data are referenced, not copied into memory; when
-    ``dest`` is in another folder, the weight files are copied there.
+    Weights stored beside ``src`` as external data are referenced, not loaded: an output beside the
+    source shares the weight file, one elsewhere gets a copy.
     """
     from plugins.functions import local_function
 
@@ -675,12 +705,13 @@ def rewrite_onnx(
 
     with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
         path = tmp / dest.name
-        for location in sorted(_external_files(out)):
+        external = _external_files(out)
+        for location in sorted(external):  # weight files: shared when beside the source, else copied
             if (src.parent / location).resolve() != (dest.parent / location).resolve():
                 shutil.copyfile(src.parent / location, tmp / location)
         onnx.save(out, str(path))
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
+        try:  # with external weights, the graph is checked with them as inputs (they were not touched)
+            onnx.checker.check_model(_weights_as_inputs(out) if external else str(path), full_check=True)
         except onnx.checker.ValidationError as e:
             raise RuntimeError(f"the rewritten graph fails onnx.checker: {e}") from e
     from exporter.portable import op_histogram
@@ -689,6 +720,17 @@ def rewrite_onnx(
     result.op_counts = dict(sorted(op_histogram(out).items()))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the (weightless) graph whose external initializers are graph inputs instead."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in external:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        copy.graph.initializer.remove(t)
+    return copy
 
 
 def _external_files(model: onnx.ModelProto) -> set[str]:

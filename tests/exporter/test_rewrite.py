@@ -97,6 +97,19 @@ def test_wrong_routing_settings_are_declined_not_replaced(exported, tmp_path):
     assert validate_onnx(out, source).passed
 
 
+def test_graph_without_routing_settings_declines_its_vmoe_layers(exported, tmp_path):
+    _, result = exported("vmoe-tiny")
+    model = onnx.load(str(result.path))
+    kept = [p for p in model.metadata_props if p.key != "moe_export.vmoe_layers"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    plan = rewrite_onnx(old, None, plan_only=True)
+    assert [d.layer for d in plan.declined] == ["blocks.1.mlp", "blocks.3.mlp"] and plan.counts == {}
+    assert "export it again" in plan.declined[0].reason
+
+
 def test_softmax_pair_that_is_not_soft_moe_is_declined(tmp_path):
     source = from_module(f"{FIXTURES}:double_softmax", input_shape=(2, 3, 16, 16))
     graph = tmp_path / "double.onnx"
@@ -134,3 +147,11 @@ def test_external_weights_are_referenced_and_copied_beside_the_output(exported, 
     assert sorted(p.name for p in out_dir.iterdir()) == ["m.data", "m.plugins.onnx"]
     assert not [p for p in src_dir.iterdir() if p.name.startswith(".")]  # the probe cleaned up
     assert validate_onnx(out_dir / "m.plugins.onnx", source).passed
+
+
+def test_external_weights_shared_when_the_output_is_beside_the_source(exported, tmp_path):
+    source, result = exported("soft-moe-tiny", routing_outputs=False)
+    onnx.save(onnx.load(str(result.path)), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data")
+    rewrite_onnx(tmp_path / "m.onnx", tmp_path / "m.plugins.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx", "m.plugins.onnx"]
+    assert validate_onnx(tmp_path / "m.plugins.onnx", source).passed
