@@ -27,6 +27,17 @@ DEFAULT_VALIDATE_BATCH_GROUPS = 1  # V-MoE: routing groups per validation batch
 DEFAULT_VALIDATE_BATCH_IMAGES = 2  # Soft-MoE and models without routing groups
 
 
+# --- Seeing the routing (inspect routing, sweep capacity) -----------------------------------------
+DIGITS_TEST_IMAGES = 448  # scikit-learn digits test split: 1797 - 448 = 1349 training images
+DIGITS_SPLIT_SEED = 0
+INSPECT_CAPACITY_FACTORS = (0.5, 1.0, 2.0)  # columns of the V-MoE picture, each vanilla and BPR
+INSPECT_GROUP_IMAGES = 1  # the pictured image is routed alone: a group of one image
+INSPECT_SLOTS = 4  # Soft-MoE: slots pictured per layer (those with the most concentrated dispatch)
+SWEEP_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+SWEEP_EXPORT_BATCH_GROUPS = 2  # routing groups in the tracing example of each sweep point graph (1 would fix the batch)
+FIGURE_DPI = 100
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """Pass criteria of a parity check.
