@@ -585,6 +585,12 @@ def inspect_routing(
         _write_json(json_out, picture.to_dict())
 
 
+def _parity_cell(parity: dict) -> str:
+    if parity["status"] == "slots differ":
+        return f"[yellow]slots differ[/yellow] ({parity['pairs_differing']} pairs)"
+    return _mark(parity["passed"])
+
+
 @main.group("sweep")
 def sweep_group():
     """Sweep a routing setting and measure what it costs."""
@@ -655,9 +661,14 @@ def sweep_capacity(
                 f"{p.tokens_unrouted:.1%}",
                 f"{p.deviation:.3f}",
                 "-" if p.accuracy is None else f"{p.accuracy:.2%}",
-                "-" if p.parity is None else _mark(p.parity["passed"]),
+                "-" if p.parity is None else _parity_cell(p.parity),
             )
         out.print(table)
+        if any(p.parity and p.parity["status"] == "slots differ" for p in report.points):
+            out.print(
+                "[yellow]note:[/yellow] slots differ: same outputs, experts and dropped pairs; only buffer positions "
+                "of tokens whose BPR priorities tie in one backend and not in the other"
+            )
         for note in report.notes:
             out.print(f"[yellow]note:[/yellow] {escape(note)}")
         if output:

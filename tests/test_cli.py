@@ -161,3 +161,85 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown model 'nope'; `moe-export models` lists the zoo"
     assert not (tmp_path / "x.onnx").exists()
+
+
+# --- inspect routing, sweep capacity -----------------------------------------------------------------
+
+DIGITS_VMOE = Path(__file__).resolve().parents[1] / "samples" / "02_digits" / "vmoe_digits.safetensors"
+
+
+@pytest.mark.parametrize("command", [["inspect", "routing"], ["sweep", "capacity"]])
+def test_routing_commands_have_help_with_an_example(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_inspect_routing_writes_the_picture_and_json(tmp_path):
+    dest, report = tmp_path / "r.png", tmp_path / "r.json"
+    result = run(
+        "inspect",
+        "routing",
+        "--model",
+        "vmoe-tiny",
+        "--checkpoint",
+        DIGITS_VMOE,
+        "--sample",
+        1,
+        "--capacity-factors",
+        "0.5,2",
+        "-o",
+        dest,
+        "--json",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["layout"]["rows"] == 2 and data["layout"]["cols"] == 4 and dest.is_file()
+    assert "blocks.3.mlp" in result.output and "C=0.5 BPR" in result.output
+
+
+def test_inspect_routing_bad_inputs(tmp_path):
+    out = tmp_path / "r.png"
+    assert_one_line_error(
+        run("inspect", "routing", "--model", "vmoe-tiny", "--image", tmp_path / "no.png", "-o", out),
+        "no.png does not exist",
+    )
+    assert_one_line_error(
+        run("inspect", "routing", "--model", "vmoe-tiny", "--capacity-factors", "half,1", "-o", out),
+        "--capacity-factors",
+    )
+    assert_one_line_error(
+        run("inspect", "routing", "--model", "vmoe-tiny", "--image", out, "--sample", 1, "-o", out), "not both"
+    )
+    assert_one_line_error(run("inspect", "routing", "--onnx", tmp_path / "no.onnx", "-o", out), "does not exist")
+    assert not out.exists()
+
+
+def test_sweep_capacity_bad_inputs(tmp_path):
+    assert_one_line_error(run("sweep", "capacity", "--model", "soft-moe-tiny", "--no-parity"), "needs a V-MoE model")
+    assert_one_line_error(run("sweep", "capacity", "--model", "vmoe-tiny", "--capacity-factor", "0.5"), "use --factors")
+    assert_one_line_error(run("sweep", "capacity", "--model", "vmoe-tiny", "--factors", "0,1"), "must be > 0")
+
+
+def test_sweep_capacity_table_plot_and_json(tmp_path):
+    plot, report = tmp_path / "s.png", tmp_path / "s.json"
+    result = run(
+        "sweep",
+        "capacity",
+        "--model",
+        "vmoe-tiny",
+        "--checkpoint",
+        DIGITS_VMOE,
+        "--factors",
+        "2",
+        "--no-parity",
+        "-o",
+        plot,
+        "--json",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert [(p["capacity_factor"], p["batch_priority"]) for p in data["points"]] == [(2.0, False), (2.0, True)]
+    assert [p["dropped"] for p in data["points"]] == [0.0, 0.0]  # C = E / k: unlimited capacity
+    assert plot.is_file() and "vanilla" in result.output and "BPR" in result.output
