@@ -7,6 +7,7 @@ modules (torch, onnx, onnxruntime) are imported inside the commands so that ``--
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -380,6 +381,11 @@ def validate(
         raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")
 
 
+def _share(x: float) -> str:
+    """A percentage that never rounds a shortfall up to 100%."""
+    return "100%" if x == 1.0 else f"{math.floor(x * 1e4) / 1e2:.2f}%"
+
+
 def _mark(ok: bool) -> str:
     return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
 
@@ -400,23 +406,29 @@ def _print_report(report) -> None:
     out.print(t)
     if report.routing:
         t = Table(title="routing per V-MoE layer", title_justify="left", box=None, pad_edge=False)
-        cols = ("layer", "pairs", "expert", "kept", "slot", "all", "dropped (torch / graph)", "")
+        cols = ("layer", "pairs", "expert", "kept", "slot", "all", "slot swaps", "dropped (torch / graph)", "")
         for col in cols:
             t.add_column(col, justify="left" if col == "layer" else "right")
         for r in report.routing:
             t.add_row(
                 escape(r.layer),
                 str(r.pairs),
-                f"{r.expert:.2%}",
-                f"{r.kept:.2%}",
-                f"{r.slot:.2%}",
-                f"{r.agreement:.2%}",
+                _share(r.expert),
+                _share(r.kept),
+                _share(r.slot),
+                _share(r.agreement),
+                str(r.slot_swaps),
                 f"{r.dropped_expected:.1%} / {r.dropped_actual:.1%}",
                 _mark(r.passed),
             )
         out.print(t)
     else:
         out.print(f"routing: {report.routing_status}")
+    if any(r.slot_swaps for r in report.routing):
+        out.print(
+            "[yellow]note:[/yellow] slot swaps: tokens with the same expert and kept decision took each other's "
+            "buffer slots (tied priorities ordered differently); outputs are unaffected"
+        )
     for note in report.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
     out.print(f"{_mark(report.passed)} ({report.seconds:.1f}s)")

@@ -33,7 +33,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["models", "export", "validate", "demo"])
+@pytest.mark.parametrize("command", ["models", "export", "validate", "rewrite", "demo"])
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Example" in result.output
@@ -243,3 +243,22 @@ def test_sweep_capacity_table_plot_and_json(tmp_path):
     assert [(p["capacity_factor"], p["batch_priority"]) for p in data["points"]] == [(2.0, False), (2.0, True)]
     assert [p["dropped"] for p in data["points"]] == [0.0, 0.0]  # C = E / k: unlimited capacity
     assert plot.is_file() and "vanilla" in result.output and "BPR" in result.output
+
+
+def test_rewrite_plan_only_table_and_bad_inputs(tmp_path):
+    graph = tmp_path / "s.onnx"
+    assert run("export", "--model", "soft-moe-tiny", "-o", graph).exit_code == 0
+    result = run("rewrite", graph, "--plan-only")
+    assert result.exit_code == 0, result.output
+    assert "blocks.3.mlp" in result.output and "planned" in result.output and "nothing written" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+    plan = json.loads(run("rewrite", graph, "--plan-only", "--json", "-").stdout)
+    assert plan["path"] is None and plan["counts"] == {"SoftRoute": 2, "SoftDispatch": 2, "SoftCombine": 2}
+
+    assert_one_line_error(run("rewrite", graph), "-o", "--plan-only")
+    assert_one_line_error(run("rewrite", tmp_path / "missing.onnx", "-o", tmp_path / "x.onnx"), "does not exist")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert_one_line_error(run("rewrite", tmp_path / "junk.onnx", "-o", tmp_path / "x.onnx"), "not a readable ONNX")
+    out = tmp_path / "p.onnx"
+    assert run("rewrite", graph, "-o", out).exit_code == 0
+    assert_one_line_error(run("rewrite", out, "-o", tmp_path / "again.onnx"), "already holds moe:: plugin nodes")

@@ -51,7 +51,7 @@ def test_every_module_imports_without_gpu_libraries():
 def test_every_command_help_works_without_gpu_libraries():
     proc = _python(
         "from cli import main\n"
-        "for cmd in ([], ['models'], ['export'], ['validate'], ['demo'],\n"
+        "for cmd in ([], ['models'], ['export'], ['validate'], ['rewrite'], ['demo'],\n"
         "            ['inspect', 'routing'], ['sweep', 'capacity']):\n"
         "    try:\n"
         "        main(cmd + ['--help'])\n"
@@ -59,4 +59,4 @@ def test_every_command_help_works_without_gpu_libraries():
         "        assert e.code == 0, (cmd, e.code)\n"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("Usage: ") == 7
+    assert proc.stdout.count("Usage: ") == 8

@@ -76,3 +76,32 @@ def test_compare_output_flags_shape_and_nan_mismatches():
     off = a * (1 + 2e-4)
     result = compare_output("y", a, off, 1e-4)
     assert not result.passed and result.max_rel == pytest.approx(2e-4, rel=1e-3)
+
+
+def _routing_arrays(expert, slot):
+    return {
+        "routing.l.expert_index": np.array(expert, np.int32),
+        "routing.l.kept": np.array(slot) >= 0,
+        "routing.l.buffer_slot": np.array(slot, np.int32),
+    }
+
+
+def test_slot_swaps_inside_a_buffer_are_counted_but_changed_decisions_fail():
+    import torch
+
+    from exporter.parity import compare_routing
+    from exporter.routing import TopKRouting
+
+    expert = [[[0], [0], [1], [0]]]
+    slot = [[[0], [1], [0], [-1]]]
+    ref = TopKRouting(torch.tensor(expert), torch.tensor(slot), torch.ones(1, 4, 1))
+    same = compare_routing("l", ref, _routing_arrays(expert, slot), 1.0)
+    assert same.passed and same.agreement == 1.0 and same.slot_swaps == 0
+
+    swapped = compare_routing("l", ref, _routing_arrays(expert, [[[1], [0], [0], [-1]]]), 1.0)
+    assert swapped.passed and swapped.slot_swaps == 2 and swapped.agreement == 0.5 and swapped.decisions == 1.0
+
+    kept_other = compare_routing("l", ref, _routing_arrays(expert, [[[0], [-1], [0], [1]]]), 1.0)
+    assert not kept_other.passed and kept_other.kept == 0.5 and kept_other.slot_swaps == 0
+    other_expert = compare_routing("l", ref, _routing_arrays([[[0], [0], [0], [0]]], slot), 1.0)
+    assert not other_expert.passed and other_expert.expert == 0.75
