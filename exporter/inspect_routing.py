@@ -529,7 +529,7 @@ def draw_soft_moe(
             ax.imshow(heat, cmap="magma", alpha=0.75, extent=extent, interpolation="nearest", vmin=0)
             _outline(ax, display)
             expert, j = divmod(s, per_expert)
-            ax.set_title(f"slot {s} (expert {expert}.{j})\nmax dispatch {heat.max():.2f}", fontsize=7.5)
+            ax.set_title(f"slot {s}: expert {expert}, its slot {j}\nmax dispatch {heat.max():.2f}", fontsize=7.5)
             titles.append(f"{layer} | slot {s}")
             stats.append(
                 {
