@@ -58,7 +58,8 @@ def test_export_then_validate_with_json_report(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["passed"] and data["batch"] == 4 and len(data["routing"]) == 2
-    assert "100.00%" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("blocks.1.mlp"))
+    assert row.split()[2:6] == ["100%"] * 4 and row.split()[6] == "0"  # expert, kept, slot, all; no slot swaps
 
 
 def test_validate_exits_1_when_parity_fails(tmp_path):
