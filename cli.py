@@ -76,6 +76,14 @@ def _write_json(dest: str, data) -> None:
         write_json(dest, data)
 
 
+def _emit(result, printer, json_out: str | None) -> None:
+    """The human-readable report (unless JSON goes to stdout), then the JSON report if asked for."""
+    if json_out != "-":
+        printer(result)
+    if json_out:
+        _write_json(json_out, result.to_dict())
+
+
 def model_options(f):
     """--model / --module / --input-shape / --checkpoint / --seed and the V-MoE routing overrides."""
     options = [
@@ -224,10 +232,7 @@ def export(
     with step(f"Building {src.name}"):
         loaded = load(src)
     result = export_onnx(loaded, output, opset=opset, routing_outputs=routing_outputs, step=step)
-    if json_out != "-":
-        _print_export(result)
-    if json_out:
-        _write_json(json_out, result.to_dict())
+    _emit(result, _print_export, json_out)
 
 
 def _print_export(result) -> None:
@@ -274,10 +279,7 @@ def rewrite(graph, output, plan_only, seed, json_out):
     if not plan_only and not output:
         raise UserError("give -o OUT.onnx, or --plan-only to write nothing")
     result = rewrite_onnx(graph, None if plan_only else output, plan_only=plan_only, seed=seed, step=step)
-    if json_out != "-":
-        _print_rewrite(result)
-    if json_out:
-        _write_json(json_out, result.to_dict())
+    _emit(result, _print_rewrite, json_out)
 
 
 def _print_rewrite(result) -> None:
@@ -373,10 +375,7 @@ def validate(
         step=step,
         header=header,
     )
-    if json_out != "-":
-        _print_report(report)
-    if json_out:
-        _write_json(json_out, report.to_dict())
+    _emit(report, _print_report, json_out)
     if not report.passed:
         raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")
 

@@ -42,8 +42,9 @@ import onnx_graphsurgeon as gs
 from exporter import settings
 from exporter.errors import UserError
 from exporter.fileio import atomic_dir
+from plugins import NAMESPACE
+from plugins.onnx_function import PARSER_ATTRIBUTES
 
-NAMESPACE = "moe"
 REWRITE_KEY = "moe_export.rewrite"
 VMOE_PLUGINS = ("TopKRoute", "TopKDispatch", "TopKCombine")
 SOFT_PLUGINS = ("SoftRoute", "SoftDispatch", "SoftCombine")
@@ -244,10 +245,10 @@ def _probe(path: Path, proto: onnx.ModelProto, names: set[str], seed: int) -> di
 
 
 def _close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4) -> bool:
-    if actual.shape != expected.shape or not np.issubdtype(actual.dtype, np.floating):
-        return False
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
-    return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) <= rtol * scale
+    """Float values equal to ``expected`` within ``rtol`` of its scale (the parity check's measure)."""
+    from exporter.parity import compare_output
+
+    return np.issubdtype(actual.dtype, np.floating) and compare_output("probe", expected, actual, rtol).passed
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -279,8 +280,8 @@ class _VMoEMatch:
             self.regions[part] = nodes
         routing = self.regions["routing"]
         inside = set(map(id, routing))
-        argmax = [n for n in routing if n.op == "ArgMax" and _producer(n.inputs[0]) not in routing]
-        gates = {id(n.inputs[0]): n.inputs[0] for n in argmax if id(_producer(n.inputs[0])) not in inside}
+        argmax = [n for n in routing if n.op == "ArgMax" and id(_producer(n.inputs[0])) not in inside]
+        gates = {id(n.inputs[0]): n.inputs[0] for n in argmax}
         if len(gates) != 1:
             raise _Decline(
                 f"expected one router-probability tensor read by ArgMax in {layer}.routing, found {len(gates)}"
@@ -410,7 +411,7 @@ def _onnx_dtype(t: gs.Variable) -> int:
 
 
 def _plugin(graph: gs.Graph, node: PluginNode, inputs: list, outputs: list, name: str) -> None:
-    attrs = {**node.attrs, "plugin_namespace": NAMESPACE, "aot": 1}
+    attrs = {**node.attrs, **PARSER_ATTRIBUTES}
     graph.layer(op=node.plugin, name=name, domain=NAMESPACE, inputs=inputs, outputs=outputs, attrs=attrs)
 
 
@@ -421,7 +422,6 @@ class _SoftMatch:
     """Two Softmax nodes over one logits tensor, each feeding a MatMul/Einsum mix."""
 
     def __init__(self, graph: gs.Graph, scopes: dict[str, str], dispatch_sm: gs.Node, combine_sm: gs.Node):
-        self.graph = graph
         logits = combine_sm.inputs[0]
         if logits.shape is None or len(logits.shape) != 3 or combine_sm.attrs.get("axis", -1) not in (-1, 2):
             raise _Decline("no softmax normalises the last axis of a [B, m, S] logits tensor (the combine)")

@@ -6,16 +6,9 @@ import importlib
 
 import onnx
 
-_MODULES = {
-    "TopKRoute": "topk_route",
-    "TopKDispatch": "topk_dispatch",
-    "TopKCombine": "topk_combine",
-    "SoftRoute": "soft_route",
-    "SoftDispatch": "soft_dispatch",
-    "SoftCombine": "soft_combine",
-}
+from plugins import FOLDERS
 
 
 def local_function(name: str) -> onnx.FunctionProto:
     """The FunctionProto (domain ``moe``) holding ``name``'s standard-op decomposition."""
-    return importlib.import_module(f"plugins.{_MODULES[name]}.function").function()
+    return importlib.import_module(f"plugins.{FOLDERS[name]}.function").function()

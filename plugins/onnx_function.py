@@ -11,7 +11,9 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-DOMAIN = "moe"
+from plugins.spec import NAMESPACE
+
+DOMAIN = NAMESPACE
 OPSET = 18
 # Attributes every plugin node carries for TensorRT's ONNX parser; declared on the function too, with
 # defaults, so that checkers and runtimes see a complete signature.

@@ -7,6 +7,8 @@ import importlib.util
 
 from plugins import FOLDERS, SPECS
 
+_registered: set[str] = set()  # TensorRT's registry is per process: register each plugin once
+
 
 def register_all() -> list[str]:
     """Imports each ``plugins/<op>/trt.py`` and registers its plugin; returns the plugin ids.
@@ -23,5 +25,7 @@ def register_all() -> list[str]:
     if not hasattr(trt, "QuickPluginCreationRequest"):
         raise RuntimeError(f"TensorRT {trt.__version__} lacks AOT Python plugins; need >= 10.9")
     for folder in FOLDERS.values():
-        importlib.import_module(f"plugins.{folder}.trt").register()
+        if folder not in _registered:
+            importlib.import_module(f"plugins.{folder}.trt").register()
+            _registered.add(folder)
     return [SPECS[name].id for name in FOLDERS]

@@ -4,14 +4,9 @@ The only module of this plugin that imports tensorrt, inside :func:`register`. N
 import annotations`` here: TensorRT reads the decorated functions' annotations as types.
 """
 
-_REGISTERED = False
-
 
 def register() -> None:
-    """Registers the plugin with TensorRT (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Registers the plugin with TensorRT (call once per process: ``plugins.register.register_all``)."""
     import tensorrt.plugin as trtp
 
     from plugins import qdp
@@ -57,5 +52,3 @@ def register() -> None:
         with qdp.on_stream(stream):
             out = qdp.torch_view(outputs[0])
             kernels.launch(qdp.torch_view(slot_out), qdp.torch_view(combine), num_experts, expert_major, out=out)
-
-    _REGISTERED = True

@@ -4,14 +4,9 @@ The only module of this plugin that imports tensorrt, inside :func:`register`. N
 import annotations`` here: TensorRT reads the decorated functions' annotations as types.
 """
 
-_REGISTERED = False
-
 
 def register() -> None:
-    """Registers the plugin with TensorRT (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Registers the plugin with TensorRT (call once per process: ``plugins.register.register_all``)."""
     import tensorrt.plugin as trtp
 
     from plugins import qdp
@@ -55,5 +50,3 @@ def register() -> None:
         with qdp.on_stream(stream):
             views = [qdp.torch_view(t) for t in (expert_out, slot, weight)]
             kernels.launch(*views, capacity, out=qdp.torch_view(outputs[0]))
-
-    _REGISTERED = True

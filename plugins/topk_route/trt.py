@@ -4,14 +4,9 @@ The only module of this plugin that imports tensorrt, inside :func:`register`. N
 import annotations`` here: TensorRT reads the decorated functions' annotations as types.
 """
 
-_REGISTERED = False
-
 
 def register() -> None:
-    """Registers the plugin with TensorRT (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Registers the plugin with TensorRT (call once per process: ``plugins.register.register_all``)."""
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
@@ -60,5 +55,3 @@ def register() -> None:
         with qdp.on_stream(stream):
             outs = tuple(qdp.torch_view(t) for t in outputs)
             kernels.launch(qdp.torch_view(gates), k, capacity, batch_priority, out=outs)
-
-    _REGISTERED = True
