@@ -38,6 +38,13 @@ SWEEP_EXPORT_BATCH_GROUPS = 2  # routing groups in the tracing example of each s
 FIGURE_DPI = 100
 
 
+# --- Benchmark (moe-export bench) ---------------------------------------------------------------
+BENCH_WARMUP = 2  # untimed runs per backend before the timed ones
+BENCH_RUNS = 10  # timed runs per backend: median and p90 (nearest rank) over these
+BENCH_BATCH_GROUPS = 1  # V-MoE: routing groups per benchmark batch
+BENCH_BATCH_IMAGES = 8  # Soft-MoE and models without routing groups
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """Pass criteria of a parity check.
@@ -55,3 +62,20 @@ class Tolerances:
 
 FP32_TOLERANCES = Tolerances(rtol=1e-4, routing_agreement=1.0)
 TOLERANCES = {"fp32": FP32_TOLERANCES}
+
+
+# --- Triton Inference Server (exporter/triton_repo.py) --------------------------------------------
+TRITON_MAX_QUEUE_DELAY_US = 100  # dynamic batcher: longest wait for more requests to fill a batch
+TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its halvings, this many (32 -> 16, 32)
+
+
+# --- TensorRT engines and deploy bundles -----------------------------------------------------------
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl: engines that run without Python
+DEFAULT_PRECISION = "fp32"
+DEFAULT_PTX_TARGETS = (87, 90)  # Jetson Orin (sm_87) and Hopper H100/H200 (sm_90)
+BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IMAGES images in the sample inputs
+# Reduced precision keeps the router and routing math in FP32; the tokens around it are not, so an
+# expert choice can flip where two gates are within the error: a small shortfall is allowed.
+FP16_TOLERANCES = Tolerances(rtol=5e-2, routing_agreement=0.99)
+BF16_TOLERANCES = Tolerances(rtol=1e-1, routing_agreement=0.98)
+TOLERANCES.update(fp16=FP16_TOLERANCES, bf16=BF16_TOLERANCES)
