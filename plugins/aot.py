@@ -30,6 +30,7 @@ __all__ = [
     "compiled_kernel",
     "current_arch",
     "load_precompiled",
+    "node_recipes",
 ]
 
 #: PTX ISA 8.5 (CUDA 12.5): loadable by the drivers of JetPack 6 and of current datacenter GPUs.
@@ -95,6 +96,19 @@ def kernel_for(recipe: KernelRecipe):
         if recipe.kernel == f"{folder}_kernel":
             return importlib.import_module(f"plugins.{folder}.kernels").kernel(recipe.kernel)
     raise KeyError(f"no plugin kernel named {recipe.kernel!r}")
+
+
+def node_recipes(op: str, shapes, attrs: Mapping, dtypes: Iterable[str] = ("float32", "float16")) -> list[KernelRecipe]:
+    """Every kernel variant TensorRT may ask of one plugin node: one per token dtype its autotune
+    offers (those of the spec's first input among ``dtypes``), from the node's input shapes and
+    attributes (``plugin_namespace``, ``aot`` and other parser attributes are ignored)."""
+    from plugins import FOLDERS, SPECS
+
+    spec = SPECS[op]
+    kernels = importlib.import_module(f"plugins.{FOLDERS[op]}.kernels")
+    args = {name: attrs[name] for name in spec.attribute_names}
+    variants = [d for d in spec.inputs[0].dtypes if d in tuple(dtypes)]
+    return [kernels.node_recipe(shapes, dtype, **args) for dtype in variants]
 
 
 def compile_recipe(recipe: KernelRecipe, arch: int, ptx_version: int | None = DEFAULT_PTX_VERSION) -> CompiledPTX:

@@ -43,16 +43,6 @@ def aot_result(recipe: KernelRecipe):
     return compiled.name, compiled.ptx, launch, extra
 
 
-def static(dim, what: str) -> int:
-    """A build-time dimension's value, or a clear error."""
-    from plugins.recipe import static_dim
-
-    value = static_dim(dim)
-    if value is None:
-        raise ValueError(f"{what} must be static (a build-time constant) for the AOT kernel")
-    return value
-
-
 def torch_view(tensor):
     """A zero-copy torch view of a ``trtp.Tensor`` on the GPU."""
     import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KernelRecipe", "cdiv", "next_pow2", "static_dim"]
+__all__ = ["KernelRecipe", "cdiv", "next_pow2", "require_static", "static_dim"]
 
 #: Triton pointer types of the tensor dtypes the kernels take. The plugins advertise float32 and float16
 #: token tensors; bfloat16 is a kernel-level extra (benchmarks, torch callers).
@@ -34,6 +34,14 @@ def static_dim(dim) -> int | None:
     if getattr(dim, "is_fake", False) or not getattr(dim, "is_constant", False):
         return None
     return int(dim.constant_value())
+
+
+def require_static(dim, what: str) -> int:
+    """A build-time dimension's value, or a ValueError naming ``what``."""
+    value = static_dim(dim)
+    if value is None:
+        raise ValueError(f"{what} must be static (a build-time constant) for the AOT kernel")
+    return value
 
 
 @dataclass(frozen=True)

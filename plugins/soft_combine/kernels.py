@@ -13,7 +13,7 @@ import functools
 import torch
 
 from plugins.launch import dtype_name, run
-from plugins.recipe import KernelRecipe, cdiv, next_pow2, static_dim
+from plugins.recipe import KernelRecipe, cdiv, next_pow2, require_static, static_dim
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -89,6 +89,14 @@ def recipe(dtype: str, images, tokens, dim, slots, num_experts: int, expert_majo
         grid=(images, cdiv(tokens, 64), cdiv(dim, block_d)),
         num_warps=4,
     )
+
+
+def node_recipe(shapes, dtype: str, num_experts: int, expert_major: int) -> KernelRecipe:
+    """The recipe of a ``SoftCombine`` node from its input shapes (slot_out, combine), token dtype
+    and attributes: what ``aot_impl`` compiles and what a deploy bundle precompiles."""
+    images, tokens, slots = shapes[1]
+    slots = require_static(slots, "SoftCombine's number of slots")
+    return recipe(dtype, images, tokens, shapes[0][2], slots, num_experts, expert_major)
 
 
 def kernel(name: str = "soft_combine_kernel"):

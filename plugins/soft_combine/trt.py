@@ -34,11 +34,9 @@ def register() -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        images, tokens, slots = combine.shape_expr
-        slots = qdp.static(slots, "SoftCombine's number of slots")
+        shapes = (slot_out.shape_expr, combine.shape_expr)
         dtype = qdp.dtype_name(slot_out.dtype)
-        plan = kernels.recipe(dtype, images, tokens, slot_out.shape_expr[2], slots, num_experts, expert_major)
-        return qdp.aot_result(plan)
+        return qdp.aot_result(kernels.node_recipe(shapes, dtype, num_experts, expert_major))
 
     @trtp.impl("moe::SoftCombine")
     def soft_combine_impl(

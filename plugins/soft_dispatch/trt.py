@@ -36,10 +36,8 @@ def register() -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        images, tokens, dim = x.shape_expr
-        slots = qdp.static(dispatch.shape_expr[2], "SoftDispatch's number of slots")
-        plan = kernels.recipe(qdp.dtype_name(x.dtype), images, tokens, dim, slots, num_experts, expert_major)
-        return qdp.aot_result(plan)
+        shapes = (x.shape_expr, dispatch.shape_expr)
+        return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(x.dtype), num_experts, expert_major))
 
     @trtp.impl("moe::SoftDispatch")
     def soft_dispatch_impl(

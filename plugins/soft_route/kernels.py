@@ -12,7 +12,7 @@ import functools
 import torch
 
 from plugins.launch import run
-from plugins.recipe import KernelRecipe, next_pow2, static_dim
+from plugins.recipe import KernelRecipe, next_pow2, require_static, static_dim
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -80,6 +80,14 @@ def recipe(images, tokens, slots) -> KernelRecipe:
         grid=(images, 1, 1),
         num_warps=8,
     )
+
+
+def node_recipe(shapes, dtype: str) -> KernelRecipe:
+    """The recipe of a ``SoftRoute`` node from its input shape (logits, always float32): what
+    ``aot_impl`` compiles and what a deploy bundle precompiles."""
+    images, tokens, slots = shapes[0]
+    require_static(slots, "SoftRoute's number of slots (last logits dimension)")
+    return recipe(images, tokens, slots)
 
 
 def kernel(name: str = "soft_route_kernel"):

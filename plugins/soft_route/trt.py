@@ -28,9 +28,7 @@ def register() -> None:
     def soft_route_aot(
         logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        images, tokens, slots = logits.shape_expr
-        qdp.static(slots, "SoftRoute's number of slots (last logits dimension)")
-        return qdp.aot_result(kernels.recipe(images, tokens, slots))
+        return qdp.aot_result(kernels.node_recipe((logits.shape_expr,), "float32"))
 
     @trtp.impl("moe::SoftRoute")
     def soft_route_impl(logits: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:

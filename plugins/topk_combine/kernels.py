@@ -82,6 +82,13 @@ def recipe(dtype: str, groups, tokens, k, dim, capacity: int) -> KernelRecipe:
     )
 
 
+def node_recipe(shapes, dtype: str, capacity: int) -> KernelRecipe:
+    """The recipe of a ``TopKCombine`` node from its input shapes (expert_out, slot, weight), token
+    dtype and attribute: what ``aot_impl`` compiles and what a deploy bundle precompiles."""
+    groups, tokens, k = shapes[1]
+    return recipe(dtype, groups, tokens, k, shapes[0][2], capacity)
+
+
 def kernel(name: str = "topk_combine_kernel"):
     return _kernels()[name]
 

@@ -34,9 +34,8 @@ def register() -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        groups, tokens, k = slot.shape_expr
-        dtype = qdp.dtype_name(expert_out.dtype)
-        return qdp.aot_result(kernels.recipe(dtype, groups, tokens, k, expert_out.shape_expr[2], capacity))
+        shapes = (expert_out.shape_expr, slot.shape_expr, weight.shape_expr)
+        return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(expert_out.dtype), capacity))
 
     @trtp.impl("moe::TopKCombine")
     def topk_combine_impl(

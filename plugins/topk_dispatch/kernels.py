@@ -74,6 +74,13 @@ def recipe(dtype: str, groups, tokens, dim, slots, num_experts: int) -> KernelRe
     )
 
 
+def node_recipe(shapes, dtype: str, num_experts: int) -> KernelRecipe:
+    """The recipe of a ``TopKDispatch`` node from its input shapes (x, slot_token), token dtype and
+    attribute: what ``aot_impl`` compiles and what a deploy bundle precompiles."""
+    (groups, tokens, dim), (_, slots) = shapes[0], shapes[1]
+    return recipe(dtype, groups, tokens, dim, slots, num_experts)
+
+
 def kernel(name: str = "topk_dispatch_kernel"):
     return _kernels()[name]
 

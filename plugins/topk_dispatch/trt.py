@@ -28,9 +28,8 @@ def register() -> None:
     def topk_dispatch_aot(
         x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int, outputs: tuple[trtp.TensorDesc], tactic: int
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        groups, tokens, dim = x.shape_expr
-        dtype = qdp.dtype_name(x.dtype)
-        return qdp.aot_result(kernels.recipe(dtype, groups, tokens, dim, slot_token.shape_expr[1], num_experts))
+        shapes = (x.shape_expr, slot_token.shape_expr)
+        return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(x.dtype), num_experts))
 
     @trtp.impl("moe::TopKDispatch")
     def topk_dispatch_impl(

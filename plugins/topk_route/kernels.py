@@ -19,7 +19,7 @@ import functools
 import torch
 
 from plugins.launch import run
-from plugins.recipe import KernelRecipe, next_pow2
+from plugins.recipe import KernelRecipe, next_pow2, require_static
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -140,6 +140,14 @@ def recipe(groups, tokens, num_experts: int, k: int, capacity: int, batch_priori
         grid=(groups, 1, 1),
         num_warps=4,
     )
+
+
+def node_recipe(shapes, dtype: str, k: int, capacity: int, batch_priority: int) -> KernelRecipe:
+    """The recipe of a ``TopKRoute`` node from its input shapes (ints or ShapeExprs) and attributes:
+    what ``aot_impl`` compiles and what a deploy bundle precompiles (gates are always float32)."""
+    groups, tokens, experts = shapes[0]
+    num_experts = require_static(experts, "TopKRoute's number of experts (last gates dimension)")
+    return recipe(groups, tokens, num_experts, k, capacity, batch_priority)
 
 
 def kernel(name: str = "topk_route_kernel"):

@@ -39,9 +39,7 @@ def register() -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        groups, tokens, experts = gates.shape_expr
-        num_experts = qdp.static(experts, "TopKRoute's number of experts (last gates dimension)")
-        return qdp.aot_result(kernels.recipe(groups, tokens, num_experts, k, capacity, batch_priority))
+        return qdp.aot_result(kernels.node_recipe((gates.shape_expr,), "float32", k, capacity, batch_priority))
 
     @trtp.impl("moe::TopKRoute")
     def topk_route_impl(

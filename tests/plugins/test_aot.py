@@ -177,3 +177,28 @@ def test_register_all_says_tensorrt_is_missing():
 
     with pytest.raises(RuntimeError, match="TensorRT is not installed"):
         register_all()
+
+
+NODES = {  # the same launches as RECIPES, described as plugin nodes: input shapes and attributes
+    "TopKRoute": ([(G, S, E)], {"k": K, "capacity": C, "batch_priority": 1}, "float32"),
+    "TopKDispatch": ([(G, S, D), (G, E * C)], {"num_experts": E}, "float16"),
+    "TopKCombine": ([(E, G * C, D), (G, S, K), (G, S, K)], {"capacity": C}, "float32"),
+    "SoftRoute": ([(B, M, N)], {}, "float32"),
+    "SoftDispatch": ([(B, M, DS), (B, M, N)], {"num_experts": N, "expert_major": 1}, "float16"),
+    "SoftCombine": ([(N, B, DS), (B, M, N)], {"num_experts": N, "expert_major": 0}, "float32"),
+}
+
+
+@pytest.mark.parametrize("op", list(NODES))
+def test_node_recipes_are_what_aot_impl_asks_for(op):
+    """A bundle precompiles ``node_recipes`` from node shapes; the aot_impl builds the same recipe
+    from TensorRT's shapes, so the precompiled variant is the one found at build time."""
+    shapes, attrs, dtype = NODES[op]
+    variants = aot.node_recipes(op, shapes, {**attrs, "plugin_namespace": "moe", "aot": 1})
+    assert RECIPES[op].key() in {r.key() for r in variants}
+    assert {r.key() for r in variants} == {r.key() for r in aot.node_recipes(op, shapes, attrs)}
+    token_dtypes = {"TopKRoute": 1, "SoftRoute": 1}.get(op, 2)  # routers take float32 only
+    assert len(variants) == token_dtypes
+    chosen = next(r for r in variants if r.key() == RECIPES[op].key())
+    assert chosen.grid == RECIPES[op].grid and chosen.scalar_values == RECIPES[op].scalar_values
+    assert chosen.inputs[0][1] == dtype
