@@ -169,6 +169,96 @@ def make_inputs(
     return name, array
 
 
+@dataclass
+class Reference:
+    """PyTorch's answer on one input batch: what every backend is compared against."""
+
+    model: str
+    input_name: str
+    images: np.ndarray
+    outputs: list[np.ndarray]  # the model's flat outputs, in order
+    routing: dict[str, TopKRouting]
+    seed: int | None  # None when the images came from a file
+
+    def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
+        names = [o.name for o in header.graph.output]
+        plain = [n for n in names if not n.startswith(ROUTING_PREFIX)]
+        named = dict(zip(plain, self.outputs))
+        for layer, r in self.routing.items():
+            expert, kept, slot = routing_output_names(layer)
+            named.update({expert: r.expert.numpy().astype(np.int32), kept: r.slot.numpy() >= 0})
+            named[slot] = r.slot.numpy().astype(np.int32)
+        return {n: named[n] for n in names if n in named}
+
+
+def reference_run(
+    source: ModelSource,
+    header: onnx.ModelProto,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> Reference:
+    """Builds the PyTorch model and runs it on seeded random images (or ``inputs_npz``) shaped for the graph."""
+    with step(f"Building {source.name} in PyTorch"):
+        loaded = load(source)
+    name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
+    with step(f"Running PyTorch on {images.shape[0]} images"):
+        expected, routing = run_torch(loaded.module, images)
+    del loaded  # big models: free PyTorch's copy of the weights before another runtime loads its own
+    gc.collect()
+    return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed)
+
+
+def compare_to_reference(
+    reference: Reference,
+    actual: dict[str, np.ndarray],
+    header: onnx.ModelProto,
+    *,
+    graph: str,
+    backend: str,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    start: float | None = None,
+) -> ParityReport:
+    """Outputs within tolerance and, for every V-MoE layer the graph exposes, the same routing decisions."""
+    expected, routing, source = reference.outputs, reference.routing, reference.model
+    plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
+    if len(plain) != len(expected):
+        raise UserError(
+            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source}?"
+        )
+    outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
+    exposed = json.loads({p.key: p.value for p in header.metadata_props}.get(ROUTING_LAYERS_KEY, "[]"))
+    exposed = [layer for layer in exposed if all(n in actual for n in routing_output_names(layer))]
+    notes = []
+    if not routing:
+        status, checked = ROUTING_NONE, []
+    elif not exposed:
+        status, checked = ROUTING_NOT_EXPOSED, []
+        notes.append("routing not compared: export with --routing-outputs to check routing decisions")
+    else:
+        status = ROUTING_CHECKED
+        missing = sorted(set(routing) - set(exposed))
+        if missing:
+            raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source}?")
+        checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    return ParityReport(
+        model=source,
+        graph=graph,
+        backend=backend,
+        batch=int(reference.images.shape[0]),
+        seed=reference.seed,
+        tolerances=asdict(tolerances),
+        outputs=outputs,
+        routing=checked,
+        routing_status=status,
+        seconds=time.perf_counter() - start if start is not None else 0.0,
+        notes=notes,
+    )
+
+
 def validate_onnx(
     graph_path: str | Path,
     source: ModelSource | None = None,
@@ -195,49 +285,53 @@ def validate_onnx(
     start = time.perf_counter()
     header = header if header is not None else read_onnx_header(graph_path)
     source = source_of(graph_path, header, source)
-    with step(f"Building {source.name} in PyTorch"):
-        loaded = load(source)
-    name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
-    with step(f"Running PyTorch on {images.shape[0]} images"):
-        expected, routing = run_torch(loaded.module, images)
-    del loaded  # big models: free PyTorch's copy of the weights before ONNX Runtime loads its own
-    gc.collect()
+    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
     with step("Running ONNX Runtime (CPU)"):
-        actual = run_onnxruntime(graph_path, {name: images})
-
-    plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
-    if len(plain) != len(expected):
-        raise UserError(
-            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source.name}?"
-        )
-    outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
-    exposed = json.loads({p.key: p.value for p in header.metadata_props}.get(ROUTING_LAYERS_KEY, "[]"))
-    exposed = [layer for layer in exposed if all(n in actual for n in routing_output_names(layer))]
-    notes = []
-    if not routing:
-        status, checked = ROUTING_NONE, []
-    elif not exposed:
-        status, checked = ROUTING_NOT_EXPOSED, []
-        notes.append("routing not compared: export with --routing-outputs to check routing decisions")
-    else:
-        status = ROUTING_CHECKED
-        missing = sorted(set(routing) - set(exposed))
-        if missing:
-            raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source.name}?")
-        checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
-    return ParityReport(
-        model=source.name,
-        graph=str(graph_path),
-        backend="onnxruntime-cpu",
-        batch=int(images.shape[0]),
-        seed=None if inputs_npz else seed,
-        tolerances=asdict(tolerances),
-        outputs=outputs,
-        routing=checked,
-        routing_status=status,
-        seconds=time.perf_counter() - start,
-        notes=notes,
+        actual = run_onnxruntime(graph_path, {reference.input_name: reference.images})
+    return compare_to_reference(
+        reference, actual, header, graph=str(graph_path), backend="onnxruntime-cpu", tolerances=tolerances, start=start
     )
 
 
-__all__ = ["validate_onnx", "ParityReport", "OutputParity", "RoutingParity"]
+def validate_engine(
+    engine_path: str | Path,
+    graph_path: str | Path,
+    source: ModelSource | None = None,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> ParityReport:
+    """Runs PyTorch and a TensorRT engine on the same inputs and compares outputs and routing.
+
+    ``graph_path`` is the ONNX graph the engine was built from: it names the inputs, outputs and the
+    V-MoE layers whose routing the engine exposes, and records the model.
+    """
+    from exporter.engine import EngineRunner, require_tensorrt
+
+    require_tensorrt("validating an engine")
+    start = time.perf_counter()
+    header = read_onnx_header(graph_path)
+    source = source_of(graph_path, header, source)
+    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
+    with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
+        actual = runner.infer({reference.input_name: reference.images})
+    order = [o.name for o in header.graph.output]
+    actual = {n: actual[n] for n in order if n in actual}
+    return compare_to_reference(
+        reference, actual, header, graph=str(engine_path), backend="tensorrt", tolerances=tolerances, start=start
+    )
+
+
+__all__ = [
+    "OutputParity",
+    "ParityReport",
+    "Reference",
+    "RoutingParity",
+    "compare_to_reference",
+    "reference_run",
+    "validate_engine",
+    "validate_onnx",
+]
