@@ -690,5 +690,95 @@ def sweep_capacity(
         raise CheckFailed("the exported graph does not match PyTorch at some capacity factors (see the table)")
 
 
+# --- bench ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@model_options
+@click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group, or 8.")
+@click.option("--warmup", type=int, default=settings.BENCH_WARMUP, show_default=True, help="Untimed runs first.")
+@click.option("--runs", type=int, default=settings.BENCH_RUNS, show_default=True, help="Timed runs per backend.")
+@click.option(
+    "--backends",
+    default="all",
+    show_default=True,
+    help="Comma-separated: torch-eager, torch-compile, onnxruntime-cpu, onnxruntime-cuda, tensorrt, tensorrt-plugins.",
+)
+@click.option("--threads", type=int, help="PyTorch and ONNX Runtime intra-op threads. Default: every CPU core.")
+@click.option("--json", "json_out", metavar="PATH", help="Write the rows as JSON ('-' for stdout).")
+def bench(
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    batch,
+    warmup,
+    runs,
+    backends,
+    threads,
+    json_out,
+):
+    """Latency and throughput of one model on every backend this machine has: PyTorch eager,
+    torch.compile, ONNX Runtime (CPU, CUDA) and TensorRT engines of the portable and the plugin graph.
+
+    Median and p90 of the timed runs, images/s at the median, setup time (compile, export, engine
+    build) and the max relative error of each backend's output against eager. Backends the machine
+    lacks are listed as skipped with the reason; torch.compile is slow to compile on CPU (leave it
+    out with --backends).
+
+    \b
+    Examples:
+      moe-export bench --model vmoe-s32-last2-e8 --batch 8
+      moe-export bench --model soft-moe-tiny --backends torch-eager,onnxruntime-cpu --runs 20 --json -
+    """
+    from exporter.bench import bench as run_bench
+    from exporter.bench import parse_backends
+
+    names = parse_backends(backends)
+    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    report = run_bench(src, batch=batch, warmup=warmup, runs=runs, backends=names, threads=threads, step=step)
+    _emit(report, _print_bench, json_out)
+
+
+def _print_bench(report) -> None:
+    from rich.table import Table
+
+    out = _console()
+    m = report.machine
+    out.print(
+        f"[bold]{escape(report.model)}[/bold], batch {report.batch}, {report.warmup} warm-up + {report.runs} timed "
+        f"runs; {escape(m['cpu'])}, {escape(m['gpu'] or 'no GPU')}; torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, TensorRT {m['tensorrt'] or '-'}; {report.threads} threads"
+    )
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("backend", "device", "batch", "median ms", "p90 ms", "images/s", "setup s", "max rel err", "note"):
+        table.add_column(col, justify="left" if col in ("backend", "device", "note") else "right")
+    for r in report.rows:
+        note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
+        table.add_row(
+            r.backend,
+            r.device,
+            str(r.batch),
+            num(r.median_ms, ".2f"),
+            num(r.p90_ms, ".2f"),
+            num(r.images_per_s, ",.1f"),
+            num(r.setup_s, ".1f"),
+            num(r.max_rel_err, ".1e"),
+            escape(note),
+        )
+    out.print(table)
+    for note in report.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

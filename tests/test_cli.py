@@ -33,7 +33,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["models", "export", "validate", "rewrite", "demo"])
+@pytest.mark.parametrize("command", ["models", "export", "validate", "rewrite", "demo", "bench"])
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Example" in result.output
@@ -263,3 +263,31 @@ def test_rewrite_plan_only_table_and_bad_inputs(tmp_path):
     out = tmp_path / "p.onnx"
     assert run("rewrite", graph, "-o", out).exit_code == 0
     assert_one_line_error(run("rewrite", out, "-o", tmp_path / "again.onnx"), "already holds moe:: plugin nodes")
+
+
+def test_bench_prints_its_table_on_cpu():
+    args = ["--model", "soft-moe-tiny", "--batch", 2, "--runs", 3, "--warmup", 1]
+    result = run("bench", *args, "--backends", "torch-eager,onnxruntime-cpu,tensorrt")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("soft-moe-tiny, batch 2, 1 warm-up + 3 timed runs") and "threads" in lines[0]
+    assert lines[1].split()[:4] == ["backend", "device", "batch", "median"] and "max rel err" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["torch-eager", "onnxruntime-cpu", "tensorrt"]
+    for backend in ("torch-eager", "onnxruntime-cpu"):
+        cells = rows[backend]
+        assert cells[1:3] == ["cpu", "2"] and float(cells[3]) <= float(cells[4]) and float(cells[7]) < 1e-4
+    assert "skipped:" in " ".join(rows["tensorrt"]) or float(rows["tensorrt"][3]) > 0
+
+
+def test_bench_json_to_stdout_and_bad_inputs():
+    tiny = ["--model", "vmoe-tiny"]
+    result = run("bench", *tiny, "--backends", "torch-eager", "--runs", 2, "--warmup", 0, "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "vmoe-tiny" and data["batch"] == 8 and data["runs"] == 2
+    assert [r["backend"] for r in data["rows"]] == ["torch-eager"] and data["rows"][0]["status"] == "ok"
+
+    assert_one_line_error(run("bench", *tiny, "--backends", "torch-eager,tensorrt-fp8"), "unknown backend")
+    assert_one_line_error(run("bench", *tiny, "--batch", 3), "multiple of the routing group")
+    assert_one_line_error(run("bench", "--model", "vmoe-huge"), "unknown model 'vmoe-huge'")
