@@ -308,8 +308,9 @@ def _print_rewrite(result) -> None:
 
 
 @main.command()
-@click.argument("graph", type=click.Path(dir_okay=False))
+@click.argument("graph", type=click.Path())
 @model_options
+@click.option("--onnx", "engine_graph", type=click.Path(dir_okay=False), help="Engine files: the graph it came from.")
 @click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group.")
 @click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False), help="A .npz with the input images.")
 @click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of random inputs.")
@@ -339,6 +340,7 @@ def validate(
     capacity_factor,
     batch_priority,
     group_images,
+    engine_graph,
     batch,
     inputs_npz,
     input_seed,
@@ -346,19 +348,59 @@ def validate(
     min_routing_agreement,
     json_out,
 ):
-    """Check an exported graph against PyTorch: outputs and routing decisions.
+    """Check an exported graph (ONNX Runtime, CPU) or a TensorRT engine against PyTorch: outputs and
+    routing decisions.
 
-    The model defaults to the one recorded in the graph at export. Exit code 0 on parity, 1 when
-    parity fails, 2 on bad input.
+    GRAPH is an .onnx file, a bundle folder (its engine, on its sample inputs) or an .engine file (with
+    --onnx, or beside a bundle manifest). The model defaults to the one recorded in the graph at
+    export. Exit code 0 on parity, 1 when parity fails, 2 on bad input (or no TensorRT for engines).
 
     \b
     Examples:
       moe-export validate tiny.onnx
       moe-export validate my.onnx --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32
+      moe-export validate vmoe-bundle
+      moe-export validate model.engine --onnx model.plugins.onnx --batch 16
     """
     from exporter.parity import source_of, validate_onnx
     from exporter.runners import read_onnx_header
 
+    ctx = click.get_current_context()
+    if Path(graph).is_dir() or Path(graph).suffix in (".engine", ".plan"):
+        from exporter.bundle import resolve_engine
+        from exporter.parity import validate_engine
+
+        engine, onnx_graph, sample, precision = resolve_engine(graph, engine_graph)
+        header = read_onnx_header(onnx_graph)
+        recorded = None if (model or module) else source_of(onnx_graph, header, None)
+        src = _source(
+            model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, recorded
+        )
+        tolerances = settings.TOLERANCES.get(precision or "fp32", settings.FP32_TOLERANCES)
+        default = click.core.ParameterSource.DEFAULT
+        tolerances = settings.Tolerances(
+            rtol=tolerances.rtol if ctx.get_parameter_source("rtol") == default else rtol,
+            routing_agreement=tolerances.routing_agreement
+            if ctx.get_parameter_source("min_routing_agreement") == default
+            else min_routing_agreement,
+        )
+        use_sample = sample is not None and batch is None and inputs_npz is None
+        report = validate_engine(
+            engine,
+            onnx_graph,
+            src,
+            batch=batch,
+            seed=input_seed,
+            inputs_npz=str(sample) if use_sample else inputs_npz,
+            tolerances=tolerances,
+            step=step,
+        )
+        _emit(report, _print_report, json_out)
+        if not report.passed:
+            raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")
+        return
+    if engine_graph:
+        raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
     header = read_onnx_header(graph)
     recorded = None if (model or module) else source_of(graph, header, None)
     src = _source(
@@ -778,6 +820,244 @@ def _print_bench(report) -> None:
     out.print(table)
     for note in report.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+# --- build: deploy bundles and TensorRT engines ----------------------------------------------------
+
+
+def _target_list(text: str) -> list[str]:
+    targets = [t for t in text.replace(" ", "").split(",") if t]
+    if not targets:
+        raise UserError("--target needs at least one architecture, e.g. sm_87,sm_90")
+    return targets
+
+
+def _default_targets() -> str:
+    return ",".join(f"sm_{a}" for a in settings.DEFAULT_PTX_TARGETS)
+
+
+@main.group("build")
+def build_group():
+    """Make what a GPU needs: a deploy bundle (on CPU) and a TensorRT engine (TensorRT + GPU)."""
+
+
+@build_group.command("bundle")
+@model_options
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="The bundle folder.")
+@click.option(
+    "--target",
+    "targets",
+    default=_default_targets(),
+    show_default=True,
+    help="CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200).",
+)
+@click.option("--batch", type=int, help="Sample images (a multiple of the routing group). Default: one group.")
+@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
+@click.option("--json", "json_out", metavar="PATH", help="Write the bundle report as JSON ('-' for stdout).")
+def build_bundle_command(
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    output_dir,
+    targets,
+    batch,
+    input_seed,
+    json_out,
+):
+    """Model -> portable ONNX -> plugin ONNX -> CPU parity -> a deploy folder for an edge GPU.
+
+    The folder holds both graphs, the plugin package with its kernels precompiled to PTX, sample inputs
+    and PyTorch's outputs (.npz and Polygraphy JSON), manifest.json (hashes, I/O, tolerances, versions)
+    and a README with the commands to build and check the engine on the target. CPU only.
+
+    \b
+    Examples:
+      moe-export build bundle --model vmoe-s32-last2-e8 -o vmoe-bundle
+      moe-export build bundle --model soft-moe-tiny --target sm_87 -o soft-bundle --json -
+    """
+    from exporter.bundle import build_bundle
+
+    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    result = build_bundle(src, output_dir, targets=_target_list(targets), batch=batch, seed=input_seed, step=step)
+    _emit(result, _print_bundle, json_out)
+
+
+def _print_bundle(result) -> None:
+    out = _console()
+    size = sum(f["bytes"] for f in result.files.values())
+    out.print(
+        f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB "
+        f"({result.seconds:.1f}s)"
+    )
+    counts = ", ".join(f"{n} {p}" for p, n in result.plugins.items()) or "no plugin nodes"
+    out.print(f"  plugins: {counts}; {result.ptx_kernels} kernel variants as PTX for {', '.join(result.targets)}")
+    for name, p in result.parity.items():
+        routing = (
+            p["routing"] if p["routing_decisions"] is None else f"routing decisions {_share(p['routing_decisions'])}"
+        )
+        out.print(
+            f"  {escape(name)} vs PyTorch ({p['backend']}, batch {p['batch']}): max rel err "
+            f"{p['max_rel_err']:.2g}, {routing} {_mark(p['passed'])}"
+        )
+    for layer in result.declined:
+        out.print(f"[yellow]declined[/yellow] {escape(layer['layer'])}: {escape(layer['reason'])}")
+    for note in result.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    out.print(f"next, on the target: moe-export build engine {escape(str(result.path))}  (see its README.md)")
+
+
+def _progress():
+    """Prints each TensorRT build phase once, when it starts."""
+    err = _console(stderr=True)
+    seen = set()
+
+    def report(text: str) -> None:
+        phase = text.rsplit(" (", 1)[0]
+        if phase not in seen:
+            seen.add(phase)
+            err.print(f"[dim]  {escape(text)}[/dim]")
+
+    return report
+
+
+@build_group.command("engine")
+@click.argument("source_path", required=False, type=click.Path(exists=True))
+@model_options
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="The bundle folder (written first for --model/--module; default: SOURCE when it is a bundle).",
+)
+@click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32, TF32 off (default; exact parity).")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 with the router and routing math in FP32.")
+@click.option("--bf16", "precision", flag_value="bf16", help="BF16 with the router and routing math in FP32.")
+@click.option("--min-batch", type=int, help="Smallest batch of the optimization profile (default: one group).")
+@click.option("--opt-batch", type=int, help="Batch TensorRT optimizes for (default: the max batch).")
+@click.option("--max-batch", type=int, help="Largest batch of the optimization profile (default: the opt batch).")
+@click.option("--workspace", "workspace_mib", type=int, metavar="MIB", help="Workspace memory pool limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, read and updated.")
+@click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")
+@click.option("--portable", is_flag=True, help="Build from the portable graph (no plugins).")
+@click.option("--target", "targets", default=_default_targets(), show_default=True, help="PTX targets of the bundle.")
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False),
+    help="Also write a Triton Inference Server model-repository entry (model.plan + config.pbtxt).",
+)
+@click.option("--json", "json_out", metavar="PATH", help="Write the build and parity report as JSON ('-' for stdout).")
+def build_engine_command(
+    source_path,
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    output_dir,
+    precision,
+    min_batch,
+    opt_batch,
+    max_batch,
+    workspace_mib,
+    timing_cache,
+    opt_level,
+    portable,
+    targets,
+    triton_repo,
+    json_out,
+):
+    """Build a TensorRT engine and check it against PyTorch, routing decisions included.
+
+    From a zoo model or user module (the deploy bundle is written first, on CPU), a bundle, or an
+    exported .onnx (the engine goes to -o DIR, validated against the model the graph records).
+    Registers the moe:: plugins (AOT, precompiled PTX from the bundle), builds model.engine in the
+    bundle, checks with the engine inspector that every plugin node became a plugin layer, and
+    validates the engine on the bundle's sample inputs. Exit 0 on parity, 1 when parity fails, 2 on bad
+    input or without TensorRT (the bundle is kept).
+
+    \b
+    Examples:
+      moe-export build engine --model vmoe-s32-last2-e8 -o vmoe-bundle
+      moe-export build engine vmoe-bundle --fp16 --max-batch 32 --timing-cache trt.cache
+      moe-export build engine vmoe-bundle --triton-repo model_repository
+    """
+    import shutil
+
+    from exporter.bundle import build_bundle, build_bundle_engine, build_onnx_engine, is_bundle, triton_entry
+    from exporter.engine import EngineOptions, TensorRTUnavailable
+
+    options = EngineOptions(precision, min_batch, opt_batch, max_batch, workspace_mib, timing_cache, opt_level)
+    options.check()
+    if triton_repo and source_path and not is_bundle(source_path):
+        raise UserError("--triton-repo needs a bundle (its manifest names the inputs and outputs)")
+    if model or module:
+        if source_path:
+            raise UserError("give a bundle folder or --model/--module, not both")
+        if not output_dir:
+            raise UserError("give -o DIR: the bundle folder to write")
+        src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+        result = build_bundle(src, output_dir, targets=_target_list(targets), step=step)
+        _print_bundle(result)
+        bundle = Path(output_dir)
+    elif source_path and is_bundle(source_path):
+        bundle = Path(source_path)
+        if output_dir and Path(output_dir).resolve() != bundle.resolve():
+            if Path(output_dir).exists():
+                raise UserError(f"{output_dir} exists; -o must be a new folder for a copy of {bundle}")
+            shutil.copytree(bundle, output_dir)
+            bundle = Path(output_dir)
+    elif source_path and Path(source_path).suffix == ".onnx":
+        bundle = None
+        if not output_dir:
+            raise UserError("give -o DIR: the folder for the engine")
+    elif source_path:
+        raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
+    else:
+        raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
+    if bundle is None:
+        built = build_onnx_engine(source_path, output_dir, options, step=step, progress=_progress())
+    else:
+        try:
+            built = build_bundle_engine(bundle, options, portable=portable, step=step, progress=_progress())
+        except TensorRTUnavailable as e:
+            raise TensorRTUnavailable(
+                f"{e}. The bundle in {bundle} is complete: build its engine on the target"
+            ) from None
+    entry = None
+    if triton_repo:
+        entry = triton_entry(bundle, triton_repo, max_batch=built.build.batch["max"])
+    if json_out != "-":
+        out = _console()
+        b = built.build
+        plugins = ", ".join(f"{n} {op}" for op, n in b.plugin_layers.items()) or "none"
+        out.print(
+            f"wrote [bold]{escape(str(b.path))}[/bold] ({b.size_bytes / 2**20:,.1f} MiB, TensorRT {b.tensorrt}, "
+            f"{b.precision}, batch {b.batch['min']}-{b.batch['max']}, {b.layers} layers; plugin layers: {plugins}; "
+            f"{b.seconds:.1f}s)"
+        )
+        for note in b.notes:
+            out.print(f"[yellow]note:[/yellow] {escape(note)}")
+        _print_report(built.parity)
+        if entry is not None:
+            out.print(f"wrote Triton Inference Server entry [bold]{escape(str(entry.path))}[/bold]")
+            for note in entry.notes:
+                out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if json_out:
+        data = built.to_dict()
+        data["triton"] = entry.to_dict() if entry is not None else None
+        _write_json(json_out, data)
+    if not built.passed:
+        raise CheckFailed(f"the engine in {bundle} does not match PyTorch (see the table above)")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class BenchRow:
     note: str = ""
     max_rel_err: float | None = None
     device: str = "cpu"
+    busy_elsewhere: float | None = None  # share of the CPUs other processes used during the timed runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +132,33 @@ def time_runs(fn: Callable[[], object], warmup: int, runs: int) -> tuple[list[fl
         result = fn()
         times.append(time.perf_counter() - start)
     return times, result
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) where /proc/stat exists."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def busy_elsewhere(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """``fn()`` and the share of all CPUs that other processes used meanwhile (None where unknown).
+
+    PyTorch's OpenMP threads wait for each other at every op, so a core taken by another process can
+    slow eager CPU inference several times over; a row says so rather than report inflated times."""
+    before, start = _cpu_seconds(), time.perf_counter()
+    result = fn()
+    after, wall = _cpu_seconds(), time.perf_counter() - start
+    if before is None or after is None or wall <= 0:
+        return result, None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return result, min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
 
 
 def max_rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -393,7 +421,9 @@ def _bench_compile(module, x, reference, sync, warmup, runs, step) -> BenchRow:
 
 def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note="") -> BenchRow:
     with step(f"Timing {backend} ({warmup} warm-up + {runs} runs)"):
-        times, last = time_runs(fn, warmup, runs)
+        (times, last), busy = busy_elsewhere(lambda: time_runs(fn, warmup, runs))
+    if busy is not None and busy >= settings.BENCH_BUSY_NOTE:
+        note = "; ".join(n for n in (note, f"busy machine: other processes used {busy:.0%} of the CPUs") if n)
     if isinstance(last, dict):  # named numpy outputs (TensorRT)
         last = next(iter(last.values()))
     elif isinstance(last, list):  # ONNX Runtime outputs
@@ -411,6 +441,7 @@ def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note=
         setup_s=setup_s,
         note=note,
         max_rel_err=max_rel_err(np.asarray(last), reference),
+        busy_elsewhere=busy,
     )
 
 

@@ -250,17 +250,20 @@ def _parity_summary(report: ParityReport) -> dict:
 
 
 def _write_samples(folder: Path, feeds: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    from polygraphy.comparator import RunResults
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.json import save_json
+    from exporter.runners import quiet_polygraphy
 
     np.savez(folder / INPUTS_NPZ, **feeds)
     np.savez(folder / REFERENCE_NPZ, **expected)
     (images,) = feeds.values()
     np.ascontiguousarray(images, dtype=np.float32).tofile(folder / INPUTS_BIN)
-    save_json([feeds], str(folder / INPUTS_JSON), description="sample inputs")
-    results = RunResults([("pytorch", [IterationResult(expected, runner_name="pytorch")])])
-    results.save(str(folder / REFERENCE_JSON))
+    with quiet_polygraphy():
+        from polygraphy.comparator import RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.json import save_json
+
+        save_json([feeds], str(folder / INPUTS_JSON), description="sample inputs")
+        results = RunResults([("pytorch", [IterationResult(expected, runner_name="pytorch")])])
+        results.save(str(folder / REFERENCE_JSON))
 
 
 def polygraphy_tolerances(expected: dict[str, np.ndarray], rtol: float) -> dict[str, float]:
@@ -626,3 +629,97 @@ def build_bundle_engine(
 
     write_json(bundle / MANIFEST, manifest)
     return BundleEngine(bundle, build, parity)
+
+
+def triton_entry(bundle: str | Path, repo: str | Path, *, max_batch: int | None = None, model_name: str | None = None):
+    """A Triton Inference Server model-repository entry for a bundle's engine (``exporter.triton_repo``).
+
+    Without an engine in the bundle the config is written alone (the entry is marked incomplete).
+    """
+    from exporter.triton_repo import IOSpec, write_triton_repo
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    engine = manifest.get("engine")
+    group = manifest["model"]["batch_multiple"]
+    if max_batch is None:
+        max_batch = engine["batch"]["max"] if engine else manifest["sample"]["batch"]
+
+    def spec(entry: dict) -> IOSpec:
+        return IOSpec(entry["name"], entry["dtype"], [d if isinstance(d, int) else None for d in entry["shape"]])
+
+    from exporter.export import ROUTING_PREFIX
+
+    name = model_name or manifest["model"]["name"].replace("/", "_").replace(":", "_")
+    plugins = "none" if engine and engine["graph"] == PORTABLE else "aot"
+    outputs = manifest["outputs"]
+    if group > 1:  # routing outputs are [groups, S, k]: their first axis is not the batch Triton splits
+        outputs = [o for o in outputs if not o["name"].startswith(ROUTING_PREFIX)]
+    entry = write_triton_repo(
+        repo,
+        name,
+        engine_path=bundle / ENGINE if engine else None,
+        inputs=[spec(e) for e in manifest["inputs"]],
+        outputs=[spec(e) for e in outputs],
+        max_batch=max_batch,
+        batch_multiple=group,
+        plugins=plugins,
+    )
+    if len(outputs) < len(manifest["outputs"]):
+        entry.notes.append(
+            "the routing outputs are not served: their first axis counts routing groups, not images "
+            "(validate routing with `moe-export validate` on the bundle)"
+        )
+    return entry
+
+
+def build_onnx_engine(
+    graph: str | Path,
+    out_dir: str | Path,
+    options=None,
+    *,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> BundleEngine:
+    """``build engine`` on an exported ONNX file: ``out_dir/<stem>.engine``, validated against the
+    model the graph records (Triton compiles plugin kernels on the spot: there is no precompiled PTX)."""
+    from exporter.engine import EngineOptions, build_engine, require_tensorrt
+    from exporter.parity import validate_engine
+    from exporter.runners import read_onnx_header
+
+    graph = Path(graph)
+    header = read_onnx_header(graph)
+    options = options or EngineOptions()
+    options.check()
+    require_tensorrt(f"building an engine from {graph}")
+    dim = header.graph.input[0].type.tensor_type.shape.dim[0]
+    group = int(dim.dim_param.split("*")[0]) if "*" in dim.dim_param else 1
+    engine = Path(out_dir) / f"{graph.stem}.engine"
+    build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)
+    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[options.precision], step=step)
+    return BundleEngine(Path(out_dir), build, parity)
+
+
+def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[Path, Path, Path | None, str | None]:
+    """(engine, the ONNX graph it was built from, sample inputs or None, precision or None) for a
+    bundle folder or an engine file (its graph from ``graph`` or from a bundle manifest beside it)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    manifest = read_manifest(folder) if is_bundle(folder) else None
+    if path.is_dir():
+        if manifest is None:
+            raise UserError(f"{path} is not a moe-export bundle (no {MANIFEST})")
+        if not manifest.get("engine") or not (path / ENGINE).is_file():
+            raise UserError(f"{path} has no engine yet: build it with `moe-export build engine {path}`")
+        engine = path / ENGINE
+    elif path.is_file():
+        engine = path
+    else:
+        raise UserError(f"{path} does not exist")
+    built = (manifest or {}).get("engine") or {}
+    if graph is None and manifest is not None and engine.name == ENGINE:
+        graph = folder / built.get("graph", PLUGINS)
+    if graph is None:
+        raise UserError(f"give --onnx GRAPH: the ONNX graph {engine.name} was built from")
+    inputs = folder / INPUTS_NPZ if manifest is not None else None
+    return engine, Path(graph), inputs, built.get("precision")

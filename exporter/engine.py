@@ -148,21 +148,23 @@ def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
 
 
 def routing_node_names(onnx_path: str | Path) -> set[str]:
-    """Names of the nodes that compute routing: V-MoE router logits, softmax, top-k, priorities and
-    capacity bookkeeping; Soft-MoE logits and the dispatch/combine softmaxes; the TopKRoute and
-    SoftRoute plugins. These layers stay FP32 in reduced-precision builds."""
+    """Names of the nodes that compute routing: everything in a MoE layer's ``router``/``routing`` scope
+    (logits, l2-normalisation, softmaxes, top-k, priorities, capacity bookkeeping), a softmax in the
+    layer's own scope (the V-MoE gates), and the TopKRoute/SoftRoute plugins. These stay FP32 in
+    reduced-precision builds."""
     import onnx
 
-    from exporter.rewrite import _node_scopes
+    from exporter.rewrite import _module_path, _node_scopes
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    scopes = _node_scopes(model)
+    scopes = {name: _module_path(scope) for name, scope in _node_scopes(model).items()}
+    routers = {p[-1] for p in scopes.values() if p and p[-1].rsplit(".", 1)[-1] in ("router", "routing")}
+    layers = {r.rsplit(".", 1)[0] for r in routers}
     names = set()
     for node in model.graph.node:
-        scope = scopes.get(node.name, "")
-        in_router = re.search(r"\.(routing|router)[:/]", scope)
-        soft_weights = node.op_type == "Softmax" and re.search(r"\.(dispatch|combine)[:/]", scope)
-        if node.op_type in ("TopKRoute", "SoftRoute") or in_router or soft_weights:
+        module = (scopes.get(node.name) or [""])[-1]
+        plugin = node.op_type in ("TopKRoute", "SoftRoute")
+        if plugin or module in routers or (node.op_type == "Softmax" and module in layers):
             names.add(node.name)
     return names
 
@@ -326,7 +328,10 @@ def build_engine(
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         progress_monitor=_monitor(progress),
     )
-    with step(f"Building the TensorRT {trt.__version__} engine ({options.precision}, batch {batch})"):
+    from exporter.runners import quiet_polygraphy
+
+    building = f"Building the TensorRT {trt.__version__} engine ({options.precision}, batch {batch})"
+    with step(building), quiet_polygraphy("WARNING"):
         try:
             engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
         except Exception as e:  # Polygraphy reports parser and builder errors as exceptions
@@ -392,12 +397,18 @@ class EngineRunner:
 
         if importlib.util.find_spec("tensorrt.plugin") is not None:
             _register_plugins()  # AOT engines need no Python; registering keeps JIT engines loadable too
+        from exporter.runners import quiet_polygraphy
+
         self._runner = TrtRunner(EngineFromBytes(self.path.read_bytes()), name=f"tensorrt:{self.path.name}")
-        self._runner.activate()
+        with quiet_polygraphy("WARNING"):
+            self._runner.activate()
         return self
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._runner.infer(feeds)
+        from exporter.runners import quiet_polygraphy
+
+        with quiet_polygraphy("WARNING"):
+            outputs = self._runner.infer(feeds)
         return {k: np.asarray(v) for k, v in outputs.items()}
 
     @property

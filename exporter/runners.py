@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,18 @@ def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str,
     except Exception as e:
         raise UserError(f"ONNX Runtime failed to run {path}: {str(e).strip().splitlines()[0][:200]}") from None
     return dict(zip(names, values))
+
+
+@contextlib.contextmanager
+def quiet_polygraphy(severity: str = "ERROR"):
+    """Polygraphy logs to stdout, which belongs to our tables and ``--json -``: only ``severity`` and
+    worse get through, without colours (and so without its hint to install a colour module)."""
+    from polygraphy.logger import G_LOGGER
+
+    colors = G_LOGGER.colors
+    G_LOGGER.colors = False
+    try:
+        with G_LOGGER.verbosity(getattr(G_LOGGER, severity)):
+            yield
+    finally:
+        G_LOGGER.colors = colors

@@ -43,6 +43,7 @@ BENCH_WARMUP = 2  # untimed runs per backend before the timed ones
 BENCH_RUNS = 10  # timed runs per backend: median and p90 (nearest rank) over these
 BENCH_BATCH_GROUPS = 1  # V-MoE: routing groups per benchmark batch
 BENCH_BATCH_IMAGES = 8  # Soft-MoE and models without routing groups
+BENCH_BUSY_NOTE = 0.1  # a row notes a busy machine when other processes took this share of the CPUs while it ran
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,9 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
 DIGITS_VMOE = Path(__file__).resolve().parents[1] / "samples" / "02_digits" / "vmoe_digits.safetensors"
 
 
-@pytest.mark.parametrize("command", [["inspect", "routing"], ["sweep", "capacity"]])
+@pytest.mark.parametrize(
+    "command", [["inspect", "routing"], ["sweep", "capacity"], ["build", "bundle"], ["build", "engine"]]
+)
 def test_routing_commands_have_help_with_an_example(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Example" in result.output
@@ -291,3 +293,41 @@ def test_bench_json_to_stdout_and_bad_inputs():
     assert_one_line_error(run("bench", *tiny, "--backends", "torch-eager,tensorrt-fp8"), "unknown backend")
     assert_one_line_error(run("bench", *tiny, "--batch", 3), "multiple of the routing group")
     assert_one_line_error(run("bench", "--model", "vmoe-huge"), "unknown model 'vmoe-huge'")
+
+
+def test_build_bundle_then_engine_without_tensorrt(tmp_path):
+    """The CPU stages run and keep their bundle; the TensorRT stage is one line and exit code 2."""
+    from exporter.engine import tensorrt_available
+
+    if tensorrt_available() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine is built (tests/exporter/test_engine.py)")
+    bundle = tmp_path / "b"
+    result = run(
+        "build", "engine", "--model", "vmoe-tiny", "--target", "sm_90", "-o", bundle, "--triton-repo", tmp_path / "r"
+    )
+    assert_one_line_error(result, "TensorRT", "install", f"The bundle in {bundle} is complete")
+    assert "routing decisions 100%" in result.stdout and "moe-export build engine" in result.stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["engine"] is None and set(manifest["files"]) >= {"model.onnx", "model.plugins.onnx", "inputs.npz"}
+    assert not (tmp_path / "r").exists()
+    assert_one_line_error(run("build", "engine", bundle), "TensorRT", "is complete")
+    assert_one_line_error(run("validate", bundle), "has no engine yet", "moe-export build engine")
+    data = json.loads(run("build", "bundle", "--model", "soft-moe-tiny", "--target", "sm_87", "-o", tmp_path / "s",
+                          "--json", "-").stdout)  # fmt: skip
+    assert data["passed"] and data["targets"] == ["sm_87"] and data["plugins"]["SoftRoute"] == 2
+
+
+def test_build_and_validate_bad_inputs(tmp_path):
+    assert_one_line_error(run("build", "engine", "--model", "vmoe-tiny"), "-o DIR")
+    assert_one_line_error(run("build", "engine"), "give a bundle folder")
+    assert_one_line_error(run("build", "engine", "--fp16", "--min-batch", 16, "--max-batch", 8, "-o", tmp_path / "x",
+                              "--model", "vmoe-tiny"), "min batch <= opt batch <= max batch")  # fmt: skip
+    (tmp_path / "notes.txt").write_text("x")
+    assert_one_line_error(run("build", "engine", tmp_path / "notes.txt", "-o", tmp_path / "e"), "neither a moe-export")
+    assert_one_line_error(run("build", "bundle", "--model", "soft-moe-tiny", "-o", tmp_path), "not a moe-export bundle")
+    assert_one_line_error(
+        run("build", "bundle", "--model", "soft-moe-tiny", "--target", "sm_x", "-o", tmp_path / "b"), "sm_x"
+    )
+    (tmp_path / "m.engine").write_bytes(b"")
+    assert_one_line_error(run("validate", tmp_path / "m.engine"), "give --onnx GRAPH")
+    assert_one_line_error(run("validate", tmp_path), "not a moe-export bundle")
