@@ -215,26 +215,41 @@ def _pin_fp32(names: set[str]):
     return apply, pinned
 
 
-def inspect_plugin_layers(engine) -> tuple[int, dict[str, int]]:
-    """(layers, {plugin op: layers}) of a deserialized engine, from the engine inspector's JSON."""
+def inspect_plugin_layers(engine, nodes: dict[str, str]) -> tuple[int, dict[str, int]]:
+    """(layers, {plugin op: plugin layers}) of a deserialized engine, from the engine inspector's JSON
+    (built with detailed profiling verbosity). A plugin layer is one whose type says plugin; it is
+    attributed to a plugin node by name (the parser names a layer after its node) or by the plugin
+    name in its details. ``nodes`` maps the graph's plugin node names to their ops."""
     import tensorrt as trt
 
-    from plugins import SPECS
-
     inspector = engine.create_engine_inspector()
-    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return count_plugin_layers(json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON)), nodes)
+
+
+def count_plugin_layers(info: dict, nodes: dict[str, str]) -> tuple[int, dict[str, int]]:
+    """The counting of :func:`inspect_plugin_layers` on the inspector's parsed JSON."""
     layers = info.get("Layers", [])
     counts: dict[str, int] = {}
     for layer in layers:
-        text = json.dumps(layer) if isinstance(layer, dict) else str(layer)
-        kind = layer.get("LayerType", "") if isinstance(layer, dict) else ""
-        if "Plugin" not in kind and "Plugin" not in text:
+        detail = layer if isinstance(layer, dict) else {"Name": str(layer)}
+        text, name = json.dumps(detail), str(detail.get("Name", ""))
+        if "Plugin" not in str(detail.get("LayerType", "")) and "Plugin" not in text:
             continue
-        for op in SPECS:
-            if re.search(rf"\b{op}\b", text):
-                counts[op] = counts.get(op, 0) + 1
-                break
+        op = next((op for node, op in nodes.items() if node in name), None)
+        op = op or next((op for op in set(nodes.values()) if op in text), None)
+        if op is not None:
+            counts[op] = counts.get(op, 0) + 1
     return len(layers), counts
+
+
+def plugin_node_names(onnx_path: str | Path) -> dict[str, str]:
+    """``{node name: plugin op}`` of the moe:: plugin nodes in a graph."""
+    import onnx
+
+    from plugins import NAMESPACE, SPECS
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return {n.name: n.op_type for n in model.graph.node if n.domain == NAMESPACE and n.op_type in SPECS}
 
 
 def _register_plugins() -> None:
@@ -338,7 +353,7 @@ def build_engine(
             reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
             raise CheckFailed(f"TensorRT could not build {onnx_path}: {reason}") from None
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(bytes(engine_bytes))
-    layers, found = inspect_plugin_layers(engine)
+    layers, found = inspect_plugin_layers(engine, plugin_node_names(onnx_path))
     missing = {op: n for op, n in expected.items() if found.get(op, 0) < n}
     if missing:
         raise CheckFailed(

@@ -178,3 +178,22 @@ def test_triton_entry_for_a_built_engine(built_bundles, tmp_path):
     entry = triton_entry(bundle, tmp_path / "repo")
     assert entry.complete and entry.dynamic_batching and entry.max_batch_size == 8
     assert (entry.path / "1" / "model.plan").read_bytes() == (bundle / "model.engine").read_bytes()
+
+
+def test_plugin_layers_are_counted_from_the_inspector_json(graphs):
+    """The engine inspector's JSON (detailed verbosity) lists layers with Name and LayerType; a plugin
+    node that became a plugin layer is counted, one inlined into standard layers (the local-function
+    fallback) is not."""
+    from exporter.engine import count_plugin_layers, plugin_node_names
+
+    nodes = plugin_node_names(graphs["vmoe-tiny"][1])
+    assert sorted(nodes.values()) == sorted(["TopKRoute", "TopKDispatch", "TopKCombine"] * 2)
+    plugin_layers = [{"Name": name, "LayerType": "PluginV3", "Inputs": []} for name in nodes]
+    others = [{"Name": "node_MatMul_3 + node_Add_4", "LayerType": "CaskGemmMatrixMultiply"}]
+    assert count_plugin_layers({"Layers": plugin_layers + others}, nodes) == (
+        7,
+        {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2},
+    )
+    inlined = [{"Name": f"{name}/ArgMax_0", "LayerType": "Reduce"} for name in nodes]
+    assert count_plugin_layers({"Layers": inlined + others}, nodes) == (7, {})
+    assert count_plugin_layers({"Layers": ["a", "b"]}, nodes) == (2, {})  # names only: nothing proven
