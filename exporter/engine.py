@@ -40,9 +40,16 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def tensorrt_version() -> str | None:
     """The installed TensorRT version, or None when ``import tensorrt`` fails."""
-    if importlib.util.find_spec("tensorrt") is None:
+    if not _installed("tensorrt"):
         return None
     try:
         import tensorrt as trt
@@ -53,7 +60,7 @@ def tensorrt_version() -> str | None:
 
 def tensorrt_available() -> str | None:
     """None when TensorRT (>= 10.9) and a CUDA GPU are usable here, else the reason in a few words."""
-    if importlib.util.find_spec("tensorrt") is None:
+    if not _installed("tensorrt"):
         return "TensorRT is not installed"
     try:
         import tensorrt as trt
@@ -410,7 +417,7 @@ class EngineRunner:
     def __enter__(self) -> EngineRunner:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        if importlib.util.find_spec("tensorrt.plugin") is not None:
+        if _installed("tensorrt.plugin"):
             _register_plugins()  # AOT engines need no Python; registering keeps JIT engines loadable too
         from exporter.runners import quiet_polygraphy
 

@@ -15,7 +15,11 @@ def register_all() -> list[str]:
 
     Needs TensorRT >= 10.9 (``tensorrt.plugin`` with ``aot_impl``); raises RuntimeError when absent.
     """
-    if importlib.util.find_spec("tensorrt") is None:
+    try:
+        installed = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
         raise RuntimeError(
             "TensorRT is not installed: the moe plugins register with TensorRT's Python package "
             "(tensorrt >= 10.9, on a machine with an NVIDIA GPU)"

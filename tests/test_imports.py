@@ -52,11 +52,22 @@ def test_every_command_help_works_without_gpu_libraries():
     proc = _python(
         "from cli import main\n"
         "for cmd in ([], ['models'], ['export'], ['validate'], ['rewrite'], ['demo'],\n"
-        "            ['inspect', 'routing'], ['sweep', 'capacity']):\n"
+        "            ['inspect', 'routing'], ['sweep', 'capacity'], ['build', 'bundle'], ['build', 'engine'],\n"
+        "            ['bench']):\n"
         "    try:\n"
         "        main(cmd + ['--help'])\n"
         "    except SystemExit as e:\n"
         "        assert e.code == 0, (cmd, e.code)\n"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("Usage: ") == 8
+    assert proc.stdout.count("Usage: ") == 11
+
+
+def test_tensorrt_missing_is_a_reason_not_a_crash():
+    proc = _python(
+        "from exporter.engine import tensorrt_available, tensorrt_version\n"
+        "assert tensorrt_version() is None\n"
+        "print(tensorrt_available())\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "TensorRT is not installed"
