@@ -424,8 +424,9 @@ def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note=
         (times, last), busy = busy_elsewhere(lambda: time_runs(fn, warmup, runs))
     if busy is not None and busy >= settings.BENCH_BUSY_NOTE:
         note = "; ".join(n for n in (note, f"busy machine: other processes used {busy:.0%} of the CPUs") if n)
-    if isinstance(last, dict):  # named numpy outputs (TensorRT)
+    if isinstance(last, dict):  # named outputs (TensorRT: CUDA torch tensors)
         last = next(iter(last.values()))
+        last = last.float().cpu().numpy() if isinstance(last, torch.Tensor) else last
     elif isinstance(last, list):  # ONNX Runtime outputs
         last = last[0]
     else:
@@ -501,9 +502,10 @@ def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warm
     if built.plugin_layers:
         note += f" ({sum(built.plugin_layers.values())} plugin layers in the engine)"
     with EngineRunner(engine) as runner:
+        feeds = {input_name: torch.from_numpy(images).cuda()}  # on the device, like the CUDA PyTorch rows
 
         def run():
-            out = runner.infer({input_name: images})
+            out = runner.infer_on_device(feeds)
             torch.cuda.synchronize()
             return out
 

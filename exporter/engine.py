@@ -433,6 +433,13 @@ class EngineRunner:
             outputs = self._runner.infer(feeds)
         return {k: np.asarray(v) for k, v in outputs.items()}
 
+    def infer_on_device(self, feeds: dict) -> dict:
+        """Inputs and outputs as CUDA torch tensors: no host copies, what a serving loop sees."""
+        from exporter.runners import quiet_polygraphy
+
+        with quiet_polygraphy("WARNING"):
+            return dict(self._runner.infer(feeds, copy_outputs_to_host=False))
+
     @property
     def last_inference_ms(self) -> float:
         return self._runner.last_inference_time() * 1e3
