@@ -898,9 +898,8 @@ def _print_bundle(result) -> None:
     counts = ", ".join(f"{n} {p}" for p, n in result.plugins.items()) or "no plugin nodes"
     out.print(f"  plugins: {counts}; {result.ptx_kernels} kernel variants as PTX for {', '.join(result.targets)}")
     for name, p in result.parity.items():
-        routing = (
-            p["routing"] if p["routing_decisions"] is None else f"routing decisions {_share(p['routing_decisions'])}"
-        )
+        decisions = p["routing_decisions"]
+        routing = f"routing: {p['routing']}" if decisions is None else f"routing decisions {_share(decisions)}"
         out.print(
             f"  {escape(name)} vs PyTorch ({p['backend']}, batch {p['batch']}): max rel err "
             f"{p['max_rel_err']:.2g}, {routing} {_mark(p['passed'])}"
