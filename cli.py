@@ -351,8 +351,9 @@ def validate(
     """Check an exported graph (ONNX Runtime, CPU) or a TensorRT engine against PyTorch: outputs and
     routing decisions.
 
-    GRAPH is an .onnx file, a bundle folder (its engine, on its sample inputs) or an .engine file (with
-    --onnx, or beside a bundle manifest). The model defaults to the one recorded in the graph at
+    GRAPH is an .onnx file, a bundle folder (its engine on its sample inputs, against the PyTorch
+    outputs stored in the bundle: no model code or checkpoint needed on the target) or an .engine file
+    (with --onnx, or beside a bundle manifest). The model defaults to the one recorded in the graph at
     export. Exit code 0 on parity, 1 when parity fails, 2 on bad input (or no TensorRT for engines).
 
     \b
@@ -385,6 +386,13 @@ def validate(
             else min_routing_agreement,
         )
         use_sample = sample is not None and batch is None and inputs_npz is None
+        model_given = model or module or input_shape or checkpoint or seed is not None
+        routing_given = any(v is not None for v in (k, capacity_factor, batch_priority, group_images))
+        reference = None
+        if use_sample and not (model_given or routing_given):  # the bundle's PyTorch outputs: no model needed
+            from exporter.bundle import stored_reference
+
+            reference = stored_reference(sample.parent)
         report = validate_engine(
             engine,
             onnx_graph,
@@ -394,6 +402,7 @@ def validate(
             inputs_npz=str(sample) if use_sample else inputs_npz,
             tolerances=tolerances,
             step=step,
+            reference=reference,
         )
         _emit(report, _print_report, json_out)
         if not report.passed:

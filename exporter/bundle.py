@@ -610,10 +610,9 @@ def build_bundle_engine(
     parity = validate_engine(
         bundle / ENGINE,
         graph,
-        bundle_source(bundle),
-        inputs_npz=str(bundle / INPUTS_NPZ),
         tolerances=settings.TOLERANCES[options.precision],
         step=step,
+        reference=stored_reference(bundle),
     )
     manifest["engine"] = {
         "file": ENGINE,
@@ -723,3 +722,42 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
         raise UserError(f"give --onnx GRAPH: the ONNX graph {engine.name} was built from")
     inputs = folder / INPUTS_NPZ if manifest is not None else None
     return engine, Path(graph), inputs, built.get("precision")
+
+
+def stored_reference(bundle: str | Path):
+    """PyTorch's outputs and routing on the sample inputs, as the bundle stores them: validation on the
+    target needs neither the model's code nor its checkpoint. Both files are checked against the
+    manifest's hashes first."""
+    import torch
+
+    from exporter.export import ROUTING_LAYERS_KEY, ROUTING_PREFIX, routing_output_names
+    from exporter.parity import Reference
+    from exporter.routing import TopKRouting
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    for name in (INPUTS_NPZ, REFERENCE_NPZ):
+        want = manifest["files"].get(name, {}).get("sha256")
+        if not (bundle / name).is_file() or sha256(bundle / name) != want:
+            raise UserError(f"{bundle / name} is missing or changed since the bundle was built (SHA-256 mismatch)")
+    header = onnx.load(str(bundle / PORTABLE), load_external_data=False)
+    with np.load(bundle / INPUTS_NPZ) as data:
+        ((input_name, images),) = data.items()
+    with np.load(bundle / REFERENCE_NPZ) as data:
+        stored = dict(data.items())
+    plain = [o.name for o in header.graph.output if not o.name.startswith(ROUTING_PREFIX)]
+    layers = json.loads({p.key: p.value for p in header.metadata_props}.get(ROUTING_LAYERS_KEY, "[]"))
+    routing = {}
+    for layer in layers:
+        expert, _, slot = routing_output_names(layer)
+        e, s = torch.from_numpy(stored[expert]), torch.from_numpy(stored[slot])
+        routing[layer] = TopKRouting(e, s, torch.zeros(e.shape))  # weights are not compared
+    return Reference(
+        model=manifest["model"]["name"],
+        input_name=input_name,
+        images=images,
+        outputs=[stored[n] for n in plain],
+        routing=routing,
+        seed=manifest["sample"]["seed"],
+        stored=f"PyTorch outputs stored in {bundle.name} when it was built ({manifest['created']})",
+    )

@@ -179,6 +179,7 @@ class Reference:
     outputs: list[np.ndarray]  # the model's flat outputs, in order
     routing: dict[str, TopKRouting]
     seed: int | None  # None when the images came from a file
+    stored: str | None = None  # where stored outputs came from, when PyTorch did not run now
 
     def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
@@ -303,26 +304,32 @@ def validate_engine(
     inputs_npz: str | None = None,
     tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    reference: Reference | None = None,
 ) -> ParityReport:
     """Runs PyTorch and a TensorRT engine on the same inputs and compares outputs and routing.
 
     ``graph_path`` is the ONNX graph the engine was built from: it names the inputs, outputs and the
-    V-MoE layers whose routing the engine exposes, and records the model.
+    V-MoE layers whose routing the engine exposes, and records the model. ``reference`` (e.g. the
+    PyTorch outputs a bundle stores) replaces the PyTorch run.
     """
     from exporter.engine import EngineRunner, require_tensorrt
 
     require_tensorrt("validating an engine")
     start = time.perf_counter()
     header = read_onnx_header(graph_path)
-    source = source_of(graph_path, header, source)
-    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
+    if reference is None:
+        source = source_of(graph_path, header, source)
+        reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
     with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
         actual = runner.infer({reference.input_name: reference.images})
     order = [o.name for o in header.graph.output]
     actual = {n: actual[n] for n in order if n in actual}
-    return compare_to_reference(
+    report = compare_to_reference(
         reference, actual, header, graph=str(engine_path), backend="tensorrt", tolerances=tolerances, start=start
     )
+    if reference.stored:
+        report.notes.append(f"reference: {reference.stored}")
+    return report
 
 
 __all__ = [

@@ -242,3 +242,36 @@ def test_a_graph_that_fails_parity_writes_no_bundle(tmp_path, monkeypatch):
     with pytest.raises(CheckFailed, match="do not match PyTorch"):
         build_bundle(from_zoo("soft-moe-tiny"), tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_stored_reference_is_pytorch_on_the_sample(bundles, key, tmp_path):
+    """On the target, engines are checked against the outputs the bundle stores: the same comparison
+    as against a fresh PyTorch run, and refused when a file no longer matches its hash."""
+    import shutil
+
+    import onnx
+
+    from exporter.bundle import stored_reference
+    from exporter.parity import compare_to_reference, reference_run
+    from exporter.runners import run_onnxruntime
+
+    source, _, folder = bundles[key]
+    header = onnx.load(str(folder / "model.plugins.onnx"), load_external_data=False)
+    stored = stored_reference(folder)
+    fresh = reference_run(source, header, inputs_npz=str(folder / "inputs.npz"))
+    actual = run_onnxruntime(folder / "model.plugins.onnx", {stored.input_name: stored.images})
+    a = compare_to_reference(stored, actual, header, graph="g", backend="onnxruntime-cpu")
+    b = compare_to_reference(fresh, actual, header, graph="g", backend="onnxruntime-cpu")
+    assert a.passed and [o.max_rel for o in a.outputs] == [o.max_rel for o in b.outputs]
+    assert [(r.layer, r.decisions, r.slot) for r in a.routing] == [(r.layer, r.decisions, r.slot) for r in b.routing]
+    assert len(a.routing) == (2 if key == "vmoe" else 0) and "stored in" in stored.stored
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    with np.load(copy / "reference_outputs.npz") as data:
+        changed = {k: v for k, v in data.items()}
+    changed["logits"] = changed["logits"] * 0
+    np.savez(copy / "reference_outputs.npz", **changed)
+    with pytest.raises(UserError, match="changed since the bundle was built"):
+        stored_reference(copy)
