@@ -1042,7 +1042,7 @@ def build_engine_command(
                 f"{e}. The bundle in {bundle} is complete: build its engine on the target"
             ) from None
     entry = None
-    if triton_repo:
+    if triton_repo and built.passed:  # never serve an engine that failed parity
         entry = triton_entry(bundle, triton_repo, max_batch=built.build.batch["max"])
     if json_out != "-":
         out = _console()
