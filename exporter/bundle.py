@@ -20,6 +20,7 @@ build leaves the previous bundle (or nothing), never half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -596,6 +597,12 @@ def build_bundle_engine(
     manifest = read_manifest(bundle)
     options = options or EngineOptions()
     options.check()
+    sample = manifest["sample"]["batch"]
+    if options.opt_batch is None and options.max_batch is None:  # the profile covers the sample batch
+        options = dataclasses.replace(options, opt_batch=sample, max_batch=sample)
+    low, high = options.min_batch or 1, options.max_batch or options.opt_batch
+    if not low <= sample <= high:
+        raise UserError(f"the bundle's {sample} sample images are outside the batch profile {low}-{high}")
     require_tensorrt(f"building the engine of {bundle}")
     os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
     graph = bundle / (PORTABLE if portable else PLUGINS)
