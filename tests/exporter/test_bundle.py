@@ -275,3 +275,12 @@ def test_stored_reference_is_pytorch_on_the_sample(bundles, key, tmp_path):
     np.savez(copy / "reference_outputs.npz", **changed)
     with pytest.raises(UserError, match="changed since the bundle was built"):
         stored_reference(copy)
+
+
+def test_engine_profile_must_cover_the_sample_batch(bundles):
+    from exporter.bundle import build_bundle_engine
+    from exporter.engine import EngineOptions
+
+    _, _, folder = bundles["vmoe"]
+    with pytest.raises(UserError, match="8 sample images are outside the batch profile 16-32"):
+        build_bundle_engine(folder, EngineOptions(min_batch=16, max_batch=32))
