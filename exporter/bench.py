@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.metadata
-import io
 import logging
 import math
 import os
@@ -22,7 +21,6 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, field
@@ -162,12 +160,10 @@ def busy_elsewhere(fn: Callable[[], object]) -> tuple[object, float | None]:
 
 
 def max_rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
-    if actual.shape != expected.shape:
-        return math.inf
-    a, b = actual.astype(np.float64), expected.astype(np.float64)
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    diff = float(np.max(np.abs(a - b))) if b.size else 0.0
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    """``max|actual - expected| / max|expected|``, the parity check's measure (inf on a shape mismatch)."""
+    from exporter.parity import compare_output
+
+    return compare_output("", expected, actual, rtol=math.inf).max_rel
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:
@@ -178,15 +174,9 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
 
 def _quiet():
     """torch.compile and the exporters log and warn on their own; the report says what matters."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    for name in ("torch._dynamo", "torch._inductor", "torch.fx", "torch.onnx", "torch.export"):
-        logger = logging.getLogger(name)
-        stack.callback(logger.setLevel, logger.level)
-        logger.setLevel(logging.CRITICAL)
-    return stack
+    from exporter.export import quiet_torch
+
+    return quiet_torch(logging.CRITICAL)
 
 
 def _first_tensor(out) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import importlib.metadata
 import json
 import os
@@ -42,7 +43,7 @@ import onnx
 
 from exporter import settings
 from exporter.errors import CheckFailed, UserError
-from exporter.fileio import sha256
+from exporter.fileio import current_umask, sha256
 from exporter.parity import ParityReport, compare_to_reference, reference_run
 from exporter.source import LoadedModel, ModelSource, default_batch, load
 
@@ -157,8 +158,13 @@ def build_bundle(
     try:
         export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, step=step)
         rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
-        header = onnx.load(str(tmp / PORTABLE), load_external_data=False)
-        reference = reference_run(source, header, batch=batch or _sample_batch(loaded), seed=seed, step=step)
+        headers = {name: onnx.load(str(tmp / name), load_external_data=False) for name in (PORTABLE, PLUGINS)}
+        header = headers[PORTABLE]
+        sample_batch = batch or _sample_batch(loaded)
+        reference = reference_run(source, header, batch=sample_batch, seed=seed, step=step, loaded=loaded)
+        model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
+        del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
+        gc.collect()
         feeds = {reference.input_name: reference.images}
         parity: dict[str, ParityReport] = {}
         for name in (PORTABLE, PLUGINS):
@@ -167,7 +173,7 @@ def build_bundle(
             parity[name] = compare_to_reference(
                 reference,
                 actual,
-                onnx.load(str(tmp / name), load_external_data=False),
+                headers[name],
                 graph=name,
                 backend="onnxruntime-cpu",
             )
@@ -181,12 +187,12 @@ def build_bundle(
             kernels = _precompile(tmp, arches, ptx_version, seed)
         _copy_plugin_package(tmp / "plugins")
         (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)
-        manifest = _manifest(tmp, source, loaded, export, rewritten, parity, expected, feeds, arches, ptx_version)
+        manifest = _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version)
         manifest["plugins"]["ptx_kernels"] = kernels
         (tmp / "README.md").write_text(render_readme(manifest))
         manifest["files"] = _hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         _publish(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,12 +209,6 @@ def build_bundle(
         declined=[d.to_dict() for d in rewritten.declined],
         notes=notes,
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sample_batch(loaded: LoadedModel) -> int:
@@ -412,10 +412,9 @@ def _hashes(folder: Path) -> dict[str, dict]:
     return files
 
 
-def _manifest(folder, source, loaded, export, rewritten, parity, expected, feeds, arches, ptx_version) -> dict:
+def _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version) -> dict:
     from plugins import NAMESPACE
 
-    header = onnx.load(str(folder / PORTABLE), load_external_data=False)
     initializers = {i.name for i in header.graph.initializer}
     ((input_name, images),) = feeds.items()
     tolerances = {name: asdict(t) for name, t in settings.TOLERANCES.items()}
@@ -424,9 +423,7 @@ def _manifest(folder, source, loaded, export, rewritten, parity, expected, feeds
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name": source.name,
-            "family": loaded.family,
-            "moe_layers": loaded.moe_layers,
-            "batch_multiple": loaded.batch_multiple,
+            **model,
             "source": json.loads(source.to_json()),
         },
         "graphs": {

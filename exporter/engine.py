@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
@@ -140,18 +141,19 @@ class EngineBuild:
         return d
 
 
-def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
-    """``{plugin op: count}`` of the moe:: plugin nodes in a graph (read without weights)."""
+def plugin_node_names(onnx_path: str | Path) -> dict[str, str]:
+    """``{node name: plugin op}`` of the moe:: plugin nodes in a graph (read without weights)."""
     import onnx
 
     from plugins import NAMESPACE, SPECS
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.domain == NAMESPACE and node.op_type in SPECS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    return {n.name: n.op_type for n in model.graph.node if n.domain == NAMESPACE and n.op_type in SPECS}
+
+
+def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
+    """``{plugin op: count}`` of the moe:: plugin nodes in a graph."""
+    return dict(Counter(plugin_node_names(onnx_path).values()))
 
 
 def routing_node_names(onnx_path: str | Path) -> set[str]:
@@ -249,16 +251,6 @@ def count_plugin_layers(info: dict, nodes: dict[str, str]) -> tuple[int, dict[st
     return len(layers), counts
 
 
-def plugin_node_names(onnx_path: str | Path) -> dict[str, str]:
-    """``{node name: plugin op}`` of the moe:: plugin nodes in a graph."""
-    import onnx
-
-    from plugins import NAMESPACE, SPECS
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return {n.name: n.op_type for n in model.graph.node if n.domain == NAMESPACE and n.op_type in SPECS}
-
-
 def _register_plugins() -> None:
     from plugins.register import register_all
 
@@ -298,7 +290,6 @@ def build_engine(
     """
     options.check()
     require_tensorrt("building an engine")
-    import onnx
     import tensorrt as trt
     from polygraphy.backend.trt import (
         CreateConfig,
@@ -308,14 +299,15 @@ def build_engine(
         Profile,
     )
 
+    from exporter.runners import graph_inputs, quiet_polygraphy, read_onnx_header
+
     start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    expected = plugin_nodes(onnx_path)
+    nodes = plugin_node_names(onnx_path)
+    expected = dict(Counter(nodes.values()))
     if expected:
         _register_plugins()
-    header = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {i.name for i in header.graph.initializer}
-    inputs = [i for i in header.graph.input if i.name not in initializers]
+    inputs = graph_inputs(read_onnx_header(onnx_path))
     if len(inputs) != 1:
         raise UserError(f"{onnx_path} has {len(inputs)} inputs; engines are built for single-input image models")
     name = inputs[0].name
@@ -350,8 +342,6 @@ def build_engine(
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         progress_monitor=_monitor(progress),
     )
-    from exporter.runners import quiet_polygraphy
-
     building = f"Building the TensorRT {trt.__version__} engine ({options.precision}, batch {batch})"
     with step(building), quiet_polygraphy("WARNING"):
         try:
@@ -360,7 +350,7 @@ def build_engine(
             reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
             raise CheckFailed(f"TensorRT could not build {onnx_path}: {reason}") from None
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(bytes(engine_bytes))
-    layers, found = inspect_plugin_layers(engine, plugin_node_names(onnx_path))
+    layers, found = inspect_plugin_layers(engine, nodes)
     missing = {op: n for op, n in expected.items() if found.get(op, 0) < n}
     if missing:
         raise CheckFailed(

@@ -103,17 +103,20 @@ def _forward_exposing_routing(model: torch.nn.Module):
         del model.forward
 
 
-def _quiet():
-    """torch.onnx prints progress and warnings of its own; the CLI shows its own progress."""
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor", "onnxscript", "torch.fx")
+
+
+def quiet_torch(level: int = logging.ERROR):
+    """torch.onnx and torch.compile print progress and warnings of their own; the CLI shows its own
+    progress. Silences stdout, warnings and those loggers below ``level`` for the block."""
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx"):
+    for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        stack.callback(logger.setLevel, level)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(level)
     return stack
 
 
@@ -244,7 +247,7 @@ def _torch_export(model, images, multiple, opset, names, routing_outputs):
     dim = torch.export.Dim("groups", min=1) * multiple if multiple > 1 else torch.export.Dim("batch", min=1)
     ctx = _forward_exposing_routing(model) if routing_outputs else contextlib.nullcontext()
     kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
-    with ctx, _quiet():
+    with ctx, quiet_torch():
         try:
             return torch.onnx.export(model, (images,), dynamic_shapes=({0: dim},), **kwargs), True
         except Exception as dynamic_error:

@@ -201,14 +201,17 @@ def reference_run(
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    loaded: LoadedModel | None = None,
 ) -> Reference:
-    """Builds the PyTorch model and runs it on seeded random images (or ``inputs_npz``) shaped for the graph."""
-    with step(f"Building {source.name} in PyTorch"):
-        loaded = load(source)
+    """Builds the PyTorch model (unless ``loaded`` is given) and runs it on seeded random images (or
+    ``inputs_npz``) shaped for the graph."""
+    if loaded is None:
+        with step(f"Building {source.name} in PyTorch"):
+            loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
     with step(f"Running PyTorch on {images.shape[0]} images"):
         expected, routing = run_torch(loaded.module, images)
-    del loaded  # big models: free PyTorch's copy of the weights before another runtime loads its own
+    del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
     return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed)
 
