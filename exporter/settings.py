@@ -80,3 +80,10 @@ BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IM
 FP16_TOLERANCES = Tolerances(rtol=5e-2, routing_agreement=0.99)
 BF16_TOLERANCES = Tolerances(rtol=1e-1, routing_agreement=0.98)
 TOLERANCES.update(fp16=FP16_TOLERANCES, bf16=BF16_TOLERANCES)
+
+
+# --- Reference checkpoints (google-research/vmoe) -------------------------------------------------
+REFERENCE_VALUE_RANGE = (-1.0, 1.0)  # vmoe's input pipelines end in value_range(-1, 1)
+REFERENCE_PREPROCESSING = "RGB, NCHW float32, value_range(-1, 1): pixel / 127.5 - 1 (the reference feeds NHWC)"
+REFERENCE_K = 2  # num_selected_experts in every released config
+REFERENCE_CAPACITY_FACTOR = 1.05  # training (and in-domain eval) capacity of the paper configs

@@ -40,6 +40,10 @@ class ModelConfig:
     multiple_of: int | None = settings.DEFAULT_CAPACITY_MULTIPLE_OF
     # Soft-MoE
     slots_per_expert: int = 1
+    # Both: the reference's bfloat16 rounding of expert inputs and outputs (Bfloat16Dispatcher)
+    bf16_dispatch: bool = False
+    # Input convention: NCHW RGB in this range (the reference's value_range(-1, 1)); None: unknown
+    value_range: tuple[float, float] | None = None
     tags: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -88,6 +92,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
+        if d.get("value_range") is not None:
+            d["value_range"] = tuple(d["value_range"])
         return cls(**d)
 
 
@@ -116,7 +122,8 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-s32-last2-e8",
             VMOE,
-            "V-MoE S/32, Last-2, E=8, k=2, ILSVRC2012 head (released config)",
+            "V-MoE S/32, Last-2, E=8, k=2, ILSVRC2012 head; the released S/32's architecture, at C=1.05 "
+            "(training) where its config evaluates at 4.0 (see vmoe-s32-last2-ilsvrc2012)",
             image_size=224,
             patch_size=32,
             **_V_S32,
@@ -128,13 +135,74 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-b16-every2-e8",
             VMOE,
-            "V-MoE B/16, Every-2, E=8, k=2, ILSVRC2012 head (released config)",
+            "V-MoE B/16, Every-2, E=8, k=2, 224 px with a 1000-class head: matches neither released B/16 "
+            "(vmoe-b16-in21k is 21,843 classes; vmoe-b16-in21k-ft-ilsvrc2012-384 is 384 px)",
             image_size=224,
             patch_size=16,
             **_B,
             moe_layers=every(2, 12),
             num_experts=8,
             num_classes=1000,
+        ),
+        # The released checkpoints (google-research/vmoe README), with the capacity factor each
+        # config evaluates at; routing groups of 8 images; BPR off as trained. bf16_dispatch stays
+        # off (float32, the default); set it to match the reference's bfloat16 dispatch exactly.
+        ModelConfig(
+            "vmoe-s32-last2-ilsvrc2012",
+            VMOE,
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1: S/32, Last-2, E=8, 224 px, pre-logits, eval C=4.0",
+            image_size=224,
+            patch_size=32,
+            **_V_S32,
+            moe_layers=last(2, 8),
+            num_experts=8,
+            num_classes=1000,
+            representation_size=512,
+            capacity_factor=4.0,
+            value_range=settings.REFERENCE_VALUE_RANGE,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-s32-last2-ilsvrc2012-ft-384",
+            VMOE,
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012: S/32 fine-tuned at 384 px, C=1.5",
+            image_size=384,
+            patch_size=32,
+            **_V_S32,
+            moe_layers=last(2, 8),
+            num_experts=8,
+            num_classes=1000,
+            capacity_factor=1.5,
+            value_range=settings.REFERENCE_VALUE_RANGE,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-b16-in21k",
+            VMOE,
+            "released vmoe_b16_imagenet21k_randaug_strong: B/16, Every-2, E=8, 224 px, 21,843 classes, C=1.05",
+            image_size=224,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=8,
+            num_classes=21843,
+            capacity_factor=1.05,
+            value_range=settings.REFERENCE_VALUE_RANGE,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-b16-in21k-ft-ilsvrc2012-384",
+            VMOE,
+            "released vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012: B/16 fine-tuned at 384 px, C=1.5",
+            image_size=384,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=8,
+            num_classes=1000,
+            capacity_factor=1.5,
+            value_range=settings.REFERENCE_VALUE_RANGE,
+            tags=("released",),
         ),
         ModelConfig(
             "vmoe-b16-every2-e32",
@@ -240,11 +308,18 @@ def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, devic
                 group_images=config.group_images,
                 ceil_or_round=config.ceil_or_round,
                 multiple_of=config.multiple_of,
+                bf16_dispatch=config.bf16_dispatch,
             )
     else:
 
         def make_moe(i: int):
-            return SoftMoEMlp(config.dim, config.mlp_dim, config.num_experts, slots_per_expert=config.slots_per_expert)
+            return SoftMoEMlp(
+                config.dim,
+                config.mlp_dim,
+                config.num_experts,
+                slots_per_expert=config.slots_per_expert,
+                bf16_dispatch=config.bf16_dispatch,
+            )
 
     with torch.device(device):
         model = VisionTransformer(

@@ -35,3 +35,8 @@ class StackedMlpExperts(nn.Module):
         h = torch.matmul(x, self.w1) + self.b1.unsqueeze(1)
         h = F.gelu(h, approximate="tanh")
         return torch.matmul(h, self.w2) + self.b2.unsqueeze(1)
+
+
+def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bfloat16 (nearest even) and back to its own dtype: a Cast pair in ONNX."""
+    return x.to(torch.bfloat16).to(x.dtype)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from exporter.errors import UserError
-from exporter.models.experts import StackedMlpExperts
+from exporter.models.experts import StackedMlpExperts, round_to_bfloat16
 from exporter.routing import soft_moe_logits
 
 
@@ -58,13 +58,17 @@ class SoftMoEMlp(nn.Module):
 
     Each image is its own group. ``router.mu [d, n, p]`` and the scalar ``router.scale`` are the
     reference's parameters; the stacked experts see their ``p`` slots of every image as one batch.
+    ``bf16_dispatch`` rounds the tokens entering the dispatch and the slot outputs entering the
+    combine to bfloat16, as the reference does (always, in Soft-MoE's router).
     """
 
-    def __init__(self, dim: int, mlp_dim: int, num_experts: int, *, slots_per_expert: int = 1):
+    def __init__(
+        self, dim: int, mlp_dim: int, num_experts: int, *, slots_per_expert: int = 1, bf16_dispatch: bool = False
+    ):
         super().__init__()
         if num_experts < 1 or slots_per_expert < 1:
             raise UserError(f"need at least one expert and one slot, got {num_experts} and {slots_per_expert}")
-        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
+        self.num_experts, self.slots_per_expert, self.bf16_dispatch = num_experts, slots_per_expert, bf16_dispatch
         self.router = SoftRouter(dim, num_experts, slots_per_expert)
         self.dispatch = SoftDispatch()
         self.experts = StackedMlpExperts(num_experts, dim, mlp_dim)
@@ -72,7 +76,11 @@ class SoftMoEMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dispatch, combine = self.router(x)
+        if self.bf16_dispatch:  # the reference's Bfloat16Dispatcher: tokens and slot outputs rounded
+            slot_out = self.experts(self.dispatch(round_to_bfloat16(x), dispatch, self.num_experts))
+            return self.combine(round_to_bfloat16(slot_out), combine)
         return self.combine(self.experts(self.dispatch(x, dispatch, self.num_experts)), combine)
 
     def extra_repr(self) -> str:
-        return f"E={self.num_experts}, slots_per_expert={self.slots_per_expert}"
+        bf16 = ", bf16_dispatch=True" if self.bf16_dispatch else ""
+        return f"E={self.num_experts}, slots_per_expert={self.slots_per_expert}{bf16}"

@@ -11,7 +11,7 @@ from torch import nn
 from exporter import settings
 from exporter.errors import UserError
 from exporter.models.capture import record
-from exporter.models.experts import StackedMlpExperts
+from exporter.models.experts import StackedMlpExperts, round_to_bfloat16
 from exporter.routing import TopKRouting, compute_capacity, route_top_k
 
 
@@ -82,6 +82,9 @@ class VMoEMlp(nn.Module):
         capacity: A fixed capacity per expert and group, instead of ``capacity_factor``.
         batch_priority: Batch Prioritized Routing.
         group_images: Images per routing group; a batch must hold a multiple of it.
+        bf16_dispatch: Round the expert inputs and outputs to bfloat16 (and back), as the reference's
+            ``Bfloat16Dispatcher`` (``dispatcher.bfloat16 = True`` in the paper configs); the router,
+            the experts and the weighted combine stay float32.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class VMoEMlp(nn.Module):
         group_images: int = settings.DEFAULT_GROUP_IMAGES,
         ceil_or_round: str = settings.DEFAULT_CAPACITY_CEIL_OR_ROUND,
         multiple_of: int | None = settings.DEFAULT_CAPACITY_MULTIPLE_OF,
+        bf16_dispatch: bool = False,
     ):
         super().__init__()
         if not 1 <= k <= num_experts:
@@ -108,6 +112,7 @@ class VMoEMlp(nn.Module):
         self.num_experts, self.k, self.batch_priority = num_experts, k, batch_priority
         self.capacity_factor, self.fixed_capacity = capacity_factor, capacity
         self.group_images, self.ceil_or_round, self.multiple_of = group_images, ceil_or_round, multiple_of
+        self.bf16_dispatch = bf16_dispatch
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.routing = TopKRouter(k, batch_priority)
         self.dispatch = Dispatch()
@@ -139,10 +144,14 @@ class VMoEMlp(nn.Module):
         grouped = x.reshape(-1, self.group_images * tokens, dim)
         routing, capacity = self.route(grouped)
         record(self, routing)
-        expert_in = self.dispatch(grouped, routing, self.num_experts, capacity)
+        tokens_in = round_to_bfloat16(grouped) if self.bf16_dispatch else grouped
+        expert_in = self.dispatch(tokens_in, routing, self.num_experts, capacity)
         expert_out = self.experts(expert_in)
+        if self.bf16_dispatch:
+            expert_out = round_to_bfloat16(expert_out)
         return self.combine(expert_out, routing, capacity).reshape(images, tokens, dim)
 
     def extra_repr(self) -> str:
         cap = f"capacity={self.fixed_capacity}" if self.fixed_capacity else f"capacity_factor={self.capacity_factor}"
-        return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, group_images={self.group_images}"
+        bf16 = ", bf16_dispatch=True" if self.bf16_dispatch else ""
+        return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, group_images={self.group_images}{bf16}"

@@ -1,0 +1,223 @@
+"""vmoe's partitioned checkpoints, read with msgpack and numpy alone (no JAX, no TensorFlow).
+
+Written from ``vmoe/checkpoints/{partitioned,serialization,types,base}.py`` of
+google-research/vmoe:
+
+- ``PREFIX.index``: one msgpack map ``{"shard_count": N, "index": tree, "version": "20220622"}``
+  (no ``version`` before 2022-06). Each leaf of ``tree`` is an IndexInfo extension object: the
+  global shaped array (shape, dtype name, weak type), the chunk slices and the shard of each.
+- ``PREFIX.data-nnnnn-of-NNNNN``: one msgpack map per shard, a marker key and, per leaf id, a list
+  of chunks ``[sub-chunks, slice]``; the 1-D sub-chunks (ndarray extension objects) concatenated
+  and reshaped fill that slice of the global array.
+- Leaf ids number the leaves in ``jax.tree_util.tree_flatten`` order of the index tree: nested
+  dicts, keys sorted at every level (the same order in both versions of the index).
+
+Shards are read one at a time, so peak memory stays near one copy of the weights plus one shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporter.errors import UserError
+
+ARRAY_CHUNKS_KEY = "__msgpack_array_chunk_a87ca2__"
+# msgpack extension codes of flax.serialization and vmoe.checkpoints.serialization
+EXT_NDARRAY, EXT_SHAPED_ARRAY, EXT_SLICE, EXT_SLICE_ND, EXT_INDEX_INFO = 1, 4, 5, 6, 8
+ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "_sharding")
+
+
+@dataclass(frozen=True)
+class Slice:
+    start: int | None
+    stop: int | None
+    step: int | None
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    shape: tuple[int, ...]
+    dtype: str
+    slices: tuple[tuple[Slice, ...], ...]
+    shards: tuple[int, ...]
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _unpack(data: bytes):
+    import msgpack
+
+    return msgpack.unpackb(data, raw=True)
+
+
+def _slice_nd(data: bytes) -> tuple[Slice, ...]:
+    return tuple(Slice(*_unpack(s)) for s in _unpack(data))
+
+
+def _index_ext(code: int, data: bytes):
+    if code == EXT_INDEX_INFO:
+        shaped, slices, shards = _unpack(data)
+        shape, dtype, _weak_type, _ = _unpack(shaped)
+        return IndexInfo(tuple(shape), dtype.decode(), tuple(_slice_nd(s) for s in slices), tuple(shards))
+    if code == EXT_SLICE_ND:
+        return _slice_nd(data)
+    if code == EXT_SLICE:
+        return Slice(*_unpack(data))
+    raise _Corrupt(f"unexpected msgpack extension type {code}")
+
+
+def _shard_ext(code: int, data: bytes):
+    if code == EXT_NDARRAY:
+        shape, dtype, buffer = _unpack(data)
+        dtype = dtype.decode()
+        return dtype, tuple(shape), buffer
+    if code == EXT_SLICE_ND:
+        return _slice_nd(data)
+    if code == EXT_SLICE:
+        return Slice(*_unpack(data))
+    raise _Corrupt(f"unexpected msgpack extension type {code}")
+
+
+def _storage_dtype(name: str) -> np.dtype:
+    """numpy dtype holding the raw bytes (bfloat16 as uint16 until it is widened)."""
+    if name == "bfloat16":
+        return np.dtype(np.uint16)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise _Corrupt(f"unknown dtype {name!r}") from None
+
+
+def _widen(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 for every floating leaf: bfloat16 bits shifted into float32's upper half (exact)."""
+    if dtype == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    return array
+
+
+def resolve_prefix(path: str | Path) -> Path:
+    """The checkpoint prefix of ``PREFIX`` or ``PREFIX.index``; one clear line when there is none."""
+    p = Path(path)
+    if p.is_dir():
+        if any((p / marker).exists() for marker in ORBAX_MARKERS):
+            raise UserError(
+                f"{p} is an Orbax checkpoint, which moe-export does not read: restore it with "
+                "orbax.checkpoint and write it with vmoe.checkpoints.partitioned.save_checkpoint(PREFIX, params)"
+            )
+        raise UserError(f"{p} is a folder, not a vmoe checkpoint prefix (PREFIX with PREFIX.index beside it)")
+    prefix = p.with_suffix("") if p.suffix == ".index" else p
+    if not Path(f"{prefix}.index").is_file():
+        raise UserError(f"no vmoe checkpoint at {prefix}: {prefix}.index does not exist")
+    return prefix
+
+
+def is_vmoe_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix == ".index" and p.is_file() or Path(f"{p}.index").is_file()
+
+
+def shard_path(prefix: Path, shard: int, count: int) -> Path:
+    return Path(f"{prefix}.data-{shard:05d}-of-{count:05d}")
+
+
+def _flatten(tree, path: tuple[str, ...] = ()) -> list[tuple[str, object]]:
+    """(``a/b/c``, leaf) in jax.tree_util's order: dict keys sorted at every level."""
+    if isinstance(tree, dict):
+        out = []
+        for key in sorted(tree):
+            out += _flatten(tree[key], (*path, str(key)))
+        return out
+    if tree is None:
+        return []
+    return [("/".join(path), tree)]
+
+
+def read_index(prefix: Path) -> tuple[int, list[tuple[str, IndexInfo]], str | None]:
+    """(shard count, [(name, IndexInfo)] in leaf-id order, version or None)."""
+    import msgpack
+
+    index_path = Path(f"{prefix}.index")
+    try:
+        content = msgpack.unpackb(index_path.read_bytes(), ext_hook=_index_ext, raw=False, strict_map_key=False)
+        if not isinstance(content, dict) or "index" not in content or "shard_count" not in content:
+            raise _Corrupt("no 'index' and 'shard_count' keys")
+        count, version = int(content["shard_count"]), content.get("version")
+        leaves = _flatten(content["index"])
+        if count < 1:
+            raise _Corrupt(f"shard count {count}")
+        for name, leaf in leaves:
+            if not isinstance(leaf, IndexInfo):
+                raise _Corrupt(f"leaf {name} is not an index entry")
+            if any(not 0 <= s < count for s in leaf.shards) or len(leaf.shards) != len(leaf.slices):
+                raise _Corrupt(f"leaf {name} names shards outside 0..{count - 1}")
+    except (_Corrupt, ValueError, TypeError, msgpack.UnpackException) as e:
+        raise UserError(f"corrupt vmoe checkpoint index {index_path}: {e}") from None
+    return count, leaves, version
+
+
+def read_checkpoint(
+    path: str | Path, *, progress: Callable[[str], None] | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """All leaves of a vmoe checkpoint as ``{"Encoder/encoderblock_0/.../kernel": array}``, floating
+    leaves widened to float32, and facts about it (prefix, version, shards, dtypes)."""
+    import msgpack
+
+    prefix = resolve_prefix(path)
+    count, leaves, version = read_index(prefix)
+    arrays = [np.zeros(info.shape, _storage_dtype(info.dtype)) for _, info in leaves]
+    filled = [0] * len(leaves)
+    for shard in range(count):
+        file = shard_path(prefix, shard, count)
+        if progress:
+            progress(f"reading {file.name} ({shard + 1}/{count})")
+        if not file.is_file():
+            raise UserError(f"vmoe checkpoint shard {file} is missing")
+        try:
+            content = msgpack.unpackb(file.read_bytes(), ext_hook=_shard_ext, raw=False, strict_map_key=False)
+            if not isinstance(content, dict) or ARRAY_CHUNKS_KEY not in content:
+                raise _Corrupt("not an array-chunks map")
+            for key, chunks in content.items():
+                if key == ARRAY_CHUNKS_KEY:
+                    continue
+                leaf = int(key)
+                if not 0 <= leaf < len(leaves):
+                    raise _Corrupt(f"leaf id {leaf} is not in the index")
+                name, info = leaves[leaf]
+                target = arrays[leaf]
+                for subchunks, slices in chunks:
+                    if any(dtype != info.dtype for dtype, _, _ in subchunks):
+                        raise _Corrupt(f"{name}: a chunk's dtype differs from the index's {info.dtype}")
+                    shape = tuple(s.stop - s.start for s in slices)
+                    flat = np.concatenate([np.frombuffer(b, target.dtype) for _, _, b in subchunks])
+                    region = tuple(slice(s.start, s.stop, s.step) for s in slices)
+                    target[region] = flat.reshape(shape)
+                    filled[leaf] += flat.size
+        except (_Corrupt, ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            raise UserError(f"corrupt or truncated vmoe checkpoint shard {file}: {e}") from None
+        del content
+    short = [name for (name, info), n in zip(leaves, filled) if n != int(np.prod(info.shape))]
+    if short:
+        raise UserError(f"vmoe checkpoint {prefix} is incomplete: no data for {', '.join(short[:3])}")
+    params = {name: _widen(array, info.dtype) for (name, info), array in zip(leaves, arrays)}
+    facts = {
+        "prefix": str(prefix),
+        "version": version,
+        "shards": count,
+        "dtypes": sorted({info.dtype for _, info in leaves}),
+        "parameters": int(sum(a.size for a in params.values())),
+    }
+    return params, facts
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The parameter tree's names and shapes, from the index alone."""
+    _, leaves, _ = read_index(resolve_prefix(path))
+    return {name: info.shape for name, info in leaves}
