@@ -154,4 +154,5 @@ class VMoEMlp(nn.Module):
     def extra_repr(self) -> str:
         cap = f"capacity={self.fixed_capacity}" if self.fixed_capacity else f"capacity_factor={self.capacity_factor}"
         bf16 = ", bf16_dispatch=True" if self.bf16_dispatch else ""
-        return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, group_images={self.group_images}{bf16}"
+        groups = f"group_images={self.group_images}"
+        return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, {groups}{bf16}"
