@@ -87,7 +87,12 @@ def _emit(result, printer, json_out: str | None) -> None:
 def model_options(f):
     """--model / --module / --input-shape / --checkpoint / --seed and the V-MoE routing overrides."""
     options = [
-        click.option("--model", "model", metavar="NAME", help="A zoo model (see `moe-export models`)."),
+        click.option(
+            "--model",
+            "model",
+            metavar="NAME|DIR",
+            help="A zoo model (see `moe-export models`) or a folder written by `moe-export import vmoe`.",
+        ),
         click.option(
             "--module",
             "module",
@@ -99,7 +104,12 @@ def model_options(f):
             metavar="N,C,H,W",
             help="Input images of a user module (e.g. 8,3,224,224); N is the example batch.",
         ),
-        click.option("--checkpoint", type=click.Path(), help="Weights (.safetensors or a PyTorch state dict)."),
+        click.option(
+            "--checkpoint",
+            type=click.Path(),
+            help="Weights: .safetensors, a PyTorch state dict, or a vmoe checkpoint (PREFIX or PREFIX.index; "
+            "alone, without --model, it describes the model too).",
+        ),
         click.option("--seed", type=int, default=None, help="Seed of the random weights when there is no checkpoint."),
         click.option("--k", "k", type=int, help="V-MoE: experts per token (1 or 2 in the papers)."),
         click.option(
@@ -107,6 +117,11 @@ def model_options(f):
         ),
         click.option("--batch-priority/--no-batch-priority", default=None, help="V-MoE: Batch Prioritized Routing."),
         click.option("--group-images", type=int, help="V-MoE: images per routing group (8 in the papers, 1 for edge)."),
+        click.option(
+            "--bf16-dispatch/--no-bf16-dispatch",
+            default=None,
+            help="Round expert inputs and outputs to bfloat16 as the reference does (bit-matches vmoe's eval).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -114,17 +129,36 @@ def model_options(f):
 
 
 def _source(
-    model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=None
+    model,
+    module,
+    input_shape,
+    checkpoint,
+    seed,
+    k,
+    capacity_factor,
+    batch_priority,
+    group_images,
+    bf16_dispatch=None,
+    default=None,
 ):
     from exporter import source as sources
+    from exporter.checkpoints import is_vmoe_checkpoint
 
     shape = sources.parse_shape(input_shape) if input_shape else None
-    overrides = dict(k=k, capacity_factor=capacity_factor, batch_priority=batch_priority, group_images=group_images)
+    overrides = dict(
+        k=k,
+        capacity_factor=capacity_factor,
+        batch_priority=batch_priority,
+        group_images=group_images,
+        bf16_dispatch=bf16_dispatch,
+    )
     if model and module:
         raise UserError("give either --model or --module, not both")
     if module:
         if any(v is not None for v in overrides.values()):
-            raise UserError("--k, --capacity-factor, --batch-priority and --group-images only apply to --model")
+            raise UserError(
+                "--k, --capacity-factor, --batch-priority, --group-images and --bf16-dispatch only apply to --model"
+            )
         return sources.from_module(module, input_shape=shape, seed=_seed(seed), checkpoint=checkpoint)
     if model is None and default is not None and default.kind == "zoo":
         model = default.spec  # validate: start from the graph's own config, then apply overrides
@@ -148,6 +182,10 @@ def _source(
                 checkpoint=checkpoint or default.checkpoint,
             )
         return default
+    if model is None and checkpoint:
+        if is_vmoe_checkpoint(checkpoint) or not Path(checkpoint).is_file():
+            return sources.from_vmoe_checkpoint(checkpoint, seed=_seed(seed), **overrides)
+        raise UserError(f"{checkpoint} holds weights only: give --model NAME or --module FILE.py:FACTORY with it")
     if model is None:
         raise UserError("give --model NAME (see `moe-export models`) or --module FILE.py:FACTORY")
     return sources.from_zoo(model, seed=_seed(seed), checkpoint=checkpoint, input_shape=shape, **overrides)
@@ -197,6 +235,72 @@ def models(json_out):
     _console().print(table)
 
 
+@main.group("import")
+def import_group():
+    """Bring in models trained elsewhere: checkpoints of the reference implementation (vmoe)."""
+
+
+@import_group.command("vmoe")
+@click.argument("prefix", type=click.Path())
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="The model folder to write.")
+@click.option("--name", help="Model name in config.json (default: the matching released config, else vmoe-checkpoint).")
+@click.option("--k", "k", type=int, help="V-MoE: experts per token (default 2, as every released config).")
+@click.option("--capacity-factor", type=float, help="V-MoE: capacity factor (default: the released config's eval C).")
+@click.option("--batch-priority/--no-batch-priority", default=None, help="V-MoE: Batch Prioritized Routing (off).")
+@click.option("--group-images", type=int, help="V-MoE: images per routing group (default 8, as the reference).")
+@click.option(
+    "--bf16-dispatch/--no-bf16-dispatch",
+    default=None,
+    help="Round expert inputs and outputs to bfloat16 as the reference does (default: float32).",
+)
+@click.option("--json", "json_out", metavar="PATH", help="Write the import report as JSON ('-' for stdout).")
+def import_vmoe_command(
+    prefix, output_dir, name, k, capacity_factor, batch_priority, group_images, bf16_dispatch, json_out
+):
+    """Convert a vmoe checkpoint (PREFIX.index + PREFIX.data-*) into DIR/model.safetensors and
+    DIR/config.json. The architecture is read off the parameter tree; routing settings the
+    checkpoint does not hold come from the matching released config or the reference's defaults.
+    Every --model option then takes DIR; --checkpoint PREFIX also works without importing.
+
+    \b
+    Example:
+      moe-export import vmoe gs-copy/vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012 -o b16-384
+      moe-export export --model b16-384 -o b16-384.onnx
+    """
+    from exporter.checkpoints import import_vmoe
+
+    overrides = dict(
+        k=k,
+        capacity_factor=capacity_factor,
+        batch_priority=batch_priority,
+        group_images=group_images,
+        bf16_dispatch=bf16_dispatch,
+    )
+    err = _console(stderr=True)
+    with step(f"Importing {prefix}"):
+        result = import_vmoe(
+            prefix, output_dir, name=name, progress=lambda t: err.print(f"[dim]  {escape(t)}[/dim]"), **overrides
+        )
+    _emit(result, _print_import, json_out)
+
+
+def _print_import(result) -> None:
+    c, src = result.config, result.source
+    layers = ",".join(map(str, c["moe_layers"]))
+    routing = (
+        f"k={c['k']}, C={c['capacity_factor']}, groups of {c['group_images']} images, "
+        f"BPR {'on' if c['batch_priority'] else 'off'}"
+        if c["family"] == "vmoe"
+        else f"{c['slots_per_expert']} slot(s) per expert"
+    )
+    _console().print(
+        f"{escape(result.output_dir)}: {c['name']} ({c['family']}), {c['image_size']} px, /{c['patch_size']}, "
+        f"D={c['dim']}, {c['layers']} layers, MoE at {layers}, E={c['num_experts']}, {routing}, "
+        f"dispatch {'bfloat16' if c['bf16_dispatch'] else 'float32'}; "
+        f"{src['parameters'] / 1e6:,.1f}M parameters, sha256 {src['checkpoint_sha256'][:12]}"
+    )
+
+
 @main.command()
 @model_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
@@ -213,6 +317,7 @@ def export(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     output,
     opset,
     routing_outputs,
@@ -228,7 +333,9 @@ def export(
     from exporter.export import export_onnx
     from exporter.source import load
 
-    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    src = _source(
+        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, bf16_dispatch
+    )
     with step(f"Building {src.name}"):
         loaded = load(src)
     result = export_onnx(loaded, output, opset=opset, routing_outputs=routing_outputs, step=step)
@@ -340,6 +447,7 @@ def validate(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     engine_graph,
     batch,
     inputs_npz,
@@ -375,7 +483,17 @@ def validate(
         header = read_onnx_header(onnx_graph)
         recorded = None if (model or module) else source_of(onnx_graph, header, None)
         src = _source(
-            model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, recorded
+            model,
+            module,
+            input_shape,
+            checkpoint,
+            seed,
+            k,
+            capacity_factor,
+            batch_priority,
+            group_images,
+            bf16_dispatch,
+            recorded,
         )
         tolerances = settings.TOLERANCES.get(precision or "fp32", settings.FP32_TOLERANCES)
         default = click.core.ParameterSource.DEFAULT
@@ -387,7 +505,7 @@ def validate(
         )
         use_sample = sample is not None and batch is None and inputs_npz is None
         model_given = model or module or input_shape or checkpoint or seed is not None
-        routing_given = any(v is not None for v in (k, capacity_factor, batch_priority, group_images))
+        routing_given = any(v is not None for v in (k, capacity_factor, batch_priority, group_images, bf16_dispatch))
         reference = None
         if use_sample and not (model_given or routing_given):  # the bundle's PyTorch outputs: no model needed
             from exporter.bundle import stored_reference
@@ -413,7 +531,17 @@ def validate(
     header = read_onnx_header(graph)
     recorded = None if (model or module) else source_of(graph, header, None)
     src = _source(
-        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=recorded
+        model,
+        module,
+        input_shape,
+        checkpoint,
+        seed,
+        k,
+        capacity_factor,
+        batch_priority,
+        group_images,
+        bf16_dispatch,
+        default=recorded,
     )
     tolerances = settings.Tolerances(rtol=rtol, routing_agreement=min_routing_agreement)
     report = validate_onnx(
@@ -585,6 +713,7 @@ def inspect_routing(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     image,
     sample,
     factors,
@@ -614,7 +743,17 @@ def inspect_routing(
 
         recorded = source_of(graph, read_onnx_header(graph), None)
     src = _source(
-        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, default=recorded
+        model,
+        module,
+        input_shape,
+        checkpoint,
+        seed,
+        k,
+        capacity_factor,
+        batch_priority,
+        group_images,
+        bf16_dispatch,
+        default=recorded,
     )
     slot_list = [int(s) for s in _floats(slots, "--slots")] if slots else None
     picture = draw(
@@ -679,6 +818,7 @@ def sweep_capacity(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     factors,
     parity,
     output,
@@ -696,7 +836,7 @@ def sweep_capacity(
 
     if capacity_factor is not None or batch_priority is not None:
         raise UserError("the sweep sets --capacity-factor and --batch-priority itself; use --factors")
-    src = _source(model, module, input_shape, checkpoint, seed, k, None, None, group_images)
+    src = _source(model, module, input_shape, checkpoint, seed, k, None, None, group_images, bf16_dispatch)
     report = run_sweep(src, capacity_factors=_floats(factors, "--factors"), parity=parity, step=step)
     if output:
         plot_sweep(report, output)
@@ -767,6 +907,7 @@ def bench(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     batch,
     warmup,
     runs,
@@ -791,7 +932,9 @@ def bench(
     from exporter.bench import parse_backends
 
     names = parse_backends(backends)
-    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    src = _source(
+        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, bf16_dispatch
+    )
     report = run_bench(src, batch=batch, warmup=warmup, runs=runs, backends=names, threads=threads, step=step)
     _emit(report, _print_bench, json_out)
 
@@ -873,6 +1016,7 @@ def build_bundle_command(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     output_dir,
     targets,
     batch,
@@ -892,7 +1036,9 @@ def build_bundle_command(
     """
     from exporter.bundle import build_bundle
 
-    src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+    src = _source(
+        model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images, bf16_dispatch
+    )
     result = build_bundle(src, output_dir, targets=_target_list(targets), batch=batch, seed=input_seed, step=step)
     _emit(result, _print_bundle, json_out)
 
@@ -971,6 +1117,7 @@ def build_engine_command(
     capacity_factor,
     batch_priority,
     group_images,
+    bf16_dispatch,
     output_dir,
     precision,
     min_batch,
@@ -1013,7 +1160,18 @@ def build_engine_command(
             raise UserError("give a bundle folder or --model/--module, not both")
         if not output_dir:
             raise UserError("give -o DIR: the bundle folder to write")
-        src = _source(model, module, input_shape, checkpoint, seed, k, capacity_factor, batch_priority, group_images)
+        src = _source(
+            model,
+            module,
+            input_shape,
+            checkpoint,
+            seed,
+            k,
+            capacity_factor,
+            batch_priority,
+            group_images,
+            bf16_dispatch,
+        )
         result = build_bundle(src, output_dir, targets=_target_list(targets), step=step)
         _print_bundle(result)
         bundle = Path(output_dir)

@@ -431,6 +431,7 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
             "plugins": {"file": PLUGINS, "plugin_nodes": rewritten.counts, "declined": len(rewritten.declined)},
         },
         "inputs": _io(list(header.graph.input), initializers),
+        "preprocessing": settings.PREPROCESSING,
         "outputs": _io(list(header.graph.output), set()),
         "sample": {
             "batch": int(images.shape[0]),
@@ -482,6 +483,7 @@ Made by moe-export {manifest["versions"]["moe-export"]} on {manifest["created"]}
 MoE layers: {", ".join(model["moe_layers"]) or "none"}.{
         f" The batch must be a multiple of {group} images (one V-MoE routing group)." if group > 1 else ""
     }
+Inputs: {manifest["preprocessing"]}.
 
 | file | what |
 |---|---|

@@ -24,7 +24,7 @@ from exporter.errors import UserError
 from exporter.fileio import atomic_dir
 from exporter.models.capture import capture_routing, layer_names
 from exporter.portable import check_portable, op_histogram
-from exporter.source import METADATA_KEY, LoadedModel, check_batch
+from exporter.source import METADATA_KEY, PREPROCESSING_KEY, LoadedModel, check_batch
 
 INPUT_NAME = "images"
 ROUTING_PREFIX = "routing."
@@ -176,6 +176,7 @@ def export_onnx(
     program.model.metadata_props[METADATA_KEY] = loaded.source.to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
+    program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING
     program.model.producer_name = "moe-export"
 
     with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:

@@ -83,7 +83,8 @@ TOLERANCES.update(fp16=FP16_TOLERANCES, bf16=BF16_TOLERANCES)
 
 
 # --- Reference checkpoints (google-research/vmoe) -------------------------------------------------
-REFERENCE_VALUE_RANGE = (-1.0, 1.0)  # vmoe's input pipelines end in value_range(-1, 1)
-REFERENCE_PREPROCESSING = "RGB, NCHW float32, value_range(-1, 1): pixel / 127.5 - 1 (the reference feeds NHWC)"
+# The inputs every moe-export model takes, as the reference's input pipelines end (value_range(-1, 1));
+# recorded in graphs, bundles and imported model folders, and applied wherever an image file is read.
+PREPROCESSING = "RGB images, NCHW float32 in [-1, 1]: pixel / 127.5 - 1 (the reference takes the same values NHWC)"
 REFERENCE_K = 2  # num_selected_experts in every released config
 REFERENCE_CAPACITY_FACTOR = 1.05  # training (and in-domain eval) capacity of the paper configs

@@ -24,6 +24,7 @@ from exporter.fileio import sha256
 from exporter.zoo import VMOE, ModelConfig, build_model, get_config
 
 METADATA_KEY = "moe_export.source"
+PREPROCESSING_KEY = "moe_export.preprocessing"  # what the graph's images input expects (settings.PREPROCESSING)
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,28 @@ def from_zoo(
     input_shape: tuple[int, ...] | None = None,
     **overrides,
 ) -> ModelSource:
-    config = get_config(name).replace(**overrides)
+    """A zoo model by name, or a folder written by ``moe-export import vmoe`` (its config and weights)."""
+    from exporter.checkpoints import is_model_dir, read_model_dir
+
+    if is_model_dir(name):
+        config, weights = read_model_dir(name)
+        config = config.replace(**overrides)
+        checkpoint = checkpoint or str(weights)
+    else:
+        config = get_config(name).replace(**overrides)
     _, image_shape = split_shape(input_shape)
     if image_shape is not None and tuple(image_shape) != config.input_shape:
         got, want = "x".join(map(str, image_shape)), "x".join(map(str, config.input_shape))
-        raise UserError(f"input shape {got} does not match {name}, which takes {want} images")
-    return ModelSource("zoo", name, config.input_shape, config, seed, *checkpoint_info(checkpoint))
+        raise UserError(f"input shape {got} does not match {config.name}, which takes {want} images")
+    return ModelSource("zoo", config.name, config.input_shape, config, seed, *checkpoint_info(checkpoint))
+
+
+def from_vmoe_checkpoint(path: str, *, seed: int = settings.DEFAULT_SEED, **overrides) -> ModelSource:
+    """The model a vmoe checkpoint's parameter tree describes, with its weights."""
+    from exporter.checkpoints import config_for_checkpoint
+
+    config = config_for_checkpoint(path, **overrides)
+    return ModelSource("zoo", config.name, config.input_shape, config, seed, *checkpoint_info(path))
 
 
 def from_module(
@@ -130,6 +147,12 @@ def from_module(
 def checkpoint_info(path: str | None) -> tuple[str | None, str | None]:
     if path is None:
         return None, None
+    from exporter.checkpoints import checkpoint_sha256, is_vmoe_checkpoint
+    from exporter.checkpoints.vmoe_format import resolve_prefix
+
+    if is_vmoe_checkpoint(path) or Path(path).is_dir():
+        prefix = resolve_prefix(path)
+        return str(prefix.resolve()), checkpoint_sha256(prefix)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -161,7 +184,16 @@ def _import_factory(spec: str):
     return factory
 
 
-def _load_state_dict(module: nn.Module, path: str) -> None:
+def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | None = None) -> None:
+    from exporter.checkpoints import is_vmoe_checkpoint, state_dict_for
+
+    if is_vmoe_checkpoint(path):
+        if config is None:
+            raise UserError(
+                f"{path} is a vmoe checkpoint: it loads into a zoo model or by itself (--checkpoint without --module)"
+            )
+        module.load_state_dict(state_dict_for(path, config, module), strict=True)
+        return
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -214,7 +246,7 @@ def load(source: ModelSource, *, device: str = "cpu") -> LoadedModel:
             raise UserError(f"factory {source.spec} returned {type(module).__name__}, not a torch.nn.Module")
         module = module.to(device).eval()
     if source.checkpoint:
-        _load_state_dict(module, source.checkpoint)
+        _load_state_dict(module, source.checkpoint, source.config)
     return LoadedModel(module, source, *describe(module))
 
 

@@ -42,8 +42,6 @@ class ModelConfig:
     slots_per_expert: int = 1
     # Both: the reference's bfloat16 rounding of expert inputs and outputs (Bfloat16Dispatcher)
     bf16_dispatch: bool = False
-    # Input convention: NCHW RGB in this range (the reference's value_range(-1, 1)); None: unknown
-    value_range: tuple[float, float] | None = None
     tags: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -92,8 +90,6 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
-        if d.get("value_range") is not None:
-            d["value_range"] = tuple(d["value_range"])
         return cls(**d)
 
 
@@ -159,7 +155,6 @@ ZOO: dict[str, ModelConfig] = {
             num_classes=1000,
             representation_size=512,
             capacity_factor=4.0,
-            value_range=settings.REFERENCE_VALUE_RANGE,
             tags=("released",),
         ),
         ModelConfig(
@@ -173,7 +168,6 @@ ZOO: dict[str, ModelConfig] = {
             num_experts=8,
             num_classes=1000,
             capacity_factor=1.5,
-            value_range=settings.REFERENCE_VALUE_RANGE,
             tags=("released",),
         ),
         ModelConfig(
@@ -187,7 +181,6 @@ ZOO: dict[str, ModelConfig] = {
             num_experts=8,
             num_classes=21843,
             capacity_factor=1.05,
-            value_range=settings.REFERENCE_VALUE_RANGE,
             tags=("released",),
         ),
         ModelConfig(
@@ -201,7 +194,6 @@ ZOO: dict[str, ModelConfig] = {
             num_experts=8,
             num_classes=1000,
             capacity_factor=1.5,
-            value_range=settings.REFERENCE_VALUE_RANGE,
             tags=("released",),
         ),
         ModelConfig(

@@ -181,7 +181,7 @@ def import_vmoe(
     meta = {
         "format": FORMAT,
         "model": config.to_dict(),
-        "preprocessing": settings.REFERENCE_PREPROCESSING,
+        "preprocessing": settings.PREPROCESSING,
         "source": source,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

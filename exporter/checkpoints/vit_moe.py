@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from exporter import settings
 from exporter.errors import UserError
 from exporter.zoo import SOFT_MOE, VMOE, ZOO, ModelConfig
 
@@ -130,9 +129,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], *, name: str | None = No
         config = release
     else:
         summary = f"imported vmoe checkpoint ({'V-MoE' if arch['family'] == VMOE else 'Soft-MoE'})"
-        config = ModelConfig(
-            name or "vmoe-checkpoint", summary=summary, **arch, value_range=settings.REFERENCE_VALUE_RANGE
-        )
+        config = ModelConfig(name or "vmoe-checkpoint", summary=summary, **arch)
     return config.replace(name=name, **overrides)
 
 
