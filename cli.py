@@ -806,6 +806,7 @@ def sweep_group():
     help="Capacity factors, each run vanilla and with Batch Prioritized Routing.",
 )
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Export and check the graph at each point.")
+@click.option("--images", type=int, help="Digits test images to route (default: all 448), in whole routing groups.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="A PNG plot of the sweep.")
 @click.option("--json", "json_out", metavar="PATH", help="Write the sweep as JSON ('-' for stdout).")
 def sweep_capacity(
@@ -821,6 +822,7 @@ def sweep_capacity(
     bf16_dispatch,
     factors,
     parity,
+    images,
     output,
     json_out,
 ):
@@ -837,7 +839,7 @@ def sweep_capacity(
     if capacity_factor is not None or batch_priority is not None:
         raise UserError("the sweep sets --capacity-factor and --batch-priority itself; use --factors")
     src = _source(model, module, input_shape, checkpoint, seed, k, None, None, group_images, bf16_dispatch)
-    report = run_sweep(src, capacity_factors=_floats(factors, "--factors"), parity=parity, step=step)
+    report = run_sweep(src, capacity_factors=_floats(factors, "--factors"), parity=parity, images=images, step=step)
     if output:
         plot_sweep(report, output)
     if json_out != "-":

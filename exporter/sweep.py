@@ -155,6 +155,7 @@ def sweep_capacity(
     *,
     capacity_factors: Sequence[float] = settings.SWEEP_CAPACITY_FACTORS,
     parity: bool = True,
+    images: int | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> SweepReport:
     """Runs the sweep on the digits test split (resized to the model's input).
@@ -164,9 +165,13 @@ def sweep_capacity(
         capacity_factors: The factors to try, each with vanilla and Batch Prioritized Routing.
         parity: Export each point's graph (routing outputs included) and compare it with PyTorch on
             the same images: outputs within the fp32 tolerance and identical routing.
+        images: Test images to route (at most the split's 448, rounded down to whole routing
+            groups); all of them by default.
         step: Progress context-manager factory.
     """
     start = time.perf_counter()
+    if images is not None and images < 1:
+        raise UserError(f"--images must be at least 1, got {images}")
     factors = sorted({float(c) for c in capacity_factors})
     if not factors:
         raise UserError("give at least one capacity factor")
@@ -179,7 +184,10 @@ def sweep_capacity(
         raise UserError(f"sweep capacity needs a V-MoE model; {source.name} is {loaded.family}")
     split = load_split(tuple(source.input_shape))
     multiple = loaded.batch_multiple
-    count = len(split.test_images) // multiple * multiple
+    available = len(split.test_images) if images is None else min(images, len(split.test_images))
+    count = available // multiple * multiple
+    if count == 0:
+        raise UserError(f"{available} images make no whole routing group of {multiple} images")
     images, labels = split.test_images[:count], split.test_labels[:count]
     batch = multiple * max(1, 64 // multiple)
     notes = []

@@ -118,8 +118,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-s32-last2-e8",
             VMOE,
-            "V-MoE S/32, Last-2, E=8, k=2, ILSVRC2012 head; the released S/32's architecture, at C=1.05 "
-            "(training) where its config evaluates at 4.0 (see vmoe-s32-last2-ilsvrc2012)",
+            "V-MoE S/32, Last-2, E=8, k=2: the released S/32 at C=1.05 (training); it evaluates at 4.0",
             image_size=224,
             patch_size=32,
             **_V_S32,
@@ -131,8 +130,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-b16-every2-e8",
             VMOE,
-            "V-MoE B/16, Every-2, E=8, k=2, 224 px with a 1000-class head: matches neither released B/16 "
-            "(vmoe-b16-in21k is 21,843 classes; vmoe-b16-in21k-ft-ilsvrc2012-384 is 384 px)",
+            "V-MoE B/16, Every-2, E=8, k=2, 224 px, 1000 classes: neither released B/16 (21k classes; 384 px)",
             image_size=224,
             patch_size=16,
             **_B,
@@ -146,7 +144,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-s32-last2-ilsvrc2012",
             VMOE,
-            "released vmoe_s32_last2_ilsvrc2012_randaug_light1: S/32, Last-2, E=8, 224 px, pre-logits, eval C=4.0",
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1: S/32, Last-2, E=8, 224 px, eval C=4",
             image_size=224,
             patch_size=32,
             **_V_S32,
@@ -160,7 +158,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-s32-last2-ilsvrc2012-ft-384",
             VMOE,
-            "released vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012: S/32 fine-tuned at 384 px, C=1.5",
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012: 384 px, C=1.5",
             image_size=384,
             patch_size=32,
             **_V_S32,
@@ -173,7 +171,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-b16-in21k",
             VMOE,
-            "released vmoe_b16_imagenet21k_randaug_strong: B/16, Every-2, E=8, 224 px, 21,843 classes, C=1.05",
+            "released vmoe_b16_imagenet21k_randaug_strong: B/16, Every-2, E=8, 21,843 classes, C=1.05",
             image_size=224,
             patch_size=16,
             **_B,
@@ -186,7 +184,7 @@ ZOO: dict[str, ModelConfig] = {
         ModelConfig(
             "vmoe-b16-in21k-ft-ilsvrc2012-384",
             VMOE,
-            "released vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012: B/16 fine-tuned at 384 px, C=1.5",
+            "released vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012: 384 px, C=1.5",
             image_size=384,
             patch_size=16,
             **_B,

@@ -221,3 +221,70 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The parameter tree's names and shapes, from the index alone."""
     _, leaves, _ = read_index(resolve_prefix(path))
     return {name: info.shape for name, info in leaves}
+
+
+def _pack(value) -> bytes:
+    import msgpack
+
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _slice_nd_bytes(region: tuple[tuple[int, int], ...]) -> bytes:
+    return _pack(tuple(_pack((start, stop, 1)) for start, stop in region))
+
+
+def write_checkpoint(prefix: str | Path, params: dict[str, np.ndarray], *, shards: int = 1) -> list[Path]:
+    """Writes ``{"a/b/c": float32 array}`` as a vmoe partitioned checkpoint (index version 20220622),
+    each array split along its first axis over the shards in turn, in the layout vmoe's own
+    ``restore_checkpoint`` reads (checked by tests/fixtures/vmoe/make_fixtures.py). For synthetic
+    checkpoints of real trees; vmoe's writer made the fixtures."""
+    import msgpack
+
+    prefix = Path(prefix)
+    names = sorted(params, key=lambda n: n.split("/"))
+    # leaf ids in jax.tree_util order: sorted keys at every level
+    order = [name for name, _ in _flatten(_unflatten({n: n for n in names}))]
+    contents: list[dict] = [{ARRAY_CHUNKS_KEY: True} for _ in range(shards)]
+    tree: dict = {}
+    for leaf, name in enumerate(order):
+        array = np.ascontiguousarray(params[name])
+        rows = array.shape[0] if array.ndim else 1
+        cuts = np.linspace(0, rows, min(shards, rows) + 1).astype(int)
+        regions, owners = [], []
+        for piece, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+            region = ((int(lo), int(hi)), *((0, d) for d in array.shape[1:])) if array.ndim else ()
+            chunk = array[lo:hi] if array.ndim else array
+            data = msgpack.ExtType(EXT_NDARRAY, _pack(((chunk.size,), array.dtype.name, chunk.tobytes("C"))))
+            shard = (leaf + piece) % shards
+            contents[shard].setdefault(str(leaf), []).append(
+                [[data], msgpack.ExtType(EXT_SLICE_ND, _slice_nd_bytes(region))]
+            )
+            regions.append(_slice_nd_bytes(region))
+            owners.append(shard)
+        shaped = _pack((list(array.shape), array.dtype.name, False, {}))
+        info = msgpack.ExtType(EXT_INDEX_INFO, _pack((shaped, tuple(regions), tuple(owners))))
+        node = tree
+        *parents, last = name.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = info
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shard, content in enumerate(contents):
+        file = shard_path(prefix, shard, shards)
+        file.write_bytes(msgpack.packb(content, use_bin_type=True))
+        files.append(file)
+    index = Path(f"{prefix}.index")
+    index.write_bytes(msgpack.packb({"shard_count": shards, "index": tree, "version": "20220622"}, use_bin_type=True))
+    return [index, *files]
+
+
+def _unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, last = name.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
