@@ -56,7 +56,9 @@ def steps(work: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def seeded_checkpoint(release: str, prefix: Path) -> tuple[int, float]:
+def seeded_checkpoint(release: str, prefix: Path) -> int:
+    """Writes the release's tree with seeded weights (run in a child process: this one stays small,
+    so the children's peak RSS, which starts from this process's at fork, is theirs)."""
     from exporter.checkpoints.vmoe_format import write_checkpoint
 
     shapes = json.loads(TREES.read_text())[release]["params"]
@@ -65,9 +67,8 @@ def seeded_checkpoint(release: str, prefix: Path) -> tuple[int, float]:
     for name, shape in shapes.items():
         fan_in = shape[0] if len(shape) > 1 else 1
         params[name] = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
-    start = time.perf_counter()
     write_checkpoint(prefix, params, shards=4)
-    return sum(a.size for a in params.values()), time.perf_counter() - start
+    return sum(a.size for a in params.values())
 
 
 def timed(args: list[str], log: Path) -> tuple[int, float, float]:
@@ -76,7 +77,8 @@ def timed(args: list[str], log: Path) -> tuple[int, float, float]:
     with open(log, "ab") as out:
         out.write(f"\n$ moe-export {' '.join(args)}\n".encode())
         out.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, stdout=out, stderr=out)
+        command = [sys.executable, "-m", "cli", *args] if args[0] != "--write" else [sys.executable, __file__, *args]
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=out)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 2**20  # KiB -> GiB
@@ -87,15 +89,23 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(RELEASES))
     parser.add_argument("--work", help="Keep the files here (default: a temporary folder, removed)")
     parser.add_argument("--json", help="Also write the rows as JSON")
+    parser.add_argument("--write", nargs=2, metavar=("RELEASE", "PREFIX"), help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.write:
+        seeded_checkpoint(*ns.write[:1], Path(ns.write[1]))
+        return 0
     rows, failed = [], False
     for name in ns.models.split(","):
         work = Path(ns.work or tempfile.mkdtemp(prefix="moe-release-")) / name
         shutil.rmtree(work, ignore_errors=True)
         (work / "ckpt").mkdir(parents=True)
-        params, write_s = seeded_checkpoint(RELEASES[name], work / "ckpt" / "release")
+        shapes = json.loads(TREES.read_text())[RELEASES[name]]["params"].values()
+        params = sum(int(np.prod(s)) for s in shapes)
+        rc, write_s, write_rss = timed(["--write", RELEASES[name], str(work / "ckpt" / "release")], work / "log.txt")
+        if rc:
+            raise SystemExit(f"writing the seeded checkpoint failed: see {work / 'log.txt'}")
         row = {"model": name, "parameters": params, "checkpoint_write_s": round(write_s, 1), "steps": {}}
-        print(f"{name}: {params / 1e6:.1f}M parameters, checkpoint written in {write_s:.1f}s", flush=True)
+        print(f"{name}: {params / 1e6:.1f}M parameters, seeded checkpoint written in {write_s:.1f}s", flush=True)
         for step, args in steps(work):
             if failed_here := any(s["rc"] != 0 for s in row["steps"].values()):
                 row["steps"][step] = {"rc": None}

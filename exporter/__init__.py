@@ -25,6 +25,9 @@ _PUBLIC = {
     "VMoEMlp": "exporter.models.vmoe",
     "SoftMoEMlp": "exporter.models.soft_moe",
     "capture_routing": "exporter.models.capture",
+    # reference checkpoints (google-research/vmoe)
+    "load_vmoe_checkpoint": "exporter.checkpoints",
+    "import_vmoe": "exporter.checkpoints",
     # pipeline
     "ModelSource": "exporter.source",
     "from_zoo": "exporter.source",

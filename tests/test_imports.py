@@ -60,7 +60,7 @@ def test_every_command_help_works_without_gpu_libraries():
         "        assert e.code == 0, (cmd, e.code)\n"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("Usage: ") == 11
+    assert proc.stdout.count("Usage: ") == 12
 
 
 def test_tensorrt_missing_is_a_reason_not_a_crash():

@@ -160,3 +160,26 @@ def test_orbax_checkpoint_says_how_to_convert(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "manifest.ocdbt").write_bytes(b"")
     assert_one_line_error(run("import", "vmoe", tmp_path / "ckpt", "-o", tmp_path / "out"), "Orbax", "save_checkpoint")
+
+
+def test_a_released_zoo_model_takes_its_real_checkpoint(tmp_path):
+    """--model vmoe-s32-last2-ilsvrc2012 --checkpoint PREFIX: a checkpoint in the released model's
+    real tree (seeded weights, written in vmoe's format) loads into the zoo entry, every leaf used."""
+    from exporter.checkpoints.vmoe_format import write_checkpoint
+    from exporter.source import from_zoo, load
+
+    from .test_vit_moe import RELEASED
+
+    shapes = RELEASED["vmoe_s32_last2_ilsvrc2012_randaug_light1"]["params"]
+    rng = np.random.default_rng(1)
+    params = {n: rng.standard_normal(s, dtype=np.float32) * 0.02 for n, s in shapes.items()}
+    write_checkpoint(tmp_path / "s32", params, shards=2)
+    loaded = load(from_zoo("vmoe-s32-last2-ilsvrc2012", checkpoint=str(tmp_path / "s32")))
+    state = loaded.module.state_dict()
+    assert torch.equal(state["head.weight"], torch.from_numpy(params["head/kernel"].T))
+    assert torch.equal(
+        state["blocks.7.mlp.experts.w2"], torch.from_numpy(params["Encoder/encoderblock_7/Moe/Mlp/Dense_1/kernel"])
+    )
+    assert loaded.source.config.capacity_factor == 4.0 and loaded.routing_layers == ["blocks.5.mlp", "blocks.7.mlp"]
+    with pytest.raises(UserError, match="its image_size is 224, not 384"):
+        load(from_zoo("vmoe-s32-last2-ilsvrc2012-ft-384", checkpoint=str(tmp_path / "s32")))
