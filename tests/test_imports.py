@@ -53,7 +53,7 @@ def test_every_command_help_works_without_gpu_libraries():
         "from cli import main\n"
         "for cmd in ([], ['models'], ['export'], ['validate'], ['rewrite'], ['demo'],\n"
         "            ['inspect', 'routing'], ['sweep', 'capacity'], ['build', 'bundle'], ['build', 'engine'],\n"
-        "            ['bench']):\n"
+        "            ['bench'], ['import', 'vmoe']):\n"
         "    try:\n"
         "        main(cmd + ['--help'])\n"
         "    except SystemExit as e:\n"
