@@ -987,7 +987,9 @@ def _target_list(text: str) -> list[str]:
 
 
 def _default_targets() -> str:
-    return ",".join(f"sm_{a}" for a in settings.DEFAULT_PTX_TARGETS)
+    from plugins.aot import target_unsupported
+
+    return ",".join(f"sm_{a}" for a in settings.DEFAULT_PTX_TARGETS if target_unsupported(a) is None or a < 100)
 
 
 @main.group("build")
@@ -1003,7 +1005,8 @@ def build_group():
     "targets",
     default=_default_targets(),
     show_default=True,
-    help="CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200).",
+    help="CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200, "
+    "sm_110 Jetson Thor with Triton >= 3.9).",
 )
 @click.option("--batch", type=int, help="Sample images (a multiple of the routing group). Default: one group.")
 @click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")

@@ -130,7 +130,8 @@ def build_bundle(
         source: The model (zoo config or user module).
         dest: The bundle folder. An existing bundle there is replaced; any other non-empty folder is refused.
         targets: CUDA architectures to precompile the plugin kernels for (87 = Orin, 90 = Hopper).
-        ptx_version: PTX ISA version (default ``plugins.aot.DEFAULT_PTX_VERSION``, 8.5).
+        ptx_version: PTX ISA version; default per target, the lowest it accepts and at least 8.5
+            (``plugins.aot.ptx_version_for``: 8.5 for sm_87/sm_90, 9.0 for sm_110).
         batch: Images in the sample inputs (a multiple of the routing group); default one group.
         seed: Seed of the sample images.
         opset: ONNX opset of the export.
@@ -142,12 +143,22 @@ def build_bundle(
     from exporter.export import export_onnx
     from exporter.rewrite import rewrite_onnx
     from exporter.runners import run_onnxruntime
-    from plugins.aot import DEFAULT_PTX_VERSION
+    from plugins.aot import PER_ARCH, ptx_version_for, target_unsupported
 
     start = time.perf_counter()
     dest = Path(dest)
     arches = _targets(targets)
-    ptx_version = DEFAULT_PTX_VERSION if ptx_version is None else ptx_version
+    if targets is settings.DEFAULT_PTX_TARGETS:  # the defaults this Triton cannot compile are left out
+        arches = [a for a in arches if a < 100 or target_unsupported(a) is None]
+    for arch in arches:
+        if arch >= 100 and (reason := target_unsupported(arch)):
+            raise UserError(f"cannot precompile for sm_{arch}: {reason}")
+    ptx_version = PER_ARCH if ptx_version is None else ptx_version
+    try:
+        for arch in arches:
+            ptx_version_for(arch, ptx_version)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_bundle(dest))):
         raise UserError(f"{dest} exists and is not a moe-export bundle; choose another -o")
     _check_triton()
@@ -414,6 +425,7 @@ def _hashes(folder: Path) -> dict[str, dict]:
 
 def _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version) -> dict:
     from plugins import NAMESPACE
+    from plugins.aot import ptx_version_for
 
     initializers = {i.name for i in header.graph.initializer}
     ((input_name, images),) = feeds.items()
@@ -449,7 +461,7 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
             "package": "plugins/",
             "ptx_dir": f"{PTX_DIR}/",
             "ptx_targets": [f"sm_{a}" for a in arches],
-            "ptx_version": ptx_version,
+            "ptx_version": {f"sm_{a}": ptx_version_for(a, ptx_version) for a in arches},
         },
         "requirements": {
             "plugin_engine": "TensorRT >= 10.9 (AOT Quickly Deployable Plugins) and Python with tensorrt at build time",
@@ -474,6 +486,9 @@ def render_readme(manifest: dict) -> str:
     group = model["batch_multiple"]
     atol = " ".join(f"{n}:{v:g}" for n, v in manifest["polygraphy_atol"].items())
     shapes = " ".join(f"--{k}Shapes={_shape(inp['name'], batch, image)}" for k in ("min", "opt", "max"))
+    dims = ",".join(str(d) for d in [batch, *image])
+    # Polygraphy builds a profile with every dynamic dimension at 1 unless told: the sample batch must fit
+    trt_shapes = " ".join(f"--trt-{k}-shapes {inp['name']}:[{dims}]" for k in ("min", "opt", "max"))
     plugins = manifest["plugins"]
     counts = ", ".join(f"{n} {op}" for op, n in plugins["nodes"].items()) or "none"
     targets = ", ".join(plugins["ptx_targets"])
@@ -499,8 +514,13 @@ Inputs: {manifest["preprocessing"]}.
 - **Plugin engine** (`{PLUGINS}`): TensorRT >= 10.9 with its Python package at build time (AOT Quickly
   Deployable Plugins). The built engine embeds the kernels and runs without Python (trtexec, C++, Triton
   Inference Server).
-- **Portable engine** (`{PORTABLE}`): any TensorRT >= 10.3, no plugins. JetPack 6 ships TensorRT 10.3,
-  so on JetPack 6 use this graph.
+- **Portable engine** (`{PORTABLE}`): any TensorRT >= 10.3, no plugins.
+- **Jetson**: JetPack 6.x (Orin, sm_87) ships TensorRT 10.3: the portable graph only. JetPack 7.x (Thor,
+  sm_110) ships TensorRT 10.13 to 10.16: the plugin graph (its PTX is in `{PTX_DIR}/` when the bundle was
+  made with Triton >= 3.9).
+- **NumPy**: TensorRT 10.9 to 11.1 turn each integer plugin attribute into a Python int with `int(array)`,
+  which NumPy >= 2.4 refuses, so no plugin node can be created: with those TensorRT versions use
+  `pip install "numpy<2.4"`, or TensorRT >= 11.2. `moe-export build engine` checks this before building.
 - Build the engine on the device that runs it (same GPU, JetPack and TensorRT).
 
 Check the files first (every file's SHA-256 is in the manifest):
@@ -525,11 +545,15 @@ moe-export validate {{this folder}}                        # TensorRT vs PyTorch
 
 ```bash
 # plugin graph: the script registers the plugins before parsing
-PYTHONPATH=. MOE_PLUGINS_PTX_DIR={PTX_DIR} polygraphy run {NETWORK_SCRIPT} --trt \\
+PYTHONPATH=. MOE_PLUGINS_PTX_DIR={PTX_DIR} polygraphy run {NETWORK_SCRIPT} --trt {trt_shapes} \\
     --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
 # portable graph
-polygraphy run {PORTABLE} --trt --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
+polygraphy run {PORTABLE} --trt {trt_shapes} \\
+    --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
 ```
+
+The `--trt-*-shapes` give the profile the sample batch (without them Polygraphy sets every dynamic
+dimension to 1); Polygraphy leaves TF32 off unless `--tf32` is given.
 
 The `--atol` values are the FP32 parity rule (max |TensorRT - PyTorch| <= {
         settings.FP32_TOLERANCES.rtol:g} x max |PyTorch|
@@ -538,12 +562,13 @@ per output), and 0 for routing decisions (expert, kept, slot), which must be ide
 ## With plain trtexec (portable graph, no plugins)
 
 ```bash
-trtexec --onnx={PORTABLE} {shapes} --saveEngine=model.portable.engine
+trtexec --onnx={PORTABLE} {shapes} --noTF32 --saveEngine=model.portable.engine
 trtexec --loadEngine=model.portable.engine --shapes={_shape(inp["name"], batch, image)} \\
     --loadInputs={inp["name"]}:{INPUTS_BIN} --exportOutput=outputs.json
 ```
 
-trtexec cannot build `{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
+`--noTF32`: trtexec allows TF32 by default, which misses the FP32 parity rule. trtexec cannot build
+`{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
 or Polygraphy built: `trtexec --loadEngine={ENGINE} --shapes={_shape(inp["name"], batch, image)}`.
 """
 

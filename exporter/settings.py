@@ -73,7 +73,9 @@ TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its
 # --- TensorRT engines and deploy bundles -----------------------------------------------------------
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl: engines that run without Python
 DEFAULT_PRECISION = "fp32"
-DEFAULT_PTX_TARGETS = (87, 90)  # Jetson Orin (sm_87) and Hopper H100/H200 (sm_90)
+# Jetson Orin (sm_87), Hopper H100/H200 (sm_90) and Jetson Thor (sm_110, PTX ISA 9.0; where the
+# installed Triton can compile it: >= 3.9, see plugins.aot.MIN_TRITON)
+DEFAULT_PTX_TARGETS = (87, 90, 110)
 BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IMAGES images in the sample inputs
 # Reduced precision keeps the router and routing math in FP32; the tokens around it are not, so an
 # expert choice can flip where two gates are within the error: a small shortfall is allowed.

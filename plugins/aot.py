@@ -6,7 +6,10 @@ its engine): ``compiled_kernel`` looks in ``$MOE_PLUGINS_PTX_DIR`` first.
 
 Triton >= 3.3 appends two pointer parameters to every kernel (global and profile scratch), after
 the parameters TensorRT passes (inputs, scalars, outputs). They are only dereferenced when the
-kernel asks for scratch memory; ``compile_ptx`` refuses a kernel that does.
+kernel asks for scratch memory; ``compile_ptx`` refuses a kernel that does, and removes the two
+unused parameters from the PTX entry, so the kernel takes exactly what TensorRT passes: whether a
+TensorRT version pads the launch with null pointers (11.x does; 10.x is not documented) no longer
+matters.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from plugins.recipe import KernelRecipe
 
 __all__ = [
     "DEFAULT_PTX_VERSION",
+    "PER_ARCH",
+    "ptx_version_for",
+    "target_unsupported",
+    "triton_version",
     "PTX_DIR_ENV",
     "CompiledPTX",
     "compile_all",
     "compile_ptx",
+    "strip_unused_params",
     "compile_recipe",
     "compiled_kernel",
     "current_arch",
@@ -35,6 +43,36 @@ __all__ = [
 
 #: PTX ISA 8.5 (CUDA 12.5): loadable by the drivers of JetPack 6 and of current datacenter GPUs.
 DEFAULT_PTX_VERSION = 85
+#: The lowest PTX ISA that names each newer architecture (CUDA's PTX ISA notes): a lower one makes
+#: LLVM abort the whole process ("PTX version 8.5 does not support target 'sm_100a'"), so never ask.
+MIN_PTX_VERSION = {100: 86, 101: 86, 120: 87, 103: 88, 121: 88, 110: 90}
+#: ``ptx_version=PER_ARCH``: the lowest PTX ISA the target accepts, at least DEFAULT_PTX_VERSION.
+PER_ARCH = 0
+#: The oldest Triton whose bundled ptxas knows the target (Triton 3.6.0's has no sm_110a; 3.9.0's has).
+MIN_TRITON = {110: (3, 9)}
+
+
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, read from its metadata (no import), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor, *_ = version("triton").split(".")
+        return int(major), int(minor)
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+def target_unsupported(arch: int) -> str | None:
+    """Why this Triton cannot compile for ``sm_<arch>``, or None."""
+    need, have = MIN_TRITON.get(arch), triton_version()
+    if have is None:
+        return "Triton is not installed"
+    if need and have < need:
+        return f"sm_{arch} needs Triton >= {need[0]}.{need[1]} (installed: {have[0]}.{have[1]})"
+    return None
+
+
 PTX_DIR_ENV = "MOE_PLUGINS_PTX_DIR"
 MANIFEST = "manifest.json"
 
@@ -49,6 +87,19 @@ class CompiledPTX:
     shared: int
     arch: int
     ptx_version: int | None
+
+
+def ptx_version_for(arch: int, ptx_version: int | None = PER_ARCH) -> int | None:
+    """The PTX ISA to compile ``sm_<arch>`` with: ``PER_ARCH`` -> max(8.5, the arch's minimum); an
+    explicit version is checked against that minimum (ValueError, not an LLVM abort); None keeps
+    Triton's own default."""
+    floor = MIN_PTX_VERSION.get(arch, max(MIN_PTX_VERSION.values()) if arch > 90 else DEFAULT_PTX_VERSION)
+    if ptx_version == PER_ARCH:
+        return max(DEFAULT_PTX_VERSION, floor)
+    if ptx_version is not None and ptx_version < floor:
+        need, got = f"{floor // 10}.{floor % 10}", f"{ptx_version // 10}.{ptx_version % 10}"
+        raise ValueError(f"sm_{arch} needs PTX ISA >= {need}, got {got}")
+    return ptx_version
 
 
 def _jit_function(kernel):
@@ -67,7 +118,7 @@ def compile_ptx(
     signature: Mapping[str, str],
     constexprs: Mapping[str, object],
     arch: int,
-    ptx_version: int | None = DEFAULT_PTX_VERSION,
+    ptx_version: int | None = PER_ARCH,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> CompiledPTX:
@@ -75,6 +126,7 @@ def compile_ptx(
     import triton
     from triton.backends.compiler import GPUTarget
 
+    ptx_version = ptx_version_for(arch, ptx_version)
     options: dict = {"num_warps": num_warps, "num_stages": num_stages}
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
@@ -87,7 +139,31 @@ def compile_ptx(
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, scratch, 0):
             raise RuntimeError(f"{meta.name} needs {scratch}={getattr(meta, scratch)}; TensorRT passes no scratch")
-    return CompiledPTX(meta.name, compiled.asm["ptx"], meta.num_warps, meta.shared, arch, ptx_version)
+    params = sum(1 for kind in signature.values() if kind != "constexpr")
+    ptx = strip_unused_params(compiled.asm["ptx"], meta.name, params)
+    return CompiledPTX(meta.name, ptx, meta.num_warps, meta.shared, arch, ptx_version)
+
+
+def strip_unused_params(ptx: str, entry: str, keep: int) -> str:
+    """The PTX with the entry's parameters after the first ``keep`` removed (Triton's scratch
+    pointers). Refuses (ValueError) when the body reads one of them."""
+    import re
+
+    head = re.search(rf"\.entry {re.escape(entry)}\(\s*\n(.*?)\n\)", ptx, re.S)
+    if head is None:
+        raise ValueError(f"no .entry {entry}( ... ) in the PTX")
+    params = [line.rstrip(",") for line in head.group(1).splitlines()]
+    if len(params) < keep:
+        raise ValueError(f"{entry} has {len(params)} parameters, fewer than the {keep} of its signature")
+    extra = params[keep:]
+    for line in extra:
+        name = line.split()[-1]
+        if ptx.count(name) != 1:
+            raise ValueError(f"{entry} reads its parameter {name}: it cannot be dropped")
+    if not extra:
+        return ptx
+    kept = ",\n".join(params[:keep])
+    return ptx[: head.start(1)] + kept + ptx[head.end(1) :]
 
 
 def kernel_for(recipe: KernelRecipe):
@@ -111,13 +187,14 @@ def node_recipes(op: str, shapes, attrs: Mapping, dtypes: Iterable[str] = ("floa
     return [kernels.node_recipe(shapes, dtype, **args) for dtype in variants]
 
 
-def compile_recipe(recipe: KernelRecipe, arch: int, ptx_version: int | None = DEFAULT_PTX_VERSION) -> CompiledPTX:
+def compile_recipe(recipe: KernelRecipe, arch: int, ptx_version: int | None = PER_ARCH) -> CompiledPTX:
     return compile_ptx(
         kernel_for(recipe), recipe.signature, recipe.constexprs, arch, ptx_version, recipe.num_warps, recipe.num_stages
     )
 
 
 def _file_key(recipe: KernelRecipe, arch: int, ptx_version: int | None) -> str:
+    ptx_version = ptx_version_for(arch, ptx_version)
     return f"{recipe.key()}@sm_{arch}/ptx{ptx_version or 'default'}"
 
 
@@ -125,7 +202,7 @@ def compile_all(
     recipes: Iterable[KernelRecipe],
     out_dir: str | os.PathLike,
     targets: Iterable[int] = (80, 87, 90),
-    ptx_version: int | None = DEFAULT_PTX_VERSION,
+    ptx_version: int | None = PER_ARCH,
 ) -> Path:
     """Writes the PTX of every recipe for every target under ``out_dir`` plus a ``manifest.json``.
 
@@ -141,10 +218,12 @@ def compile_all(
             compiled = compile_recipe(recipe, arch, ptx_version)
             entry = asdict(compiled)
             ptx = entry.pop("ptx")
-            entry["file"] = f"sm_{arch}/{compiled.name}-{len(manifest):04d}.ptx"
+            key = _file_key(recipe, arch, ptx_version)
+            known = manifest.get(key, {}).get("file")  # a variant compiled again overwrites its file
+            entry["file"] = known or f"sm_{arch}/{compiled.name}-{len(manifest):04d}.ptx"
             (out / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
             (out / entry["file"]).write_text(ptx)
-            manifest[_file_key(recipe, arch, ptx_version)] = entry
+            manifest[key] = entry
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest_path
 
@@ -171,7 +250,7 @@ def current_arch() -> int:
     return major * 10 + minor
 
 
-def compiled_kernel(recipe: KernelRecipe, arch: int | None = None, ptx_version: int | None = DEFAULT_PTX_VERSION):
+def compiled_kernel(recipe: KernelRecipe, arch: int | None = None, ptx_version: int | None = PER_ARCH):
     """PTX for a recipe on this GPU: precompiled from ``$MOE_PLUGINS_PTX_DIR`` if there, else compiled now."""
     arch = current_arch() if arch is None else arch
     ptx_dir = os.environ.get(PTX_DIR_ENV)

@@ -67,7 +67,10 @@ def test_every_file_is_there_and_hashed(bundles, key):
     package = {f"plugins/{p.relative_to(ROOT / 'plugins').as_posix()}" for p in (ROOT / "plugins").rglob("*.py")}
     ptx = {f for f in files if f.startswith("ptx/")}
     assert files == TOP_LEVEL | package | ptx
-    assert "ptx/manifest.json" in ptx and {f.split("/")[1] for f in ptx if f.endswith(".ptx")} == {"sm_87", "sm_90"}
+    from plugins.aot import target_unsupported
+
+    arches = {"sm_87", "sm_90"} | ({"sm_110"} if target_unsupported(110) is None else set())  # Thor: Triton >= 3.9
+    assert "ptx/manifest.json" in ptx and {f.split("/")[1] for f in ptx if f.endswith(".ptx")} == arches
     manifest = read_manifest(folder)
     assert set(manifest["files"]) == files - {"manifest.json"}
     for name, entry in manifest["files"].items():
@@ -97,7 +100,10 @@ def test_manifest_fields(bundles, key):
         assert m["plugins"]["nodes"] == {"SoftRoute": 2, "SoftDispatch": 2, "SoftCombine": 2}
     assert all(p["passed"] and p["max_rel_err"] <= 1e-4 for p in m["parity_cpu"].values())
     assert m["tolerances"]["fp32"] == {"rtol": settings.FP32_TOLERANCES.rtol, "routing_agreement": 1.0}
-    assert m["plugins"]["ptx_targets"] == ["sm_87", "sm_90"] and m["plugins"]["ptx_kernels"] > 0
+    from plugins.aot import target_unsupported
+
+    thor = ["sm_110"] if target_unsupported(110) is None else []
+    assert m["plugins"]["ptx_targets"] == ["sm_87", "sm_90", *thor] and m["plugins"]["ptx_kernels"] > 0
     assert m["versions"]["torch"] == torch.__version__.split("+")[0] or m["versions"]["torch"] == torch.__version__
     assert all(m["versions"][p] for p in ("onnx", "onnxruntime", "polygraphy", "python"))
     assert "10.9" in m["requirements"]["plugin_engine"] and "10.3" in m["requirements"]["portable_engine"]
@@ -131,17 +137,25 @@ def test_sample_data_agree_across_formats_and_with_pytorch(bundles, key):
 
 @pytest.mark.parametrize("key", list(MODELS))
 def test_precompiled_ptx_covers_every_plugin_node(bundles, key):
-    from plugins.aot import DEFAULT_PTX_VERSION, load_precompiled, node_recipes
+    from plugins.aot import PER_ARCH, load_precompiled, node_recipes, target_unsupported
 
     _, _, folder = bundles[key]
     nodes = plugin_node_shapes(folder / "model.plugins.onnx", seed=0)
     assert len(nodes) == 6
+    # the default targets: Orin, Hopper, and Thor (PTX ISA 9.0) where this Triton can compile it
+    targets = {87: ("sm_87", "8.5"), 90: ("sm_90a", "8.5")}
+    if target_unsupported(110) is None:
+        targets[110] = ("sm_110a", "9.0")
+    manifest = read_manifest(folder)
+    assert manifest["plugins"]["ptx_targets"] == [f"sm_{a}" for a in targets]
+    assert manifest["plugins"]["ptx_version"] == {f"sm_{a}": int(v.replace(".", "")) for a, (_, v) in targets.items()}
     for op, attrs, shapes in nodes:
         for recipe in node_recipes(op, shapes, attrs):
-            for arch, target in ((87, "sm_87"), (90, "sm_90a")):
-                found = load_precompiled(recipe, arch, DEFAULT_PTX_VERSION, folder / "ptx")
+            for arch, (target, isa) in targets.items():
+                found = load_precompiled(recipe, arch, PER_ARCH, folder / "ptx")  # the TensorRT build's lookup
                 assert found is not None, (op, recipe.key(), arch)
                 assert f".target {target}" in found.ptx and f".entry {found.name}" in found.ptx
+                assert f".version {isa}\n" in found.ptx
 
 
 def readme_command(folder: Path, starts: str) -> list[str]:
@@ -162,6 +176,11 @@ def test_readme_polygraphy_command_passes_and_can_fail(bundles, key, tmp_path):
     _, _, folder = bundles[key]
     args = readme_command(folder, "polygraphy run model.onnx --trt")
     assert "--load-inputs" in args and "--load-outputs" in args and args[args.index("--rtol") + 1] == "0"
+    # the profile must hold the sample batch: Polygraphy puts every dynamic dimension at 1 otherwise
+    batch = read_manifest(folder)["sample"]["batch"]
+    for flag in ("--trt-min-shapes", "--trt-opt-shapes", "--trt-max-shapes"):
+        assert args[args.index(flag) + 1] == f"images:[{batch},3,32,32]", flag
+    assert "--trt-min-shapes" in readme_command(folder, "PYTHONPATH=. MOE_PLUGINS_PTX_DIR=ptx polygraphy run")
     onnxrt = [a if a != "--trt" else "--onnxrt" for a in args]
     for graph in ("model.onnx", "model.plugins.onnx"):
         proc = polygraphy([a if a != "model.onnx" else graph for a in onnxrt], folder)
@@ -184,11 +203,14 @@ def test_readme_trtexec_and_moe_export_commands(bundles):
     assert {"--minShapes=images:8x3x32x32", "--optShapes=images:8x3x32x32", "--maxShapes=images:8x3x32x32"} <= set(
         build
     )
+    assert "--noTF32" in build  # trtexec allows TF32 by default: no FP32 parity
     run = readme_command(folder, "trtexec --loadEngine=model.portable.engine")
     assert "--loadInputs=images:images.bin" in run
     text = (folder / "README.md").read_text()
     assert "moe-export build engine" in text and "moe-export validate" in text
     assert "TensorRT >= 10.9" in text and "JetPack 6" in text and "10.3" in text
+    assert "JetPack 7" in text and "sm_110" in text and "10.13 to 10.16" in text
+    assert 'pip install "numpy<2.4"' in text and "TensorRT >= 11.2" in text
     assert "multiple of 8 images" in text
 
 

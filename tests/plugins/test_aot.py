@@ -42,7 +42,13 @@ from plugins.aot import compile_all
 recipes = pickle.load(open(sys.argv[1], "rb"))
 compile_all(recipes, sys.argv[2], targets=(80, 87, 90), ptx_version=85)
 compile_all(recipes, sys.argv[2], targets=(90,), ptx_version=None)
+compile_all(recipes, sys.argv[2], targets=[int(a) for a in sys.argv[3].split(",")], ptx_version=0)  # PER_ARCH
 """
+# The lowest PTX ISA each newer target accepts (PER_ARCH); sm_110 (Jetson Thor) where Triton can emit it.
+PER_ARCH_ISA = {87: "8.5", 90: "8.5", 100: "8.6", 120: "8.7"} | (
+    {110: "9.0"} if aot.target_unsupported(110) is None else {}
+)
+PER_ARCH_TARGETS = {87: "sm_87", 90: "sm_90a", 100: "sm_100a", 120: "sm_120a", 110: "sm_110a"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +58,9 @@ def bundle(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ptx")
     (folder / "recipes.pkl").write_bytes(pickle.dumps(list(RECIPES.values())))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    arches = ",".join(map(str, PER_ARCH_ISA))
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(folder / "recipes.pkl"), str(folder / "out")],
+        [sys.executable, "-c", COMPILE, str(folder / "recipes.pkl"), str(folder / "out"), arches],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,8 +89,9 @@ def test_ptx_for_every_target_at_isa_8_5(bundle, name, arch):
     assert re.search(r"^\.version 8\.5$", kernel.ptx, re.M)
     assert re.search(rf"^\.target {TARGETS[arch]}$", kernel.ptx, re.M)
     expected = ["ptr"] * len(recipe.inputs) + ["u32"] * len(recipe.scalars) + ["ptr"] * len(recipe.outputs)
-    # Triton appends two scratch pointers TensorRT does not pass; compile_ptx checks they go unused.
-    assert entry_params(kernel.ptx, kernel.name) == [*expected, "ptr", "ptr"]
+    # Triton appends two scratch pointers TensorRT does not pass; compile_ptx checks they go unused
+    # and drops them, so the entry takes exactly what TensorRT passes (padded with nulls or not).
+    assert entry_params(kernel.ptx, kernel.name) == expected
     assert kernel.num_warps == recipe.num_warps
     assert kernel.shared <= 48 * 1024  # no opt-in to large shared memory needed
 
@@ -95,6 +103,60 @@ def test_default_isa_for_sm_90(bundle, name):
     assert version and (int(version[1]), int(version[2])) >= (8, 5)
     assert re.search(r"^\.target sm_90a$", kernel.ptx, re.M)
     assert f".entry {kernel.name}(" in kernel.ptx
+
+
+@pytest.mark.parametrize("arch", sorted(PER_ARCH_ISA))
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_ptx_isa_per_architecture(bundle, name, arch):
+    """PER_ARCH (the default everywhere, the TensorRT build's lookup key included) gives each target
+    the lowest PTX ISA it accepts: 8.5 for Orin and Hopper, 8.6 sm_100, 8.7 sm_120, 9.0 sm_110."""
+    kernel = aot.load_precompiled(RECIPES[name], arch, aot.PER_ARCH, bundle)
+    assert kernel is not None, (name, arch)
+    assert re.search(rf"^\.version {re.escape(PER_ARCH_ISA[arch])}$", kernel.ptx, re.M)
+    assert re.search(rf"^\.target {PER_ARCH_TARGETS[arch]}$", kernel.ptx, re.M)
+    assert aot.ptx_version_for(arch) == int(PER_ARCH_ISA[arch].replace(".", ""))
+
+
+def test_sm_110_needs_triton_3_9():
+    from plugins.aot import target_unsupported, triton_version
+
+    reason = target_unsupported(110)
+    assert (reason is None) == (triton_version() >= (3, 9)), reason
+    if reason:
+        assert "Triton >= 3.9" in reason
+
+
+def test_a_too_old_isa_is_refused_before_llvm_aborts():
+    for arch, ptx in ((100, 85), (120, 86), (110, 88), (103, 87)):
+        with pytest.raises(ValueError, match=f"sm_{arch} needs PTX ISA"):
+            aot.ptx_version_for(arch, ptx)
+    assert aot.ptx_version_for(90, None) is None and aot.ptx_version_for(90, 86) == 86
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_stripped_ptx_assembles(bundle, name, tmp_path):
+    """The PTX with Triton's scratch parameters removed is valid: Triton's own ptxas assembles it."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for arch, target in ((87, "sm_87"), (90, "sm_90a")):
+        kernel = compiled(bundle, name, arch, 85)
+        source = tmp_path / f"{name}_{arch}.ptx"
+        source.write_text(kernel.ptx)
+        proc = subprocess.run(
+            [str(ptxas), f"--gpu-name={target}", str(source), "-o", str(source.with_suffix(".o"))],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_scratch_parameters_that_are_read_are_not_dropped():
+    ptx = ".entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{\n\tld.param.u64 %rd1, [k_param_1];\n}\n"
+    with pytest.raises(ValueError, match="reads its parameter k_param_1"):
+        aot.strip_unused_params(ptx, "k", 1)
+    unused = ptx.replace("[k_param_1]", "[k_param_0]")
+    assert ".param .u64 k_param_1" not in aot.strip_unused_params(unused, "k", 1)
+    assert aot.strip_unused_params(unused, "k", 2) == unused
 
 
 def test_launch_parameters_of_the_aot_impl(bundle):
@@ -111,8 +173,9 @@ def test_launch_parameters_of_the_aot_impl(bundle):
 
     route = RECIPES["TopKRoute"]
     params = aot.launch_params(route, compiled(bundle, "TopKRoute", 90, 85))
-    assert params["grid"] == (G, 1, 1) and params["scalars"] == (S, E, C)
-    assert route.constexprs == {"K": K, "BPR": 1, "BLOCK_E": 8, "BLOCK_S": 64}
+    # one program per group and block of 64 tokens: 1,576 tokens -> 25 programs per group
+    assert params["grid"] == (G, 25, 1) and params["scalars"] == (S, E, C)
+    assert route.constexprs == {"K": K, "BPR": 1, "BLOCK_E": 8, "BLOCK_S": 64, "BLOCK_K": 2}
 
     combine = aot.launch_params(RECIPES["TopKCombine"], compiled(bundle, "TopKCombine", 90, 85))
     assert combine["grid"] == ((G * S + 7) // 8, 3, 1) and combine["scalars"] == (G, S, K, C, D)
@@ -148,12 +211,15 @@ def test_symbolic_sizes_stay_symbolic():
     assert plan.grid[0].text == "(((G*((EC//8)*8))+7)//8)"
     assert [getattr(v, "text", v) for v in plan.scalar_values] == ["G", "S", 8, "(EC//8)", "D"]
     assert plan.constexprs == {"BLOCK_R": 8, "BLOCK_D": 256}  # unknown width: 256-column blocks
+    route = topk_route(Sym("G"), Sym("S"), 8, 2, 416, 1)  # token blocks of a symbolic group size
+    assert route.grid[0].text == "G" and route.grid[1].text == "((S+63)//64)"
 
 
 def test_precompiled_bundle_lookup(bundle, monkeypatch):
     recipe = RECIPES["TopKCombine"]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert len(manifest) == len(RECIPES) * 4  # 3 targets at ISA 8.5, sm_90 at the default ISA
+    # 3 targets at ISA 8.5, sm_90 at the default ISA, the newer PER_ARCH targets (87 and 90 coincide)
+    assert len(manifest) == len(RECIPES) * (4 + len(PER_ARCH_ISA) - 2)
     assert len(list(bundle.glob("sm_*/*.ptx"))) == len(manifest)
     loaded = aot.load_precompiled(recipe, 80, 85, bundle)
     assert loaded.name == recipe.kernel and ".target sm_80" in loaded.ptx
