@@ -77,6 +77,22 @@ def tensorrt_available() -> str | None:
     return None
 
 
+def numpy_plugin_conflict(tensorrt: str, numpy_version: str) -> str | None:
+    """Why plugin nodes cannot be created with this TensorRT and NumPy, or None.
+
+    TensorRT 10.9 to 11.1 turn each integer plugin attribute into a Python int with ``int(array)``
+    (``tensorrt/plugin/_plugin_class.py``), which NumPy >= 2.4 refuses for 1-element arrays: every
+    moe:: node with attributes fails to be created. Fixed in TensorRT 11.2.
+    """
+    trt_v, np_v = _version_tuple(tensorrt), _version_tuple(numpy_version)
+    if (10, 9) <= trt_v < (11, 2) and np_v >= (2, 4):
+        return (
+            f"TensorRT {tensorrt} cannot create plugin nodes with NumPy {numpy_version} (it converts plugin "
+            "attributes with int(array), which NumPy >= 2.4 refuses): pip install 'numpy<2.4', or TensorRT >= 11.2"
+        )
+    return None
+
+
 def require_tensorrt(doing: str) -> None:
     """Raises TensorRTUnavailable: '<doing> needs TensorRT: <reason>; <install hint>'."""
     reason = tensorrt_available()
@@ -201,8 +217,24 @@ def _monitor(report: Callable[[str], None]):
     return Monitor()
 
 
+FLOAT_TYPES = ("float32", "float16", "bfloat16")
+
+
+def pinnable(input_types: list[str], output_types: list[str]) -> bool:
+    """Whether a routing layer is pinned to FP32: only layers that compute on floats and give floats.
+    Integer and boolean layers (Casts to int, TopK indices, comparisons, position arithmetic) are left
+    to TensorRT: forcing FP32 on them under OBEY_PRECISION_CONSTRAINTS can leave no implementation,
+    and their float inputs already come from pinned FP32 layers."""
+    types = list(input_types) + list(output_types)
+    return bool(output_types) and all(t in FLOAT_TYPES for t in types)
+
+
+def _type_name(trt_type) -> str:
+    return str(trt_type).rsplit(".", 1)[-1].lower()
+
+
 def _pin_fp32(names: set[str]):
-    """Network postprocessing for reduced precision: layers made from routing nodes compute and
+    """Network postprocessing for reduced precision: float layers made from routing nodes compute and
     output FP32 (with OBEY_PRECISION_CONSTRAINTS). The parser names a node's layers after the node
     (further layers of one node get suffixes), so a layer matches its node's name as a prefix."""
     import tensorrt as trt
@@ -214,14 +246,41 @@ def _pin_fp32(names: set[str]):
             if any(layer.name == n or layer.name.startswith(f"{n}_") for n in names):
                 if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
                     continue
+                inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
+                in_types = [_type_name(t.dtype) for t in inputs if t is not None]
+                out_types = [_type_name(layer.get_output_type(i)) for i in range(layer.num_outputs)]
+                if not pinnable(in_types, out_types):
+                    continue
                 layer.precision = trt.float32
                 for i in range(layer.num_outputs):
-                    if layer.get_output_type(i) in (trt.float16, trt.bfloat16, trt.float32):
-                        layer.set_output_type(i, trt.float32)
+                    layer.set_output_type(i, trt.float32)
                 pinned.append(layer.name)
         return network
 
     return apply, pinned
+
+
+PLUGIN_LAYER_TYPES = ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN")
+
+
+def _count_network_plugins(counts: dict[str, int], nodes: dict[str, str]):
+    """Network postprocessing that counts the parsed network's plugin layers per op (documented
+    INetworkDefinition API, no inspector JSON): a node the parser turned into its local function
+    instead gives no plugin layer."""
+    import tensorrt as trt
+
+    kinds = {getattr(trt.LayerType, k) for k in PLUGIN_LAYER_TYPES if hasattr(trt.LayerType, k)}
+
+    def apply(network):
+        counts.clear()
+        for layer in network:
+            if layer.type in kinds:
+                op = next((op for node, op in nodes.items() if layer.name == node or node in layer.name), None)
+                if op is not None:
+                    counts[op] = counts.get(op, 0) + 1
+        return network
+
+    return apply
 
 
 def inspect_plugin_layers(engine, nodes: dict[str, str]) -> tuple[int, dict[str, int]]:
@@ -236,13 +295,18 @@ def inspect_plugin_layers(engine, nodes: dict[str, str]) -> tuple[int, dict[str,
 
 
 def count_plugin_layers(info: dict, nodes: dict[str, str]) -> tuple[int, dict[str, int]]:
-    """The counting of :func:`inspect_plugin_layers` on the inspector's parsed JSON."""
+    """The counting of :func:`inspect_plugin_layers` on the inspector's parsed JSON, in both known
+    forms: detailed (a dict per layer, ``LayerType`` naming a plugin, or the plugin in its details) and
+    names only (a string per layer: counted when it is exactly a plugin node's name; an inlined local
+    function's layers carry suffixes). The build's pass criterion is the parsed network's plugin
+    layers (:func:`_count_network_plugins`); this count is reported beside it."""
     layers = info.get("Layers", [])
     counts: dict[str, int] = {}
     for layer in layers:
         detail = layer if isinstance(layer, dict) else {"Name": str(layer)}
         text, name = json.dumps(detail), str(detail.get("Name", ""))
-        if "Plugin" not in str(detail.get("LayerType", "")) and "Plugin" not in text:
+        by_name = isinstance(layer, str) and name in nodes  # a layer named exactly after a plugin node
+        if not by_name and "Plugin" not in str(detail.get("LayerType", "")) and "Plugin" not in text:
             continue
         op = next((op for node, op in nodes.items() if node in name), None)
         op = op or next((op for op in set(nodes.values()) if op in text), None)
@@ -306,6 +370,9 @@ def build_engine(
     nodes = plugin_node_names(onnx_path)
     expected = dict(Counter(nodes.values()))
     if expected:
+        conflict = numpy_plugin_conflict(trt.__version__, np.__version__)
+        if conflict:
+            raise TensorRTUnavailable(conflict)
         _register_plugins()
     inputs = graph_inputs(read_onnx_header(onnx_path))
     if len(inputs) != 1:
@@ -325,6 +392,8 @@ def build_engine(
             "mixed-precision ONNX graph, which moe-export does not write yet; build with --fp32, or with TensorRT 10.x"
         )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=not weak_types)
+    network_plugins: dict[str, int] = {}
+    network = PostprocessNetwork(network, _count_network_plugins(network_plugins, nodes), "CountPluginLayers")
     pinned: list[str] = []
     if weak_types:
         apply, pinned = _pin_fp32(routing_node_names(onnx_path))
@@ -350,8 +419,11 @@ def build_engine(
             reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
             raise CheckFailed(f"TensorRT could not build {onnx_path}: {reason}") from None
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(bytes(engine_bytes))
-    layers, found = inspect_plugin_layers(engine, nodes)
-    missing = {op: n for op, n in expected.items() if found.get(op, 0) < n}
+    if engine is None:
+        raise CheckFailed(f"TensorRT built {onnx_path} but cannot deserialize the engine it made")
+    layers, inspected = inspect_plugin_layers(engine, nodes)
+    found = {op: max(network_plugins.get(op, 0), inspected.get(op, 0)) for op in set(network_plugins) | set(inspected)}
+    missing = {op: n for op, n in expected.items() if network_plugins.get(op, 0) < n}
     if missing:
         raise CheckFailed(
             f"the engine has {found or 'no'} plugin layers but the graph has {expected} plugin nodes: the parser "
@@ -362,6 +434,10 @@ def build_engine(
     notes = []
     if weak_types:
         notes.append(f"{len(pinned)} routing layers pinned to FP32")
+    if inspected != {op: n for op, n in network_plugins.items() if n}:
+        notes.append(
+            f"the engine inspector's JSON shows plugin layers {inspected or 'none'}, the network {network_plugins}"
+        )
     return EngineBuild(
         path=engine_path,
         onnx=onnx_path,

@@ -197,3 +197,57 @@ def test_plugin_layers_are_counted_from_the_inspector_json(graphs):
     inlined = [{"Name": f"{name}/ArgMax_0", "LayerType": "Reduce"} for name in nodes]
     assert count_plugin_layers({"Layers": inlined + others}, nodes) == (7, {})
     assert count_plugin_layers({"Layers": ["a", "b"]}, nodes) == (2, {})  # names only: nothing proven
+    names_only = list(nodes) + ["node_MatMul_3"]  # the other known form: one name string per layer
+    assert count_plugin_layers({"Layers": names_only}, nodes)[1] == {
+        "TopKRoute": 2,
+        "TopKDispatch": 2,
+        "TopKCombine": 2,
+    }
+    assert count_plugin_layers({"Layers": [f"{n}/ArgMax_0" for n in nodes]}, nodes)[1] == {}
+
+
+def test_numpy_and_tensorrt_versions_that_cannot_create_plugins():
+    from exporter.engine import numpy_plugin_conflict
+
+    for trt_v, np_v in (("10.9.0.34", "2.4.0"), ("11.1.0", "2.5.2"), ("10.16.1", "2.4")):
+        message = numpy_plugin_conflict(trt_v, np_v)
+        assert message and "numpy<2.4" in message and "11.2" in message and trt_v in message
+    for trt_v, np_v in (("10.9.0", "2.3.5"), ("11.2.0", "2.5.0"), ("10.3.0", "2.5.0"), ("12.0", "3.0")):
+        assert numpy_plugin_conflict(trt_v, np_v) is None
+
+
+def test_only_float_routing_layers_are_pinned_to_fp32():
+    from exporter.engine import pinnable
+
+    assert pinnable(["float16", "float32"], ["float32"])  # router MatMul, softmax, normalisation
+    assert pinnable(["float32"], ["float16"])
+    assert not pinnable(["float32"], ["int32"])  # Cast to int, ArgMax indices
+    assert not pinnable(["float32", "float32"], ["bool"])  # comparisons
+    assert not pinnable(["int32", "int32"], ["int32"])  # position arithmetic
+    assert not pinnable(["int64"], ["float32"])  # Cast from int
+    assert not pinnable(["float32"], [])
+
+
+@pytest.mark.gpu
+def test_plugin_engines_of_other_shapes_in_one_process(built_bundles, tmp_path):
+    """Settles the TensorRT 10.9-10.14 question of a shape-expression builder kept between shape
+    callbacks: a second plugin engine, of other shapes (the other family, a larger batch profile),
+    built in the same process after the first, must build and match PyTorch too."""
+    from exporter.bundle import build_bundle_engine
+
+    first = build_bundle_engine(built_bundles["soft-moe-tiny"], EngineOptions(max_batch=4))
+    second = build_bundle_engine(built_bundles["vmoe-tiny"], EngineOptions(max_batch=32))
+    third = build_bundle_engine(built_bundles["soft-moe-tiny"], EngineOptions(max_batch=16))
+    assert first.passed and second.passed and third.passed
+
+
+@pytest.mark.gpu
+def test_inspector_and_network_agree_on_plugin_layers(graphs, tmp_path):
+    """Settles how an AOT plugin layer appears in the engine inspector's JSON: the build's pass
+    criterion counts the parsed network's plugin layers; the inspector must see the same ones."""
+    from exporter.engine import build_engine
+
+    portable, plugins = graphs["vmoe-tiny"]
+    built = build_engine(plugins, tmp_path / "v.engine", EngineOptions(), batch_multiple=8)
+    assert built.plugin_layers == built.expected_plugins == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
+    assert not any("inspector" in note for note in built.notes), built.notes
