@@ -23,6 +23,7 @@ from plugins.topk_route.reference import topk_route as topk_route_ref
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the compiled kernels")
 
 GROUP = 8 * 197  # routing groups of 8 images of 197 tokens
+GROUP_384 = 8 * 577  # the 384 px fine-tunes: 8 images of 577 tokens
 
 
 @pytest.mark.parametrize("bpr", [0, 1])
@@ -44,6 +45,18 @@ def test_vmoe_layer(experts, bpr):
         expert_out = torch.randn(experts, 4 * capacity, dim, generator=gen).to(dtype)
         y = topk_combine(expert_out.cuda(), slot.cuda(), weight.cuda(), capacity).cpu()
         torch.testing.assert_close(y, topk_combine_ref(expert_out, slot, weight, capacity), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bpr", [0, 1])
+def test_vmoe_routing_of_384px_groups(bpr):
+    """4,616-token groups (73 token blocks per group) at C=1.5, as vmoe-b16-in21k-ft-ilsvrc2012-384."""
+    gen = torch.Generator().manual_seed(384 + bpr)
+    capacity = compute_capacity(GROUP_384 * 2, 8, 1.5)
+    gates = torch.softmax(torch.randn(2, GROUP_384, 8, generator=gen) * 2, dim=-1)
+    gates[:, 1000:1500] = gates[:, 7:8]  # exact ties between tokens of different blocks
+    got = topk_route(gates.cuda(), 2, capacity, bpr)
+    for g, w in zip(got, topk_route_ref(gates, 2, capacity, bpr)):
+        assert torch.equal(g.cpu(), w)
 
 
 @pytest.mark.parametrize("expert_major", [0, 1])

@@ -63,6 +63,22 @@ def test_more_tokens_than_a_block_and_empty_slots(device):
         assert (table < 0).any()
 
 
+@pytest.mark.parametrize("bpr", [0, 1])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_token_blocks_of_one_group_route_together(k, bpr, device):
+    """Four programs per group (3 blocks and 5 tokens), ties across blocks, 2 groups, k up to E; the
+    slot table (5 x 13 = 65 slots, 17 per program) is emptied in shares that split experts' buffers."""
+    tokens = 3 * BLOCK_S + 5
+    gates = gates_with_ties(2, tokens, 5, distinct=17, seed=20 + k)
+    plan = recipe(2, tokens, 5, k, 13, bpr)
+    assert plan.grid == (2, 4, 1)
+    expert, slot, weight, table = assert_routes_equal(gates, k, 13, bpr, device)
+    assert (slot < 0).any()  # far more choices than 13 slots per expert
+    for capacity in (tokens * k, 3 * tokens):  # room for every choice, and empty slots in every share
+        *_, table = assert_routes_equal(gates, k, capacity, bpr, device)
+        assert (table < 0).any() and (table >= 0).any()
+
+
 def test_k_equals_experts_and_capacity_one(device):
     gates = torch.softmax(torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(4)), dim=-1)
     assert_routes_equal(gates, 3, 1, 1, device)
