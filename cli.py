@@ -183,8 +183,12 @@ def _source(
             )
         return default
     if model is None and checkpoint:
-        if is_vmoe_checkpoint(checkpoint) or not Path(checkpoint).is_file():
+        path = Path(checkpoint)
+        weights_file = path.suffix in (".safetensors", ".pt", ".pth", ".bin")
+        if is_vmoe_checkpoint(checkpoint) or path.is_dir() or not (path.exists() or weights_file):
             return sources.from_vmoe_checkpoint(checkpoint, seed=_seed(seed), **overrides)
+        if not path.exists():
+            raise UserError(f"checkpoint {checkpoint} does not exist")
         raise UserError(f"{checkpoint} holds weights only: give --model NAME or --module FILE.py:FACTORY with it")
     if model is None:
         raise UserError("give --model NAME (see `moe-export models`) or --module FILE.py:FACTORY")

@@ -183,3 +183,15 @@ def test_a_released_zoo_model_takes_its_real_checkpoint(tmp_path):
     assert loaded.source.config.capacity_factor == 4.0 and loaded.routing_layers == ["blocks.5.mlp", "blocks.7.mlp"]
     with pytest.raises(UserError, match="its image_size is 224, not 384"):
         load(from_zoo("vmoe-s32-last2-ilsvrc2012-ft-384", checkpoint=str(tmp_path / "s32")))
+
+
+def test_checkpoint_alone_that_is_not_a_vmoe_checkpoint(tmp_path):
+    assert_one_line_error(
+        run("export", "--checkpoint", tmp_path / "w.safetensors", "-o", tmp_path / "x.onnx"), "does not exist"
+    )
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    result = run("export", "--checkpoint", tmp_path / "w.safetensors", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(result, "holds weights only", "--model")
+    assert_one_line_error(
+        run("export", "--checkpoint", tmp_path / "nothing", "-o", tmp_path / "x.onnx"), "no vmoe checkpoint"
+    )
