@@ -43,7 +43,7 @@ import onnx
 
 from exporter import settings
 from exporter.errors import CheckFailed, UserError
-from exporter.fileio import current_umask, sha256
+from exporter.fileio import publish_dir, sha256
 from exporter.parity import ParityReport, compare_to_reference, reference_run
 from exporter.source import LoadedModel, ModelSource, default_batch, load
 
@@ -203,8 +203,7 @@ def build_bundle(
         (tmp / "README.md").write_text(render_readme(manifest))
         manifest["files"] = _hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~current_umask())
-        _publish(tmp, dest)
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     notes = [f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"] if rewritten.declined else []
@@ -233,17 +232,6 @@ def _check_triton() -> None:
 
     if importlib.util.find_spec("triton") is None:
         raise UserError("precompiling the plugin kernels needs Triton: pip install 'moe-export[plugins]'")
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Moves the finished folder onto ``dest``; an old bundle there is set aside first, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _parity_summary(report: ParityReport) -> dict:

@@ -56,9 +56,24 @@ def write_json(dest: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256(*paths: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of one file, or of several read one after the other (a checkpoint's index and shards)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def publish_dir(tmp: Path, dest: Path) -> None:
+    """Moves a finished folder assembled beside ``dest`` onto it, with the umask's permissions (mkdtemp
+    makes 0700); an old folder there is set aside first, then removed."""
+    os.chmod(tmp, 0o777 & ~current_umask())
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from exporter import settings
 from exporter.checkpoints.vmoe_format import (
     is_vmoe_checkpoint,
     read_checkpoint,
+    read_index,
     read_shapes,
     resolve_prefix,
     shard_path,
@@ -41,8 +41,6 @@ __all__ = [
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The index and every shard of a vmoe checkpoint."""
-    from exporter.checkpoints.vmoe_format import read_index
-
     prefix = resolve_prefix(path)
     count, _, _ = read_index(prefix)
     return [Path(f"{prefix}.index")] + [shard_path(prefix, i, count) for i in range(count)]
@@ -50,14 +48,13 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 def checkpoint_sha256(path: str | Path) -> str:
     """SHA-256 over the index and the shards in order (one checkpoint, one hash)."""
-    h = hashlib.sha256()
-    for file in checkpoint_files(path):
-        if not file.is_file():
-            raise UserError(f"vmoe checkpoint shard {file} is missing")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
+    from exporter.fileio import sha256
+
+    files = checkpoint_files(path)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"vmoe checkpoint shard {missing[0]} is missing")
+    return sha256(*files)
 
 
 def config_for_checkpoint(path: str | Path, *, name: str | None = None, **overrides):
@@ -163,7 +160,7 @@ def import_vmoe(
 
     from safetensors.torch import save_file
 
-    from exporter.fileio import current_umask
+    from exporter.fileio import current_umask, publish_dir
 
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
@@ -190,18 +187,10 @@ def import_vmoe(
         if progress:
             progress(f"writing {WEIGHTS_FILE}")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~current_umask())
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~current_umask())
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ImportResult(str(out), config.to_dict(), source, files)

@@ -216,8 +216,7 @@ def to_state_dict(params: Mapping[str, np.ndarray], config: ModelConfig, module=
             continue
         state[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     unused = sorted(set(params) - used)
-    unset = sorted(set(expected) - set(state) - {k for k in mapping if k in state})
-    unset = [k for k in unset if k not in mapping]
+    unset = sorted(set(expected) - set(mapping))  # mapped keys that failed are misfits already
     if unused:
         misfits += [f"{n} (not used)" for n in unused]
     if unset:

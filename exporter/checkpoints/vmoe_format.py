@@ -241,11 +241,9 @@ def write_checkpoint(prefix: str | Path, params: dict[str, np.ndarray], *, shard
     import msgpack
 
     prefix = Path(prefix)
-    names = sorted(params, key=lambda n: n.split("/"))
-    # leaf ids in jax.tree_util order: sorted keys at every level
-    order = [name for name, _ in _flatten(_unflatten({n: n for n in names}))]
+    order = [name for name, _ in _flatten(_unflatten({n: n for n in params}))]  # leaf ids: jax.tree_util order
     contents: list[dict] = [{ARRAY_CHUNKS_KEY: True} for _ in range(shards)]
-    tree: dict = {}
+    infos: dict[str, msgpack.ExtType] = {}
     for leaf, name in enumerate(order):
         array = np.ascontiguousarray(params[name])
         rows = array.shape[0] if array.ndim else 1
@@ -262,12 +260,8 @@ def write_checkpoint(prefix: str | Path, params: dict[str, np.ndarray], *, shard
             regions.append(_slice_nd_bytes(region))
             owners.append(shard)
         shaped = _pack((list(array.shape), array.dtype.name, False, {}))
-        info = msgpack.ExtType(EXT_INDEX_INFO, _pack((shaped, tuple(regions), tuple(owners))))
-        node = tree
-        *parents, last = name.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = info
+        infos[name] = msgpack.ExtType(EXT_INDEX_INFO, _pack((shaped, tuple(regions), tuple(owners))))
+    tree = _unflatten(infos)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     files = []
     for shard, content in enumerate(contents):

@@ -52,6 +52,10 @@ def test_import_writes_weights_and_config(tmp_path):
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not list(tmp_path.glob(".m.*"))  # nothing left beside it
+    from exporter.fileio import current_umask
+
+    for path in (tmp_path / "m", weights, tmp_path / "m" / "config.json"):  # the umask's, not mkdtemp's 0700
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~current_umask(), path
 
 
 def test_import_replaces_an_import_and_refuses_other_folders(tmp_path):
