@@ -4,7 +4,7 @@
     python benchmarks/cpu_latency.py --model vmoe-tiny --batch 16 --runs 20
 
 Prints a table (median and p90 over ``--runs`` timed runs after ``--warmup`` runs); not a test. The
-timing is ``exporter.bench`` (``moe-export bench``, which also covers torch.compile, ONNX Runtime
+timing is ``exporter.tools.bench`` (``moe-export bench``, which also covers torch.compile, ONNX Runtime
 CUDA and TensorRT); this script keeps the one-line-per-model comparison over several models.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter import settings  # noqa: E402
-from exporter.bench import bench  # noqa: E402
-from exporter.source import from_zoo  # noqa: E402
+from exporter.sources.loading import from_zoo  # noqa: E402
+from exporter.tools.bench import bench  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Shapes: V-MoE B/16 (D=768, k=2, BPR) with E=8 and E=32, routing groups of 8 images at 224 px
 (8 x 197 = 1,576 tokens, C=1.05) and at 384 px (8 x 577 = 4,616 tokens, C=1.5), capacity from
-``exporter.routing.compute_capacity``; Soft-MoE S/16 (m=196 tokens, n=128 experts of p=1 slot,
+``exporter.models.routing.compute_capacity``; Soft-MoE S/16 (m=196 tokens, n=128 experts of p=1 slot,
 D=384). Each row is the median of ``--iters`` launches timed with CUDA events. Its bandwidth is the
 bytes the step must move at least (routing tensors read once, each needed token row read once, each
 output written once), against the device-to-device copy bandwidth measured here first (bytes read
@@ -99,8 +99,8 @@ def vmoe_cases(batch: int, experts: int, dtype, per_image: int = 197, capacity_f
     """(name, shape, bytes, plugin fn, eager fn) for the three V-MoE steps."""
     import torch
 
+    from exporter.models.routing import compute_capacity, route_top_k
     from exporter.models.vmoe import Combine, Dispatch
-    from exporter.routing import compute_capacity, route_top_k
     from plugins.topk_combine.kernels import launch as combine
     from plugins.topk_dispatch.kernels import launch as dispatch
     from plugins.topk_route.kernels import launch as route

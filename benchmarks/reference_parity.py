@@ -18,8 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.checkpoints import load_vmoe_checkpoint  # noqa: E402
 from exporter.models.capture import capture_routing, layer_names  # noqa: E402
+from exporter.sources.checkpoints import load_vmoe_checkpoint  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "vmoe"
 

@@ -59,7 +59,7 @@ def steps(work: Path) -> list[tuple[str, list[str]]]:
 def seeded_checkpoint(release: str, prefix: Path) -> int:
     """Writes the release's tree with seeded weights (run in a child process: this one stays small,
     so the children's peak RSS, which starts from this process's at fork, is theirs)."""
-    from exporter.checkpoints.vmoe_format import write_checkpoint
+    from exporter.sources.checkpoints.vmoe_format import write_checkpoint
 
     shapes = json.loads(TREES.read_text())[release]["params"]
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.routing import compute_capacity  # noqa: E402
+from exporter.models.routing import compute_capacity  # noqa: E402
 
 SMS, LANES, CLOCK_GHZ, EFFICIENCY = 132, 128, 1.755, 1 / 3
 BLOCK, OPS_PER_PAIR = 64, 6

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.zoo import ZOO  # noqa: E402
+from exporter.sources.zoo import ZOO  # noqa: E402
 
 
 def run(args: list[str]) -> tuple[int, float, float]:

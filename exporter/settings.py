@@ -1,6 +1,10 @@
 """The one place for defaults and tolerances.
 
 CLI options and library keyword arguments default to these constants; nothing else restates them.
+The plugin package (``plugins/``, shipped alone in bundles) keeps its own contract beside its code:
+the ``moe`` namespace (``plugins/spec.py``), the PTX ISA each target is compiled for
+(``plugins/aot.py``, part of the precompiled kernels' lookup key on the target) and the opset its
+local functions are written in (``plugins/onnx_function.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 # INormalizationLayer.
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
+EXPORT_EXAMPLE_GROUPS = 2  # routing groups (or images) in the tracing example: 1 would let torch.export fix the batch
+EXPORT_EXAMPLE_SEED = 0  # seed of the tracing example's random images
 
 # --- Routing (V-MoE reference: vmoe/moe.py) -----------------------------------------------------
 DEFAULT_GROUP_IMAGES = 8  # every paper config routes groups of 8 images
@@ -25,6 +31,7 @@ SOFT_MOE_NORM_EPS = 1e-6  # inside the rsqrt of the reference's l2 normalisation
 DEFAULT_SEED = 0
 DEFAULT_VALIDATE_BATCH_GROUPS = 1  # V-MoE: routing groups per validation batch
 DEFAULT_VALIDATE_BATCH_IMAGES = 2  # Soft-MoE and models without routing groups
+REWRITE_CHECK_RTOL = 1e-4  # the rewrite's check by value: float tensors within this of the reference's scale
 
 
 # --- Seeing the routing (inspect routing, sweep capacity) -----------------------------------------
@@ -34,7 +41,7 @@ INSPECT_CAPACITY_FACTORS = (0.5, 1.0, 2.0)  # columns of the V-MoE picture, each
 INSPECT_GROUP_IMAGES = 1  # the pictured image is routed alone: a group of one image
 INSPECT_SLOTS = 4  # Soft-MoE: slots pictured per layer (those with the most concentrated dispatch)
 SWEEP_CAPACITY_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-SWEEP_EXPORT_BATCH_GROUPS = 2  # routing groups in the tracing example of each sweep point graph (1 would fix the batch)
+SWEEP_CHUNK_IMAGES = 64  # images per forward pass of the sweep (rounded down to whole routing groups)
 FIGURE_DPI = 100
 
 
@@ -44,6 +51,11 @@ BENCH_RUNS = 10  # timed runs per backend: median and p90 (nearest rank) over th
 BENCH_BATCH_GROUPS = 1  # V-MoE: routing groups per benchmark batch
 BENCH_BATCH_IMAGES = 8  # Soft-MoE and models without routing groups
 BENCH_BUSY_NOTE = 0.1  # a row notes a busy machine when other processes took this share of the CPUs while it ran
+
+# --- Demo (moe-export demo) ----------------------------------------------------------------------
+DEMO_OUTPUT_DIR = "moe-export-demo"
+# (zoo model, routing overrides): a V-MoE that drops tokens (BPR, C=0.5) and a Soft-MoE
+DEMO_RUNS = (("vmoe-tiny", {"capacity_factor": 0.5, "batch_priority": True}), ("soft-moe-tiny", {}))
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,29 @@ class Tolerances:
     routing_agreement: float
 
 
-FP32_TOLERANCES = Tolerances(rtol=1e-4, routing_agreement=1.0)
-TOLERANCES = {"fp32": FP32_TOLERANCES}
+# Per precision. Reduced precision keeps the router and routing math in FP32; the tokens around it are
+# not, so an expert choice can flip where two gates are within the error: a small shortfall is allowed.
+TOLERANCES = {
+    "fp32": Tolerances(rtol=1e-4, routing_agreement=1.0),
+    "fp16": Tolerances(rtol=5e-2, routing_agreement=0.99),
+    "bf16": Tolerances(rtol=1e-1, routing_agreement=0.98),
+}
+FP32_TOLERANCES = TOLERANCES["fp32"]
 
 
-# --- Triton Inference Server (exporter/triton_repo.py) --------------------------------------------
+def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
+    """Images per run when none is given: whole routing groups for V-MoE (``batch_multiple`` > 1),
+    else a fixed number of images; ``purpose`` is ``"validate"`` (also the rewrite's probe),
+    ``"bench"`` or ``"bundle"`` (the sample inputs)."""
+    groups, images = {
+        "validate": (DEFAULT_VALIDATE_BATCH_GROUPS, DEFAULT_VALIDATE_BATCH_IMAGES),
+        "bench": (BENCH_BATCH_GROUPS, BENCH_BATCH_IMAGES),
+        "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
+    }[purpose]
+    return batch_multiple * groups if batch_multiple > 1 else images
+
+
+# --- Triton Inference Server (exporter/deploy/triton_repo.py) --------------------------------------------
 TRITON_MAX_QUEUE_DELAY_US = 100  # dynamic batcher: longest wait for more requests to fill a batch
 TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its halvings, this many (32 -> 16, 32)
 
@@ -77,11 +107,6 @@ DEFAULT_PRECISION = "fp32"
 # installed Triton can compile it: >= 3.9, see plugins.aot.MIN_TRITON)
 DEFAULT_PTX_TARGETS = (87, 90, 110)
 BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IMAGES images in the sample inputs
-# Reduced precision keeps the router and routing math in FP32; the tokens around it are not, so an
-# expert choice can flip where two gates are within the error: a small shortfall is allowed.
-FP16_TOLERANCES = Tolerances(rtol=5e-2, routing_agreement=0.99)
-BF16_TOLERANCES = Tolerances(rtol=1e-1, routing_agreement=0.98)
-TOLERANCES.update(fp16=FP16_TOLERANCES, bf16=BF16_TOLERANCES)
 
 
 # --- Reference checkpoints (google-research/vmoe) -------------------------------------------------

@@ -14,7 +14,6 @@ matters.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -168,20 +167,18 @@ def strip_unused_params(ptx: str, entry: str, keep: int) -> str:
 
 def kernel_for(recipe: KernelRecipe):
     """The Triton kernel a recipe names (``plugins.<op>.kernels``)."""
-    for folder in ("topk_route", "topk_dispatch", "topk_combine", "soft_route", "soft_dispatch", "soft_combine"):
-        if recipe.kernel == f"{folder}_kernel":
-            return importlib.import_module(f"plugins.{folder}.kernels").kernel(recipe.kernel)
-    raise KeyError(f"no plugin kernel named {recipe.kernel!r}")
+    from plugins import registry
+
+    return registry.kernel(recipe.kernel)
 
 
 def node_recipes(op: str, shapes, attrs: Mapping, dtypes: Iterable[str] = ("float32", "float16")) -> list[KernelRecipe]:
     """Every kernel variant TensorRT may ask of one plugin node: one per token dtype its autotune
     offers (those of the spec's first input among ``dtypes``), from the node's input shapes and
     attributes (``plugin_namespace``, ``aot`` and other parser attributes are ignored)."""
-    from plugins import FOLDERS, SPECS
+    from plugins import registry
 
-    spec = SPECS[op]
-    kernels = importlib.import_module(f"plugins.{FOLDERS[op]}.kernels")
+    spec, kernels = registry.spec(op), registry.module(op, "kernels")
     args = {name: attrs[name] for name in spec.attribute_names}
     variants = [d for d in spec.inputs[0].dtypes if d in tuple(dtypes)]
     return [kernels.node_recipe(shapes, dtype, **args) for dtype in variants]
@@ -201,7 +198,7 @@ def _file_key(recipe: KernelRecipe, arch: int, ptx_version: int | None) -> str:
 def compile_all(
     recipes: Iterable[KernelRecipe],
     out_dir: str | os.PathLike,
-    targets: Iterable[int] = (80, 87, 90),
+    targets: Iterable[int],
     ptx_version: int | None = PER_ARCH,
 ) -> Path:
     """Writes the PTX of every recipe for every target under ``out_dir`` plus a ``manifest.json``.

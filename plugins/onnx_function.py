@@ -14,7 +14,7 @@ from onnx import AttributeProto, TensorProto, helper
 from plugins.spec import NAMESPACE
 
 DOMAIN = NAMESPACE
-OPSET = 18
+OPSET = 18  # the standard opset the function bodies are written in; the rewrite stamps the graph's own (>= this)
 # Attributes every plugin node carries for TensorRT's ONNX parser; declared on the function too, with
 # defaults, so that checkers and runtimes see a complete signature.
 PARSER_ATTRIBUTES = {"plugin_namespace": DOMAIN, "aot": 1}

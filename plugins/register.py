@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
-from plugins import FOLDERS, SPECS
+from plugins import registry
 
 _registered: set[str] = set()  # TensorRT's registry is per process: register each plugin once
 
@@ -28,8 +27,8 @@ def register_all() -> list[str]:
 
     if not hasattr(trt, "QuickPluginCreationRequest"):
         raise RuntimeError(f"TensorRT {trt.__version__} lacks AOT Python plugins; need >= 10.9")
-    for folder in FOLDERS.values():
-        if folder not in _registered:
-            importlib.import_module(f"plugins.{folder}.trt").register()
-            _registered.add(folder)
-    return [SPECS[name].id for name in FOLDERS]
+    for name, spec in registry.specs().items():
+        if spec.id not in _registered:
+            registry.module(name, "trt").register()
+            _registered.add(spec.id)
+    return [spec.id for spec in registry.specs().values()]

@@ -42,6 +42,7 @@ class PluginSpec:
     outputs: tuple[TensorSpec, ...]
     attributes: tuple[AttrSpec, ...] = ()
     doc: str = ""
+    role: str = ""  # its part of an MoE layer, as reports name it: "routing", "dispatch" or "combine"
 
     @property
     def id(self) -> str:

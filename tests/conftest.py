@@ -34,8 +34,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """Exports a zoo model once per session per configuration: ``exported(name, **overrides)``."""
-    from exporter.export import export_onnx
-    from exporter.source import from_zoo, load
+    from exporter.export.export import export_onnx
+    from exporter.sources.loading import from_zoo, load
 
     cache: dict = {}
     folder = tmp_path_factory.mktemp("exported")
@@ -50,3 +50,23 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def bundled(tmp_path_factory):
+    """Builds a deploy bundle once per session per configuration: ``bundled(name, **overrides)`` ->
+    (source, BundleResult, folder). Tests that change a bundle copy it first."""
+    from exporter.deploy.bundle import build_bundle
+    from exporter.sources.loading import from_zoo
+
+    cache: dict = {}
+    folder = tmp_path_factory.mktemp("bundles")
+
+    def build(name: str, **overrides):
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in cache:
+            source = from_zoo(name, **overrides)
+            cache[key] = (source, build_bundle(source, folder / f"bundle{len(cache)}"), folder / f"bundle{len(cache)}")
+        return cache[key]
+
+    return build

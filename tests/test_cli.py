@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from cli import main
-from exporter.zoo import ZOO
+from exporter.sources.zoo import ZOO
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "user_modules.py"
 
@@ -297,7 +297,7 @@ def test_bench_json_to_stdout_and_bad_inputs():
 
 def test_build_bundle_then_engine_without_tensorrt(tmp_path):
     """The CPU stages run and keep their bundle; the TensorRT stage is one line and exit code 2."""
-    from exporter.engine import tensorrt_available
+    from exporter.backends.tensorrt import tensorrt_available
 
     if tensorrt_available() is None:
         pytest.skip("TensorRT and a GPU are present: the engine is built (tests/exporter/test_engine.py)")

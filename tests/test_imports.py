@@ -65,7 +65,7 @@ def test_every_command_help_works_without_gpu_libraries():
 
 def test_tensorrt_missing_is_a_reason_not_a_crash():
     proc = _python(
-        "from exporter.engine import tensorrt_available, tensorrt_version\n"
+        "from exporter.backends.tensorrt import tensorrt_available, tensorrt_version\n"
         "assert tensorrt_version() is None\n"
         "print(tensorrt_available())\n"
     )

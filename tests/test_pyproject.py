@@ -21,7 +21,7 @@ def floor(requirements: str, package: str) -> tuple[int, ...]:
 
 
 def test_polygraphy_floor_has_the_progress_monitor():
-    # exporter.engine passes CreateConfig(progress_monitor=...), which Polygraphy 0.49.0 lacks (0.49.9 has it)
+    # exporter.backends.tensorrt passes CreateConfig(progress_monitor=...): Polygraphy 0.49.0 lacks it, 0.49.9 has it
     assert floor(section("dependencies"), "polygraphy") >= (0, 49, 9)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from exporter.errors import UserError
 from exporter.models.experts import StackedMlpExperts, round_to_bfloat16
-from exporter.routing import soft_moe_logits
+from exporter.models.routing import soft_moe_logits
 
 
 class SoftRouter(nn.Module):
@@ -84,3 +84,8 @@ class SoftMoEMlp(nn.Module):
     def extra_repr(self) -> str:
         bf16 = ", bf16_dispatch=True" if self.bf16_dispatch else ""
         return f"E={self.num_experts}, slots_per_expert={self.slots_per_expert}{bf16}"
+
+
+def soft_moe_layers(module: nn.Module) -> list[tuple[str, SoftMoEMlp]]:
+    """``(qualified name, layer)`` of every Soft-MoE layer of a model, in module order."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, SoftMoEMlp)]

@@ -3,7 +3,9 @@ gather combine. As ``vmoe.nn.vit_moe.MlpMoeBlock`` with the einsum dispatcher, a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from exporter import settings
 from exporter.errors import UserError
 from exporter.models.capture import record
 from exporter.models.experts import StackedMlpExperts, round_to_bfloat16
-from exporter.routing import TopKRouting, compute_capacity, route_top_k
+from exporter.models.routing import TopKRouting, check_capacity_factor, compute_capacity, route_top_k
 
 
 class TopKRouter(nn.Module):
@@ -105,8 +107,8 @@ class VMoEMlp(nn.Module):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise UserError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
-        if capacity is None and (capacity_factor is None or not capacity_factor > 0):
-            raise UserError(f"capacity factor must be > 0, got {capacity_factor}")
+        if capacity is None:
+            check_capacity_factor(capacity_factor)
         if group_images < 1:
             raise UserError(f"group size must be at least 1 image, got {group_images}")
         self.num_experts, self.k, self.batch_priority = num_experts, k, batch_priority
@@ -156,3 +158,47 @@ class VMoEMlp(nn.Module):
         bf16 = ", bf16_dispatch=True" if self.bf16_dispatch else ""
         groups = f"group_images={self.group_images}"
         return f"E={self.num_experts}, k={self.k}, {cap}, bpr={self.batch_priority}, {groups}{bf16}"
+
+
+def vmoe_layers(module: nn.Module) -> list[tuple[str, VMoEMlp]]:
+    """``(qualified name, layer)`` of every V-MoE layer of a model, in module order."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, VMoEMlp)]
+
+
+@contextlib.contextmanager
+def routing_settings(
+    module: nn.Module,
+    *,
+    capacity_factor: float | None = None,
+    batch_priority: bool | None = None,
+    group_images: int | None = None,
+) -> Iterator[None]:
+    """Temporarily sets the routing of every V-MoE layer (``None`` keeps a layer's own value)."""
+    layers = [m for _, m in vmoe_layers(module)]
+    saved = [(m.capacity_factor, m.fixed_capacity, m.batch_priority, m.group_images) for m in layers]
+    try:
+        for m in layers:
+            if capacity_factor is not None:
+                check_capacity_factor(capacity_factor)
+                m.capacity_factor, m.fixed_capacity = capacity_factor, None
+            if batch_priority is not None:
+                m.batch_priority = m.routing.batch_priority = batch_priority
+            if group_images is not None:
+                m.group_images = group_images
+        yield
+    finally:
+        for m, (c, fixed, bpr, group) in zip(layers, saved):
+            m.capacity_factor, m.fixed_capacity, m.group_images = c, fixed, group
+            m.batch_priority = m.routing.batch_priority = bpr
+
+
+def unlimited_capacity_factor(module: nn.Module) -> float:
+    """A capacity factor at which no V-MoE layer can drop anything: capacity >= the group's tokens.
+
+    Each token sends its k choices to k different experts, so an expert receives at most one choice per
+    token; ``ceil(S * k * C / E) >= S`` holds for ``C = E / k``.
+    """
+    layers = vmoe_layers(module)
+    if not layers:
+        raise UserError("the model has no V-MoE layers")
+    return max(m.num_experts / m.k for _, m in layers)

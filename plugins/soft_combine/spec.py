@@ -5,6 +5,7 @@ from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
 SPEC = PluginSpec(
     name="SoftCombine",
     namespace=NAMESPACE,
+    role="combine",
     inputs=(
         TensorSpec(
             "slot_out",

@@ -11,21 +11,22 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.soft_combine import kernels
+    from plugins.soft_combine.spec import SPEC
 
-    @trtp.register("moe::SoftCombine")
+    @trtp.register(SPEC.id)
     def soft_combine_desc(
         slot_out: trtp.TensorDesc, combine: trtp.TensorDesc, num_experts: int, expert_major: int
     ) -> trtp.TensorDesc:
         images, tokens, _ = combine.shape_expr
         return trtp.from_shape_expr((images, tokens, slot_out.shape_expr[2]), dtype=slot_out.dtype)
 
-    @trtp.autotune("moe::SoftCombine")
+    @trtp.autotune(SPEC.id)
     def soft_combine_autotune(
         slot_out: trtp.TensorDesc, combine: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
         return qdp.combinations("{T}, FP32, {T}")
 
-    @trtp.aot_impl("moe::SoftCombine")
+    @trtp.aot_impl(SPEC.id)
     def soft_combine_aot(
         slot_out: trtp.TensorDesc,
         combine: trtp.TensorDesc,
@@ -38,7 +39,7 @@ def register() -> None:
         dtype = qdp.dtype_name(slot_out.dtype)
         return qdp.aot_result(kernels.node_recipe(shapes, dtype, num_experts, expert_major))
 
-    @trtp.impl("moe::SoftCombine")
+    @trtp.impl(SPEC.id)
     def soft_combine_impl(
         slot_out: trtp.Tensor,
         combine: trtp.Tensor,

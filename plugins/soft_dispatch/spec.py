@@ -5,6 +5,7 @@ from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
 SPEC = PluginSpec(
     name="SoftDispatch",
     namespace=NAMESPACE,
+    role="dispatch",
     inputs=(
         TensorSpec("x", ("float32", "float16"), "[B, m, D]", "tokens per image"),
         TensorSpec("dispatch", ("float32",), "[B, m, S]", "SoftRoute's dispatch weights"),

@@ -11,8 +11,9 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.soft_dispatch import kernels
+    from plugins.soft_dispatch.spec import SPEC
 
-    @trtp.register("moe::SoftDispatch")
+    @trtp.register(SPEC.id)
     def soft_dispatch_desc(
         x: trtp.TensorDesc, dispatch: trtp.TensorDesc, num_experts: int, expert_major: int
     ) -> trtp.TensorDesc:
@@ -21,13 +22,13 @@ def register() -> None:
         shape = (num_experts, images * (slots // num_experts), dim) if expert_major else (images, slots, dim)
         return trtp.from_shape_expr(shape, dtype=x.dtype)
 
-    @trtp.autotune("moe::SoftDispatch")
+    @trtp.autotune(SPEC.id)
     def soft_dispatch_autotune(
         x: trtp.TensorDesc, dispatch: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
         return qdp.combinations("{T}, FP32, {T}")
 
-    @trtp.aot_impl("moe::SoftDispatch")
+    @trtp.aot_impl(SPEC.id)
     def soft_dispatch_aot(
         x: trtp.TensorDesc,
         dispatch: trtp.TensorDesc,
@@ -39,7 +40,7 @@ def register() -> None:
         shapes = (x.shape_expr, dispatch.shape_expr)
         return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(x.dtype), num_experts, expert_major))
 
-    @trtp.impl("moe::SoftDispatch")
+    @trtp.impl(SPEC.id)
     def soft_dispatch_impl(
         x: trtp.Tensor,
         dispatch: trtp.Tensor,

@@ -12,25 +12,26 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.soft_route import kernels
+    from plugins.soft_route.spec import SPEC
 
-    @trtp.register("moe::SoftRoute")
+    @trtp.register(SPEC.id)
     def soft_route_desc(logits: trtp.TensorDesc) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return (
             trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
             trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
         )
 
-    @trtp.autotune("moe::SoftRoute")
+    @trtp.autotune(SPEC.id)
     def soft_route_autotune(logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, FP32, FP32", "LINEAR")]
 
-    @trtp.aot_impl("moe::SoftRoute")
+    @trtp.aot_impl(SPEC.id)
     def soft_route_aot(
         logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         return qdp.aot_result(kernels.node_recipe((logits.shape_expr,), "float32"))
 
-    @trtp.impl("moe::SoftRoute")
+    @trtp.impl(SPEC.id)
     def soft_route_impl(logits: trtp.Tensor, outputs: tuple[trtp.Tensor], stream: int) -> None:
         with qdp.on_stream(stream):
             kernels.launch(qdp.torch_view(logits), out=tuple(qdp.torch_view(t) for t in outputs))

@@ -1,23 +1,22 @@
-"""``moe::TopKCombine`` in PyTorch: :class:`exporter.models.vmoe.Combine` on the plugin's flat slots."""
+"""``moe::TopKCombine`` in PyTorch: per token, the gate-weighted sum of its kept choices' expert outputs."""
 
 from __future__ import annotations
 
 import torch
 
-from exporter.models.vmoe import Combine
-from exporter.routing import TopKRouting
-
 
 def topk_combine(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Tokens ``[G, S, D]``: per token, the weighted sum of its kept choices' expert outputs.
+    """Tokens ``[G, S, D]`` from expert outputs ``[E, G*C, D]`` and the flat slots ``e*C + c`` of each
+    (token, choice) (``-1`` when dropped).
 
     Accumulates in float32 (the plugin's contract) and returns the dtype of ``expert_out``.
     """
+    experts, rows, dim = expert_out.shape
+    groups, tokens, k = slot.shape
     slot = slot.long()
     kept = slot >= 0
-    routing = TopKRouting(
-        expert=torch.where(kept, slot // capacity, 0),
-        slot=torch.where(kept, slot % capacity, -1),
-        weight=torch.where(kept, weight.float(), 0.0),
-    )
-    return Combine()(expert_out.float(), routing, capacity).to(expert_out.dtype)
+    expert, position = slot.clamp(min=0) // capacity, slot.clamp(min=0) % capacity
+    row = expert * rows + torch.arange(groups).view(groups, 1, 1) * capacity + position  # rows == G*C
+    picked = expert_out.float().reshape(experts * rows, dim)[row.reshape(-1)].reshape(groups, tokens, k, dim)
+    gate = torch.where(kept, weight.float(), 0.0).unsqueeze(-1)
+    return (picked * gate).sum(dim=2).to(expert_out.dtype)

@@ -5,6 +5,7 @@ from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
 SPEC = PluginSpec(
     name="TopKCombine",
     namespace=NAMESPACE,
+    role="combine",
     inputs=(
         TensorSpec("expert_out", ("float32", "float16"), "[E, G*C, D]", "expert outputs per buffer slot"),
         TensorSpec("slot", ("int32",), "[G, S, K]", "TopKRoute's flat slots e*C + c, -1 when dropped"),

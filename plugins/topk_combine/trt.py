@@ -11,21 +11,22 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.topk_combine import kernels
+    from plugins.topk_combine.spec import SPEC
 
-    @trtp.register("moe::TopKCombine")
+    @trtp.register(SPEC.id)
     def topk_combine_desc(
         expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc, capacity: int
     ) -> trtp.TensorDesc:
         groups, tokens, _ = slot.shape_expr
         return trtp.from_shape_expr((groups, tokens, expert_out.shape_expr[2]), dtype=expert_out.dtype)
 
-    @trtp.autotune("moe::TopKCombine")
+    @trtp.autotune(SPEC.id)
     def topk_combine_autotune(
         expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
         return qdp.combinations("{T}, INT32, FP32, {T}")
 
-    @trtp.aot_impl("moe::TopKCombine")
+    @trtp.aot_impl(SPEC.id)
     def topk_combine_aot(
         expert_out: trtp.TensorDesc,
         slot: trtp.TensorDesc,
@@ -37,7 +38,7 @@ def register() -> None:
         shapes = (expert_out.shape_expr, slot.shape_expr, weight.shape_expr)
         return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(expert_out.dtype), capacity))
 
-    @trtp.impl("moe::TopKCombine")
+    @trtp.impl(SPEC.id)
     def topk_combine_impl(
         expert_out: trtp.Tensor,
         slot: trtp.Tensor,

@@ -5,6 +5,7 @@ from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
 SPEC = PluginSpec(
     name="TopKDispatch",
     namespace=NAMESPACE,
+    role="dispatch",
     inputs=(
         TensorSpec("x", ("float32", "float16"), "[G, S, D]", "tokens per routing group"),
         TensorSpec("slot_token", ("int32",), "[G, E*C]", "TopKRoute's slot table, -1 for an empty slot"),

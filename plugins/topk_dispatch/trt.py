@@ -11,27 +11,28 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.topk_dispatch import kernels
+    from plugins.topk_dispatch.spec import SPEC
 
-    @trtp.register("moe::TopKDispatch")
+    @trtp.register(SPEC.id)
     def topk_dispatch_desc(x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int) -> trtp.TensorDesc:
         groups, _, dim = x.shape_expr
         capacity = slot_token.shape_expr[1] // num_experts
         return trtp.from_shape_expr((num_experts, groups * capacity, dim), dtype=x.dtype)
 
-    @trtp.autotune("moe::TopKDispatch")
+    @trtp.autotune(SPEC.id)
     def topk_dispatch_autotune(
         x: trtp.TensorDesc, slot_token: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
         return qdp.combinations("{T}, INT32, {T}")
 
-    @trtp.aot_impl("moe::TopKDispatch")
+    @trtp.aot_impl(SPEC.id)
     def topk_dispatch_aot(
         x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int, outputs: tuple[trtp.TensorDesc], tactic: int
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         shapes = (x.shape_expr, slot_token.shape_expr)
         return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(x.dtype), num_experts))
 
-    @trtp.impl("moe::TopKDispatch")
+    @trtp.impl(SPEC.id)
     def topk_dispatch_impl(
         x: trtp.Tensor, slot_token: trtp.Tensor, num_experts: int, outputs: tuple[trtp.Tensor], stream: int
     ) -> None:

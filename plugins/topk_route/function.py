@@ -1,6 +1,6 @@
 """``moe::TopKRoute`` as standard ONNX ops (the model-local function beside every plugin node).
 
-The same static formulation as ``exporter.routing.route_top_k``: TopK over the experts (ONNX TopK puts
+The same static formulation as ``exporter.models.routing.route_top_k``: TopK over the experts (ONNX TopK puts
 the lower index first on ties, like ``jax.lax.top_k``), buffer positions as matmuls of 0/1 matrices,
 and the slot table as a ScatterElements without reduction.
 """

@@ -13,7 +13,7 @@ blocked pairwise comparison: equal gates and equal experts need no sort. Kept ch
 
 Work per group is k·S² comparisons, as before, spread over cdiv(S, BLOCK_S) programs instead of one:
 at V-MoE B/16 (S = 1,576) 25 programs per group, at 384 px (S = 4,616) 73. Exactly
-:func:`exporter.routing.route_top_k` for finite gates.
+:func:`exporter.models.routing.route_top_k` for finite gates.
 """
 
 from __future__ import annotations

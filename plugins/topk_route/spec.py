@@ -5,6 +5,7 @@ from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
 SPEC = PluginSpec(
     name="TopKRoute",
     namespace=NAMESPACE,
+    role="routing",
     inputs=(TensorSpec("gates", ("float32",), "[G, S, E]", "softmax router probabilities per group, token, expert"),),
     outputs=(
         TensorSpec(
@@ -21,5 +22,5 @@ SPEC = PluginSpec(
         AttrSpec("capacity", "int", "buffer slots C per expert and group"),
         AttrSpec("batch_priority", "int", "1: Batch Prioritized Routing (descending top-1 gate); 0: token order"),
     ),
-    doc="Exactly exporter.routing.route_top_k, with slots flattened to e*C + c and the inverse table.",
+    doc="Exactly exporter.models.routing.route_top_k, with slots flattened to e*C + c and the inverse table.",
 )

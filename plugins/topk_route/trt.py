@@ -12,8 +12,9 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.topk_route import kernels
+    from plugins.topk_route.spec import SPEC
 
-    @trtp.register("moe::TopKRoute")
+    @trtp.register(SPEC.id)
     def topk_route_desc(
         gates: trtp.TensorDesc, k: int, capacity: int, batch_priority: int
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
@@ -26,11 +27,11 @@ def register() -> None:
             trtp.from_shape_expr((groups, experts * capacity), dtype=trt.int32),
         )
 
-    @trtp.autotune("moe::TopKRoute")
+    @trtp.autotune(SPEC.id)
     def topk_route_autotune(gates: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, INT32, INT32, FP32, INT32", "LINEAR")]
 
-    @trtp.aot_impl("moe::TopKRoute")
+    @trtp.aot_impl(SPEC.id)
     def topk_route_aot(
         gates: trtp.TensorDesc,
         k: int,
@@ -41,7 +42,7 @@ def register() -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         return qdp.aot_result(kernels.node_recipe((gates.shape_expr,), "float32", k, capacity, batch_priority))
 
-    @trtp.impl("moe::TopKRoute")
+    @trtp.impl(SPEC.id)
     def topk_route_impl(
         gates: trtp.Tensor,
         k: int,

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exporter.digits import accuracy, load_split, predict
 from exporter.fileio import atomic_path, write_json
 from exporter.models.vmoe import VMoEMlp
-from exporter.zoo import VMOE, build_model, get_config
+from exporter.sources.digits import accuracy, load_split, predict
+from exporter.sources.zoo import VMOE, build_model, get_config
 
 HERE = Path(__file__).resolve().parent
 FILES = {"vmoe-tiny": "vmoe_digits.safetensors", "soft-moe-tiny": "soft_moe_digits.safetensors"}

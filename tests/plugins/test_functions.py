@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from exporter.models.routing import route_top_k
 from exporter.models.vmoe import Combine, Dispatch, slot_tokens
-from exporter.routing import route_top_k
 from plugins.onnx_function import DOMAIN, OPSET, PARSER_ATTRIBUTES
 from plugins.soft_combine.function import function as soft_combine
 from plugins.soft_dispatch.function import function as soft_dispatch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.routing import compute_capacity
+from exporter.models.routing import compute_capacity
 from plugins.soft_combine.kernels import launch as soft_combine
 from plugins.soft_combine.reference import soft_combine as soft_combine_ref
 from plugins.soft_dispatch.kernels import launch as soft_dispatch

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exporter.models.routing import route_top_k
 from exporter.models.vmoe import Combine
-from exporter.routing import route_top_k
 from plugins.topk_combine.kernels import launch
 from plugins.topk_combine.reference import topk_combine
 from plugins.topk_route.reference import topk_route

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exporter.models.routing import route_top_k
 from exporter.models.vmoe import Dispatch
-from exporter.routing import route_top_k
 from plugins.topk_dispatch.kernels import blocks, launch
 from plugins.topk_dispatch.reference import topk_dispatch
 from plugins.topk_route.reference import topk_route

@@ -1,4 +1,4 @@
-"""``moe::TopKRoute``'s Triton kernel against ``exporter.routing.route_top_k``: exact, ties included."""
+"""``moe::TopKRoute``'s Triton kernel against ``exporter.models.routing.route_top_k``: exact, ties included."""
 
 from __future__ import annotations
 

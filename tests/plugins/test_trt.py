@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins import SPECS
+from plugins import registry
 from plugins.soft_combine.reference import soft_combine
 from plugins.soft_dispatch.reference import soft_dispatch
 from plugins.soft_route.reference import soft_route
@@ -30,7 +30,7 @@ def run_plugin(name: str, inputs: list[torch.Tensor], attrs: dict, aot: bool) ->
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    spec = SPECS[name]
+    spec = registry.spec(name)
     tensors = [
         network.add_input(t.name, getattr(trt, TORCH_TO_TRT[x.dtype]), tuple(x.shape))
         for t, x in zip(spec.inputs, inputs)

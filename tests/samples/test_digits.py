@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from PIL import Image
 
-from cli import main
-from exporter.digits import accuracy, load_split, predict
-from exporter.source import from_zoo, load
+from exporter.sources.digits import accuracy, load_split, predict
+from exporter.sources.loading import from_zoo, load
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "02_digits"
@@ -32,17 +31,58 @@ def test_shipped_weights_reach_the_recorded_accuracy(name):
     assert measured > 0.9
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_shipped_weights_export_and_validate(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the README's commands are relative to the repository
-    graph = tmp_path / f"{name}.onnx"
-    runner = CliRunner()
-    checkpoint = f"samples/02_digits/{MODELS[name]}"
-    result = runner.invoke(
-        main, ["export", "--model", name, "--checkpoint", checkpoint, "--routing-outputs", "-o", str(graph)]
-    )
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["validate", str(graph), "--json", str(tmp_path / "report.json")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["passed"] and report["model"] == name
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_readme_commands_export_and_validate_the_shipped_weights(sample_run, index):
+    run = sample_run("02_digits")
+    export, validate = run.commands[2 * index : 2 * index + 2]
+    assert (export[0], validate[0]) == ("export", "validate")
+    run(export)
+    run([*validate, "--json", "report.json"])
+    report = json.loads(run.path("report.json").read_text())
+    assert report["passed"] and report["model"] == run.option(export, "--model")
+    assert len(report["routing"]) == (2 if report["model"] == "vmoe-tiny" else 0)
+
+
+def test_the_readme_commands_draw_the_shipped_pictures(sample_run):
+    run = sample_run("02_digits")
+    pictures = [c for c in run.commands if c[:2] == ["inspect", "routing"]]
+    assert len(pictures) == 2
+    for command in pictures:
+        png = run.path(run.option(command, "-o"))
+        shipped = Image.open(SAMPLE / png.name).size
+        png.unlink()  # the copy of the shipped picture: the command writes it again
+        run(command)
+        assert Image.open(png).size == shipped
+
+
+def _sweep(run) -> list[str]:
+    (command,) = [c for c in run.commands if c[:2] == ["sweep", "capacity"]]
+    return command
+
+
+def test_the_readme_sweep_command_runs(sample_run):
+    """The README's sweep on 64 images and two factors (the whole sweep takes minutes: -m slow)."""
+    run = sample_run("02_digits")
+    command = _sweep(run)
+    run([*command, "--images", "64", "--factors", "0.5,2"])
+    data = json.loads(run.path(run.option(command, "--json")).read_text())
+    assert [(p["capacity_factor"], p["batch_priority"]) for p in data["points"]] == [
+        (0.5, False),
+        (0.5, True),
+        (2.0, False),
+        (2.0, True),
+    ]
+    assert all(p["parity"]["passed"] for p in data["points"]) and data["images"] == 64
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_command_reproduces_the_shipped_results(sample_run):
+    run = sample_run("02_digits")
+    command = _sweep(run)
+    run(command)
+    made = json.loads(run.path(run.option(command, "--json")).read_text())
+    shipped = json.loads((SAMPLE / "sweep_capacity.json").read_text())
+    for ours, theirs in zip(made["points"], shipped["points"], strict=True):
+        assert ours["capacity"] == theirs["capacity"] and ours["parity"]["status"] == theirs["parity"]["status"]
+        for key in ("dropped", "dropped_gate_mass", "tokens_unrouted", "deviation", "accuracy"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key

@@ -1,49 +1,38 @@
 """samples/03_other_soft_moe: two Soft-MoE layers written by other people's conventions, inside a small
-ViT loaded with --module, are found, rewritten into plugins and validated, through the CLI."""
+ViT loaded with --module, are found, rewritten into plugins and validated: the README's commands,
+extracted from it, through the CLI."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
-
-from cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "spec, experts, moe_layers",
+    "index, experts, moe_layers",
     [
-        ("rmsnorm_soft_moe.py:build", 4, ["blocks.2.mlp", "blocks.3.mlp"]),
-        ("paper_soft_moe.py:build", 8, ["blocks.1.mlp", "blocks.3.mlp"]),
+        (0, 4, ["blocks.2.mlp", "blocks.3.mlp"]),  # rmsnorm_soft_moe.py
+        (1, 8, ["blocks.1.mlp", "blocks.3.mlp"]),  # paper_soft_moe.py
     ],
 )
-def test_other_soft_moe_layers_rewrite_and_validate(tmp_path, monkeypatch, spec, experts, moe_layers):
-    monkeypatch.chdir(ROOT)
-    runner = CliRunner()
-    graph, plugins = tmp_path / "m.onnx", tmp_path / "m.plugins.onnx"
-    module = f"samples/03_other_soft_moe/{spec}"
-    result = runner.invoke(main, ["export", "--module", module, "--input-shape", "2,3,32,32", "-o", str(graph)])
-    assert result.exit_code == 0, result.output
-
-    report = tmp_path / "rewrite.json"
-    result = runner.invoke(main, ["rewrite", str(graph), "-o", str(plugins), "--json", str(report)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
+def test_the_readme_commands_rewrite_and_validate(sample_run, index, experts, moe_layers):
+    run = sample_run("03_other_soft_moe")
+    export, rewrite, validate = run.commands[3 * index : 3 * index + 3]
+    assert [export[0], rewrite[0], validate[0]] == ["export", "rewrite", "validate"]
+    run(export)
+    run([*rewrite, "--json", "rewrite.json"])
+    data = json.loads(run.path("rewrite.json").read_text())
     assert data["counts"] == {"SoftRoute": 2, "SoftDispatch": 2, "SoftCombine": 2}
     assert [layer["layer"] for layer in data["layers"]] == moe_layers
     for layer in data["layers"]:
         assert [p["plugin"] for p in layer["plugins"]] == ["SoftRoute", "SoftDispatch", "SoftCombine"]
         assert layer["plugins"][1]["attrs"]["num_experts"] == experts
-    ops = {n.op_type for n in onnx.load(str(plugins)).graph.node}
-    assert {"SoftRoute", "SoftDispatch", "SoftCombine"} <= ops
+    plugins = onnx.load(str(run.path(run.option(rewrite, "-o"))))
+    assert {"SoftRoute", "SoftDispatch", "SoftCombine"} <= {n.op_type for n in plugins.graph.node}
     # the slot and token mixes are gone; only the logits einsum is left of the layer's einsums
-    assert sum(n.op_type == "Einsum" for n in onnx.load(str(plugins)).graph.node) == 2
+    assert sum(n.op_type == "Einsum" for n in plugins.graph.node) == 2
 
-    result = runner.invoke(main, ["validate", str(plugins), "--batch", "3", "--json", str(tmp_path / "v.json")])
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "v.json").read_text())["passed"]
+    run([*validate, "--json", "v.json"])
+    assert json.loads(run.path("v.json").read_text())["passed"]

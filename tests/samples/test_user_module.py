@@ -1,4 +1,5 @@
-"""samples/01_user_module: the README's two commands, export then validate, through the CLI."""
+"""samples/01_user_module: the README's two commands (extracted from it), export then validate, through
+the CLI; and a user module with two outputs and grouped routing."""
 
 from __future__ import annotations
 
@@ -13,24 +14,17 @@ from cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_user_module_exports_and_validates(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the sample's commands are written relative to the repository
-    graph = tmp_path / "my_vit.onnx"
-    runner = CliRunner()
-    spec = "samples/01_user_module/my_vit.py:build"
-    result = runner.invoke(
-        main, ["export", "--module", spec, "--input-shape", "4,3,32,32", "--routing-outputs", "-o", str(graph)]
-    )
-    assert result.exit_code == 0, result.output
+def test_the_readme_commands_export_and_validate(sample_run):
+    run = sample_run("01_user_module")
+    export, validate = run.commands
+    result = run(export)
     assert "routing.blocks.1.mlp.kept" in result.output
-    report = tmp_path / "report.json"
-    result = runner.invoke(main, ["validate", str(graph), "--batch", "3", "--json", str(report)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
-    assert data["passed"] and data["model"] == spec
+    assert os.path.getsize(run.path(run.option(export, "-o"))) > 10_000
+    run([*validate, "--json", "report.json"])
+    data = json.loads(run.path("report.json").read_text())
+    assert data["passed"] and data["model"] == run.option(export, "--module")
     (layer,) = data["routing"]
     assert layer["layer"] == "blocks.1.mlp" and layer["agreement"] == 1.0 and layer["dropped_expected"] > 0
-    assert os.path.getsize(graph) > 10_000
 
 
 def test_user_module_with_two_outputs_and_grouped_routing(tmp_path):

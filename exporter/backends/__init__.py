@@ -1,0 +1,1 @@
+"""Backends that run a graph or a model: ONNX Runtime, PyTorch, TensorRT."""

@@ -1,0 +1,1 @@
+"""The CLI's commands: each parses its options and calls one library function."""

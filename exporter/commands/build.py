@@ -1,0 +1,162 @@
+"""``moe-export build bundle`` and ``build engine``: what a GPU needs."""
+
+from __future__ import annotations
+
+import click
+
+from exporter import settings
+from exporter.commands.common import (
+    console,
+    emit,
+    escape,
+    json_option,
+    mark,
+    model_options,
+    print_notes,
+    print_report,
+    progress_once,
+    share,
+    step,
+    target_list,
+)
+from exporter.errors import CheckFailed
+
+TARGETS_HELP = (
+    "CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200, "
+    "sm_110 Jetson Thor with Triton >= 3.9). Default: "
+    + ",".join(f"sm_{a}" for a in settings.DEFAULT_PTX_TARGETS)
+    + ", less those the installed Triton cannot compile."
+)
+
+
+@click.group("build")
+def build_group():
+    """Make what a GPU needs: a deploy bundle (on CPU) and a TensorRT engine (TensorRT + GPU)."""
+
+
+@build_group.command("bundle")
+@model_options
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="The bundle folder.")
+@click.option("--target", "targets", metavar="SM_XX,...", help=TARGETS_HELP)
+@click.option("--batch", type=int, help="Sample images (a multiple of the routing group). Default: one group.")
+@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
+@json_option("the bundle report")
+def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
+    """Model -> portable ONNX -> plugin ONNX -> CPU parity -> a deploy folder for an edge GPU.
+
+    The folder holds both graphs, the plugin package with its kernels precompiled to PTX, sample inputs
+    and PyTorch's outputs (.npz and Polygraphy JSON), manifest.json (hashes, I/O, tolerances, versions)
+    and a README with the commands to build and check the engine on the target. CPU only.
+
+    \b
+    Examples:
+      moe-export build bundle --model vmoe-s32-last2-e8 -o vmoe-bundle
+      moe-export build bundle --model soft-moe-tiny --target sm_87 -o soft-bundle --json -
+    """
+    from exporter.deploy.bundle import build_bundle as run_build
+
+    targets = target_list(targets) if targets is not None else None
+    result = run_build(choice, output_dir, targets=targets, batch=batch, seed=input_seed, step=step)
+    emit(result, print_bundle, json_out)
+
+
+def print_bundle(result) -> None:
+    out = console()
+    size = sum(f["bytes"] for f in result.files.values())
+    out.print(
+        f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB "
+        f"({result.seconds:.1f}s)"
+    )
+    counts = ", ".join(f"{n} {p}" for p, n in result.plugins.items()) or "no plugin nodes"
+    out.print(f"  plugins: {counts}; {result.ptx_kernels} kernel variants as PTX for {', '.join(result.targets)}")
+    for name, p in result.parity.items():
+        decisions = p["routing_decisions"]
+        routing = f"routing: {p['routing']}" if decisions is None else f"routing decisions {share(decisions)}"
+        out.print(
+            f"  {escape(name)} vs PyTorch ({p['backend']}, batch {p['batch']}): max rel err "
+            f"{p['max_rel_err']:.2g}, {routing} {mark(p['passed'])}"
+        )
+    for layer in result.declined:
+        out.print(f"[yellow]declined[/yellow] {escape(layer['layer'])}: {escape(layer['reason'])}")
+    print_notes(result.notes)
+    out.print(f"next, on the target: moe-export build engine {escape(str(result.path))}  (see its README.md)")
+
+
+@build_group.command("engine")
+@click.argument("source_path", required=False, type=click.Path(exists=True))
+@model_options
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="The bundle folder (written first for --model/--module; default: SOURCE when it is a bundle).",
+)
+@click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32, TF32 off (default; exact parity).")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 with the router and routing math in FP32.")
+@click.option("--bf16", "precision", flag_value="bf16", help="BF16 with the router and routing math in FP32.")
+@click.option("--min-batch", type=int, help="Smallest batch of the optimization profile (default: one group).")
+@click.option("--opt-batch", type=int, help="Batch TensorRT optimizes for (default: the max batch).")
+@click.option("--max-batch", type=int, help="Largest batch of the optimization profile (default: the opt batch).")
+@click.option("--workspace", "workspace_mib", type=int, metavar="MIB", help="Workspace memory pool limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, read and updated.")
+@click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")
+@click.option("--portable", is_flag=True, help="Build from the portable graph (no plugins).")
+@click.option(
+    "--target", "targets", metavar="SM_XX,...", help="PTX targets of the bundle written first. " + TARGETS_HELP
+)
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False),
+    help="Also write a Triton Inference Server model-repository entry (model.plan + config.pbtxt).",
+)
+@json_option("the build and parity report")
+def build_engine(source_path, choice, output_dir, precision, portable, targets, triton_repo, json_out, **profile):
+    """Build a TensorRT engine and check it against PyTorch, routing decisions included.
+
+    From a zoo model or user module (the deploy bundle is written first, on CPU), a bundle, or an
+    exported .onnx (the engine goes to -o DIR, validated against the model the graph records).
+    Registers the moe:: plugins (AOT, precompiled PTX from the bundle), builds model.engine in the
+    bundle, checks with the engine inspector that every plugin node became a plugin layer, and
+    validates the engine on the bundle's sample inputs. Exit 0 on parity, 1 when parity fails, 2 on bad
+    input or without TensorRT (the bundle is kept).
+
+    \b
+    Examples:
+      moe-export build engine --model vmoe-s32-last2-e8 -o vmoe-bundle
+      moe-export build engine vmoe-bundle --fp16 --max-batch 32 --timing-cache trt.cache
+      moe-export build engine vmoe-bundle --triton-repo model_repository
+    """
+    from exporter.backends.tensorrt import EngineOptions
+    from exporter.deploy.engines import build_engine_for
+
+    run = build_engine_for(
+        source_path,
+        choice,
+        output_dir=output_dir,
+        options=EngineOptions(precision=precision, **profile),
+        portable=portable,
+        targets=target_list(targets) if targets is not None else None,
+        triton_repo=triton_repo,
+        step=step,
+        progress=progress_once(),
+        bundle_written=print_bundle if json_out != "-" else lambda _: None,
+    )
+    emit(run, _print_engine, json_out)
+    if not run.passed:
+        raise CheckFailed(f"the engine in {run.built.bundle} does not match PyTorch (see the table above)")
+
+
+def _print_engine(run) -> None:
+    out = console()
+    b = run.built.build
+    plugins = ", ".join(f"{n} {op}" for op, n in b.plugin_layers.items()) or "none"
+    out.print(
+        f"wrote [bold]{escape(str(b.path))}[/bold] ({b.size_bytes / 2**20:,.1f} MiB, TensorRT {b.tensorrt}, "
+        f"{b.precision}, batch {b.batch['min']}-{b.batch['max']}, {b.layers} layers; plugin layers: {plugins}; "
+        f"{b.seconds:.1f}s)"
+    )
+    print_notes(b.notes)
+    print_report(run.built.parity)
+    if run.triton is not None:
+        out.print(f"wrote Triton Inference Server entry [bold]{escape(str(run.triton.path))}[/bold]")
+        print_notes(run.triton.notes)

@@ -1,0 +1,289 @@
+"""What every command shares: the console, progress lines, the JSON report option, the model options
+(one ``ModelChoice``), and the parity table that validate, demo and build engine print.
+
+Only click and the light parts of the library are imported here; each command imports what it
+runs inside its body, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from contextlib import contextmanager
+
+import click
+
+from exporter.errors import UserError
+from exporter.sources.choice import ModelChoice
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal:  # pipes and files: long lines rather than wrapped table cells
+        out.width = 200
+    return out
+
+
+@contextmanager
+def step(message: str):
+    """Shows a spinner (or a start line when not on a terminal) and the time a step took."""
+    err = console(stderr=True)
+    start = time.perf_counter()
+    if err.is_terminal:
+        with err.status(escape(message) + " ..."):
+            yield
+    else:
+        err.print(f"... {escape(message)}")
+        yield
+    err.print(f"[green]✓[/green] {escape(message)} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+
+
+def progress_once():
+    """A progress callback that prints each phase once, when it starts (TensorRT's build phases)."""
+    err = console(stderr=True)
+    seen = set()
+
+    def report(text: str) -> None:
+        phase = text.rsplit(" (", 1)[0]
+        if phase not in seen:
+            seen.add(phase)
+            err.print(f"[dim]  {escape(text)}[/dim]")
+
+    return report
+
+
+def progress_lines():
+    """A progress callback that prints every line, dimmed, on stderr."""
+    err = console(stderr=True)
+    return lambda text: err.print(f"[dim]  {escape(text)}[/dim]")
+
+
+def json_option(what: str):
+    return click.option("--json", "json_out", metavar="PATH", help=f"Write {what} as JSON ('-' for stdout).")
+
+
+def write_json_out(dest: str, data) -> None:
+    if dest == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from exporter.fileio import write_json
+
+        write_json(dest, data)
+
+
+def emit(result, printer, json_out: str | None) -> None:
+    """The human-readable report (unless JSON goes to stdout), then the JSON report if asked for."""
+    if json_out != "-":
+        printer(result)
+    if json_out:
+        write_json_out(json_out, result.to_dict())
+
+
+# --- which model --------------------------------------------------------------------------------
+
+MODEL_OPTIONS = [
+    click.option(
+        "--model",
+        "model",
+        metavar="NAME|DIR",
+        help="A zoo model (see `moe-export models`) or a folder written by `moe-export import vmoe`.",
+    ),
+    click.option(
+        "--module",
+        "module",
+        metavar="FILE.py:FACTORY",
+        help="A user model: FILE.py:factory or package.module:factory, a callable returning an nn.Module.",
+    ),
+    click.option("--input-shape", metavar="N,C,H,W", help="Input images of a user module (e.g. 8,3,224,224)."),
+    click.option(
+        "--checkpoint",
+        type=click.Path(),
+        help="Weights: .safetensors, a PyTorch state dict, or a vmoe checkpoint (PREFIX or PREFIX.index; "
+        "alone, without --model, it describes the model too).",
+    ),
+    click.option("--seed", type=int, default=None, help="Seed of the random weights when there is no checkpoint."),
+]
+ROUTING_OPTIONS = [
+    click.option("--k", "k", type=int, help="V-MoE: experts per token (1 or 2 in the papers)."),
+    click.option("--capacity-factor", type=float, help="V-MoE: capacity factor C (e.g. 1.05; below 1 drops tokens)."),
+    click.option("--batch-priority/--no-batch-priority", default=None, help="V-MoE: Batch Prioritized Routing."),
+    click.option("--group-images", type=int, help="V-MoE: images per routing group (8 in the papers, 1 for edge)."),
+    click.option(
+        "--bf16-dispatch/--no-bf16-dispatch",
+        default=None,
+        help="Round expert inputs and outputs to bfloat16 as the reference does (bit-matches vmoe's eval).",
+    ),
+]
+_MODEL_FIELDS = ("model", "module", "input_shape", "checkpoint", "seed")
+_ROUTING_FIELDS = ("k", "capacity_factor", "batch_priority", "group_images", "bf16_dispatch")
+
+
+def _grouped(f, options, fields, name):
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        values = {k: kwargs.pop(k) for k in fields}
+        return f(*args, **{name: values}, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def model_options(f):
+    """The model options (``--model``, ``--module``, ``--input-shape``, ``--checkpoint``, ``--seed``)
+    and the V-MoE routing overrides, passed to the command as one ``choice: ModelChoice``."""
+
+    @functools.wraps(f)
+    def wrapper(*args, choice_fields, **kwargs):
+        return f(*args, choice=ModelChoice(**choice_fields), **kwargs)
+
+    return _grouped(wrapper, MODEL_OPTIONS + ROUTING_OPTIONS, _MODEL_FIELDS + _ROUTING_FIELDS, "choice_fields")
+
+
+def routing_options(f):
+    """The V-MoE routing overrides alone, passed as ``overrides: dict`` (the given ones)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, routing_fields, **kwargs):
+        return f(*args, overrides={k: v for k, v in routing_fields.items() if v is not None}, **kwargs)
+
+    return _grouped(wrapper, ROUTING_OPTIONS, _ROUTING_FIELDS, "routing_fields")
+
+
+def floats(text: str, option: str) -> list[float]:
+    """``"0.5,1,2"`` -> ``[0.5, 1.0, 2.0]``; one clear error otherwise."""
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of numbers like 0.5,1,2") from None
+    if not values:
+        raise UserError(f"{option} needs at least one value")
+    return values
+
+
+def target_list(text: str) -> list[str]:
+    targets = [t for t in text.replace(" ", "").split(",") if t]
+    if not targets:
+        raise UserError("--target needs at least one architecture, e.g. sm_87,sm_90")
+    return targets
+
+
+# --- the parity table -------------------------------------------------------------------------------
+
+
+def share(x: float) -> str:
+    """A percentage that never rounds a shortfall up to 100%."""
+    return "100%" if x == 1.0 else f"{math.floor(x * 1e4) / 1e2:.2f}%"
+
+
+def mark(ok: bool) -> str:
+    return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+
+
+def print_report(report) -> None:
+    """A ParityReport: outputs, routing per V-MoE layer, notes, verdict."""
+    from rich.table import Table
+
+    out = console()
+    out.print(
+        f"[bold]{escape(report.graph)}[/bold] vs PyTorch {escape(report.model)} "
+        f"on {report.backend}, batch {report.batch}"
+    )
+    t = Table(title="outputs", title_justify="left", box=None, pad_edge=False)
+    for col in ("output", "shape", "max abs err", "max rel err", f"rel tol {report.tolerances['rtol']:g}"):
+        t.add_column(col, justify="left" if col in ("output", "shape") else "right")
+    for o in report.outputs:
+        t.add_row(escape(o.name), "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", mark(o.passed))
+    out.print(t)
+    if report.routing:
+        t = Table(title="routing per V-MoE layer", title_justify="left", box=None, pad_edge=False)
+        cols = ("layer", "pairs", "expert", "kept", "slot", "all", "slot swaps", "dropped (torch / graph)", "")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for r in report.routing:
+            t.add_row(
+                escape(r.layer),
+                str(r.pairs),
+                share(r.expert),
+                share(r.kept),
+                share(r.slot),
+                share(r.agreement),
+                str(r.slot_swaps),
+                f"{r.dropped_expected:.1%} / {r.dropped_actual:.1%}",
+                mark(r.passed),
+            )
+        out.print(t)
+    else:
+        out.print(f"routing: {report.routing_status}")
+    if any(r.slot_swaps for r in report.routing):
+        out.print(
+            "[yellow]note:[/yellow] slot swaps: tokens with the same expert and kept decision took each other's "
+            "buffer slots (tied priorities ordered differently); outputs are unaffected"
+        )
+    for note in report.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    out.print(f"{mark(report.passed)} ({report.seconds:.1f}s)")
+
+
+def print_notes(notes) -> None:
+    out = console()
+    for note in notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+# --- reports more than one command prints --------------------------------------------------------
+
+
+def print_export(result) -> None:
+    out = console()
+    size = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
+    out.print(
+        f"wrote [bold]{escape(str(result.path))}[/bold] ({size / 2**20:,.1f} MiB, opset {result.opset}, "
+        f"{sum(result.op_counts.values())} nodes, export {result.seconds:.1f}s)"
+    )
+    for name, (dtype, dims) in {**result.inputs, **result.outputs}.items():
+        kind = "input " if name in result.inputs else "output"
+        out.print(escape(f"  {kind} {name}: {dtype}[{', '.join(map(str, dims))}]"))
+    if not result.dynamic_batch:
+        out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
+    if result.findings:
+        out.print(f"[yellow]warning:[/yellow] {len(result.findings)} TensorRT portability findings:")
+        for f in result.findings[:20]:
+            out.print(escape(f"  - {f}"))
+    else:
+        out.print("portable: standard ONNX ops only, none of the TensorRT hazards")
+
+
+def print_rewrite(result) -> None:
+    from rich.table import Table
+
+    out = console()
+    t = Table(title="MoE layers", title_justify="left", box=None, pad_edge=False)
+    for col in ("layer", "family", "routing", "dispatch", "combine", ""):
+        t.add_column(col)
+    for layer in result.layers:
+        if layer.replaced:
+            cells = [escape(n.describe()) for n in layer.nodes]
+            t.add_row(
+                escape(layer.layer), layer.family, *cells, "[green]replaced[/green]" if result.path else "planned"
+            )
+        else:
+            t.add_row(escape(layer.layer), layer.family, "", "", "", "[yellow]declined[/yellow]")
+    out.print(t)
+    for layer in result.declined:
+        out.print(f"[yellow]declined[/yellow] {escape(layer.layer)}: {escape(layer.reason)}")
+    counts = ", ".join(f"{n} {p}" for p, n in result.counts.items()) or "no plugin nodes"
+    if result.path:
+        out.print(f"wrote [bold]{escape(str(result.path))}[/bold]: {counts} ({result.seconds:.1f}s)")
+    else:
+        out.print(f"plan: {counts}; nothing written ({result.seconds:.1f}s)")

@@ -1,0 +1,28 @@
+"""``moe-export export``: a model to a portable ONNX graph."""
+
+from __future__ import annotations
+
+import click
+
+from exporter import settings
+from exporter.commands.common import emit, json_option, model_options, print_export, step
+
+
+@click.command()
+@model_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--opset", type=int, default=settings.DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 18).")
+@click.option("--routing-outputs", is_flag=True, help="Expose each V-MoE layer's routing as graph outputs.")
+@json_option("an export report")
+def export(choice, output, opset, routing_outputs, json_out):
+    """Export a model to a portable ONNX graph (standard ops only, dynamic batch).
+
+    \b
+    Examples:
+      moe-export export --model vmoe-tiny --capacity-factor 0.5 --batch-priority --routing-outputs -o tiny.onnx
+      moe-export export --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32 -o my.onnx
+    """
+    from exporter.export.export import export_model
+
+    result = export_model(choice, output, opset=opset, routing_outputs=routing_outputs, step=step)
+    emit(result, print_export, json_out)

@@ -1,0 +1,94 @@
+"""``moe-export inspect routing``: pictures of where patches are routed."""
+
+from __future__ import annotations
+
+import click
+
+from exporter import settings
+from exporter.commands.common import (
+    console,
+    escape,
+    floats,
+    json_option,
+    model_options,
+    print_notes,
+    step,
+    write_json_out,
+)
+
+
+@click.group("inspect")
+def inspect_group():
+    """Look inside a model: pictures of its routing."""
+
+
+@inspect_group.command("routing")
+@model_options
+@click.option("--image", type=click.Path(dir_okay=False), help="A PNG or JPEG, resized to the model's input.")
+@click.option("--sample", type=int, help="An image of the digits test split instead (default: sample 0).")
+@click.option(
+    "--capacity-factors",
+    "factors",
+    default=",".join(f"{c:g}" for c in settings.INSPECT_CAPACITY_FACTORS),
+    show_default=True,
+    help="V-MoE: one column per factor, each vanilla and BPR; the image is routed in a group of its own.",
+)
+@click.option("--onnx", "graph", type=click.Path(dir_okay=False), help="V-MoE: picture this graph's routing outputs.")
+@click.option("--slots", help="Soft-MoE: slots to picture, e.g. 0,5,9 (default: the most concentrated).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@json_option("the per-panel numbers")
+def inspect_routing(choice, image, sample, factors, graph, slots, output, json_out):
+    """Draw where each patch of one image is routed, per MoE layer.
+
+    V-MoE: patches coloured by first and second expert, dropped ones grey, for several capacity factors,
+    vanilla and Batch Prioritized Routing; with --onnx, the exported graph's routing next to PyTorch's.
+    Soft-MoE: chosen slots' dispatch weights over the patches and each patch's combine spread.
+
+    \b
+    Examples:
+      moe-export inspect routing --model vmoe-tiny --checkpoint samples/02_digits/vmoe_digits.safetensors -o r.png
+      moe-export inspect routing --model soft-moe-tiny --image digit.png --slots 0,1,2 -o soft.png
+      moe-export inspect routing --onnx tiny.onnx --sample 3 -o deployed.png
+    """
+    from exporter.tools.inspect_routing import inspect_routing as draw
+
+    picture = draw(
+        choice,
+        output,
+        image=image,
+        sample=sample,
+        capacity_factors=floats(factors, "--capacity-factors"),
+        graph=graph,
+        slots=[int(s) for s in floats(slots, "--slots")] if slots else None,
+        step=step,
+    )
+    if json_out != "-":
+        _print_picture(picture)
+    if json_out:
+        write_json_out(json_out, picture.to_dict())
+
+
+def _cell(value) -> str:
+    """A table cell: shares (floats up to 1) as percentages, other floats to 3 digits, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1%}" if value <= 1 else f"{value:.3g}"
+    return str(value)
+
+
+def _print_picture(picture) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.print(
+        f"wrote [bold]{escape(str(picture.path))}[/bold] ({picture.layout.width}x{picture.layout.height} px, "
+        f"{picture.layout.rows}x{picture.layout.cols} panels): {escape(picture.image)}"
+    )
+    table = Table(box=None, pad_edge=False)
+    for col in picture.stats[0]:
+        table.add_column(col, justify="left" if col in ("layer", "column") else "right")
+    for row in picture.stats:
+        table.add_row(*(escape(_cell(v)) for v in row.values()))
+    out.print(table)
+    print_notes(picture.notes)

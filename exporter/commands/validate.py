@@ -1,0 +1,64 @@
+"""``moe-export validate``: a graph, an engine or a bundle against PyTorch."""
+
+from __future__ import annotations
+
+import click
+
+from exporter import settings
+from exporter.commands.common import emit, json_option, model_options, print_report, step
+from exporter.errors import CheckFailed
+
+_FP32 = settings.TOLERANCES["fp32"]
+
+
+@click.command()
+@click.argument("graph", type=click.Path())
+@model_options
+@click.option("--onnx", "engine_graph", type=click.Path(dir_okay=False), help="Engine files: the graph it came from.")
+@click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group.")
+@click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False), help="A .npz with the input images.")
+@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of random inputs.")
+@click.option(
+    "--rtol",
+    type=float,
+    help=f"Max |actual-expected| / max|expected| per output. Default: the precision's ({_FP32.rtol:g} for FP32).",
+)
+@click.option(
+    "--min-routing-agreement",
+    type=float,
+    help="Smallest share of (token, choice) pairs with identical routing decisions, per layer. "
+    f"Default: the precision's ({_FP32.routing_agreement:g} for FP32).",
+)
+@json_option("the parity report")
+def validate(graph, choice, engine_graph, batch, inputs_npz, input_seed, rtol, min_routing_agreement, json_out):
+    """Check an exported graph (ONNX Runtime, CPU) or a TensorRT engine against PyTorch: outputs and
+    routing decisions.
+
+    GRAPH is an .onnx file, a bundle folder (its engine on its sample inputs, against the PyTorch
+    outputs stored in the bundle: no model code or checkpoint needed on the target) or an .engine file
+    (with --onnx, or beside a bundle manifest). The model defaults to the one recorded in the graph at
+    export. Exit code 0 on parity, 1 when parity fails, 2 on bad input (or no TensorRT for engines).
+
+    \b
+    Examples:
+      moe-export validate tiny.onnx
+      moe-export validate my.onnx --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32
+      moe-export validate vmoe-bundle
+      moe-export validate model.engine --onnx model.plugins.onnx --batch 16
+    """
+    from exporter.parity.validate import validate as run_validate
+
+    report = run_validate(
+        graph,
+        choice,
+        engine_graph=engine_graph,
+        batch=batch,
+        seed=input_seed,
+        inputs_npz=inputs_npz,
+        rtol=rtol,
+        routing_agreement=min_routing_agreement,
+        step=step,
+    )
+    emit(report, print_report, json_out)
+    if not report.passed:
+        raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")

@@ -1,0 +1,308 @@
+"""Deploy bundles: everything an edge GPU needs to build a TensorRT engine and check it, made on CPU.
+
+A bundle folder holds::
+
+    model.onnx                 portable graph (standard ops; routing outputs per V-MoE layer)
+    model.plugins.onnx         the same with moe:: plugin nodes (AOT Quickly Deployable Plugins)
+    plugins/                   the plugin package: specs, Triton kernels, TensorRT registrations
+    ptx/                       the kernels precompiled to PTX per --target (plus ptx/manifest.json)
+    inputs.npz, inputs.json    sample inputs (.npz, and Polygraphy's JSON for --load-inputs)
+    images.bin                 the same images as raw float32, for trtexec --loadInputs
+    reference_outputs.npz      PyTorch's outputs on them (routing included) ...
+    reference_outputs.json     ... and as Polygraphy RunResults for --load-outputs
+    polygraphy_network.py      registers the plugins, then parses model.plugins.onnx (polygraphy run)
+    manifest.json              model, files with hashes, I/O, tolerances, versions, CPU parity
+    README.md                  the commands to build and check the engine on the target
+
+The folder is assembled beside the destination and moved into place when complete: an interrupted
+build leaves the previous bundle (or nothing), never half of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from exporter import settings
+from exporter.backends.onnxruntime import run_onnxruntime
+from exporter.deploy import ptx
+from exporter.deploy.readme import render_readme
+from exporter.errors import CheckFailed, UserError
+from exporter.export.export import export_onnx
+from exporter.fileio import publish_dir
+from exporter.formats.bundle import (
+    FORMAT,
+    INPUTS_BIN,
+    INPUTS_JSON,
+    INPUTS_NPZ,
+    MANIFEST,
+    NETWORK_SCRIPT,
+    PLUGINS,
+    PORTABLE,
+    PTX_DIR,
+    README,
+    REFERENCE_JSON,
+    REFERENCE_NPZ,
+    hashes,
+    is_bundle,
+    read_manifest,
+)
+from exporter.formats.graph import input_dims, read_header
+from exporter.parity.parity import ParityReport, compare_to_reference, reference_run
+from exporter.rewrite.rewrite import rewrite_onnx
+from exporter.sources.choice import ModelChoice, as_source
+from exporter.sources.loading import ModelSource, load
+from exporter.versions import versions
+from plugins import registry
+from plugins.aot import PER_ARCH, ptx_version_for
+
+
+@dataclass
+class BundleResult:
+    path: Path
+    model: str
+    seconds: float
+    files: dict[str, dict]
+    parity: dict[str, dict]
+    plugins: dict[str, int]
+    ptx_kernels: int
+    targets: list[str]
+    declined: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(p["passed"] for p in self.parity.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["passed"] = self.passed
+        return d
+
+
+def bundle_source(path: str | Path) -> ModelSource:
+    return ModelSource.from_json(json.dumps(read_manifest(path)["model"]["source"]))
+
+
+def build_bundle(
+    source: ModelChoice | ModelSource,
+    dest: str | Path,
+    *,
+    targets=None,
+    ptx_version: int | None = None,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    opset: int = settings.DEFAULT_OPSET,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> BundleResult:
+    """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
+
+    Args:
+        source: The model: a ModelSource, or the options that name it (``ModelChoice``).
+        dest: The bundle folder. An existing bundle there is replaced; any other non-empty folder is refused.
+        targets: CUDA architectures to precompile the plugin kernels for (87 = Orin, 90 = Hopper);
+            default ``settings.DEFAULT_PTX_TARGETS`` less those this Triton cannot compile.
+        ptx_version: PTX ISA version; default per target, the lowest it accepts and at least 8.5
+            (``plugins.aot.ptx_version_for``: 8.5 for sm_87/sm_90, 9.0 for sm_110).
+        batch: Images in the sample inputs (a multiple of the routing group); default one group.
+        seed: Seed of the sample images.
+        opset: ONNX opset of the export.
+        step: Context-manager factory the CLI uses to show progress.
+
+    Raises:
+        CheckFailed: a graph does not match PyTorch on CPU (nothing is written).
+    """
+    start = time.perf_counter()
+    source = as_source(source)
+    dest = Path(dest)
+    arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
+    ptx_version = PER_ARCH if ptx_version is None else ptx_version
+    try:
+        for arch in arches:
+            ptx_version_for(arch, ptx_version)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_bundle(dest))):
+        raise UserError(f"{dest} exists and is not a moe-export bundle; choose another -o")
+    ptx.check_triton()
+    with step(f"Building {source.name}"):
+        loaded = load(source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, step=step)
+        rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
+        headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
+        header = headers[PORTABLE]
+        sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
+        reference = reference_run(source, header, batch=sample_batch, seed=seed, step=step, loaded=loaded)
+        model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
+        del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
+        gc.collect()
+        feeds = {reference.input_name: reference.images}
+        parity: dict[str, ParityReport] = {}
+        for name in (PORTABLE, PLUGINS):
+            with step(f"Checking {name} against PyTorch (ONNX Runtime, CPU)"):
+                actual = run_onnxruntime(tmp / name, feeds)
+            parity[name] = compare_to_reference(
+                reference,
+                actual,
+                headers[name],
+                graph=name,
+                backend="onnxruntime-cpu",
+            )
+        failed = [n for n, r in parity.items() if not r.passed]
+        if failed:
+            raise CheckFailed(f"{', '.join(failed)} of {source.name} do not match PyTorch on CPU; no bundle written")
+        expected = reference.named_outputs(header)
+        with step("Writing sample inputs and PyTorch's reference outputs"):
+            _write_samples(tmp, feeds, expected)
+        with step(f"Precompiling the plugin kernels to PTX for {', '.join(f'sm_{a}' for a in arches)}"):
+            kernels = ptx.precompile(tmp, arches, ptx_version, seed)
+        ptx.copy_plugin_package(tmp / "plugins")
+        (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)
+        manifest = _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version)
+        manifest["plugins"]["ptx_kernels"] = kernels
+        (tmp / README).write_text(render_readme(manifest))
+        manifest["files"] = hashes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    notes = [f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"] if rewritten.declined else []
+    return BundleResult(
+        path=dest,
+        model=source.name,
+        seconds=time.perf_counter() - start,
+        files=manifest["files"],
+        parity={n: r.summary() for n, r in parity.items()},
+        plugins=rewritten.counts,
+        ptx_kernels=kernels,
+        targets=[f"sm_{a}" for a in arches],
+        declined=[d.to_dict() for d in rewritten.declined],
+        notes=notes,
+    )
+
+
+# --- sample data -----------------------------------------------------------------------------------
+
+
+def _write_samples(folder: Path, feeds: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    from exporter.backends.tensorrt import quiet_polygraphy
+
+    np.savez(folder / INPUTS_NPZ, **feeds)
+    np.savez(folder / REFERENCE_NPZ, **expected)
+    (images,) = feeds.values()
+    np.ascontiguousarray(images, dtype=np.float32).tofile(folder / INPUTS_BIN)
+    with quiet_polygraphy():
+        from polygraphy.comparator import RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.json import save_json
+
+        save_json([feeds], str(folder / INPUTS_JSON), description="sample inputs")
+        results = RunResults([("pytorch", [IterationResult(expected, runner_name="pytorch")])])
+        results.save(str(folder / REFERENCE_JSON))
+
+
+def polygraphy_tolerances(expected: dict[str, np.ndarray], rtol: float) -> dict[str, float]:
+    """Per-output absolute tolerances that make Polygraphy's elementwise check (with ``--rtol 0``) the
+    parity check: floats within ``rtol`` of the output's scale, integer and bool outputs exact."""
+    out = {}
+    for name, value in expected.items():
+        if np.issubdtype(value.dtype, np.floating):
+            bound = rtol * (float(np.max(np.abs(value))) if value.size else 0.0)
+            short = float(f"{bound:.3g}")
+            out[name] = short if short >= bound else float(f"{bound * 1.001:.3g}")  # round up, never tighter
+        else:
+            out[name] = 0.0
+    return out
+
+
+NETWORK_SCRIPT_TEXT = '''"""For `polygraphy run polygraphy_network.py --trt ...`: registers the moe:: plugins,
+then parses model.plugins.onnx. Polygraphy's --plugins flag loads shared libraries only, so Python
+plugins are registered here. Run from the bundle folder with PYTHONPATH=. and MOE_PLUGINS_PTX_DIR=ptx."""
+
+from pathlib import Path
+
+from polygraphy.backend.trt import NetworkFromOnnxPath
+
+from plugins.register import register_all
+
+register_all()
+load_network = NetworkFromOnnxPath(str(Path(__file__).with_name("model.plugins.onnx")), strongly_typed=True)
+'''
+
+
+# --- manifest and README ---------------------------------------------------------------------------
+
+
+def _io(values: list[onnx.ValueInfoProto], initializers: set[str]) -> list[dict]:
+    return [
+        {
+            "name": v.name,
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            "shape": input_dims(v),
+        }
+        for v in values
+        if v.name not in initializers
+    ]
+
+
+def _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version) -> dict:
+    initializers = {i.name for i in header.graph.initializer}
+    ((input_name, images),) = feeds.items()
+    tolerances = {name: asdict(t) for name, t in settings.TOLERANCES.items()}
+    return {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": source.name,
+            **model,
+            "source": json.loads(source.to_json()),
+        },
+        "graphs": {
+            "portable": {"file": PORTABLE, "opset": export.opset, "ops": sum(export.op_counts.values())},
+            "plugins": {"file": PLUGINS, "plugin_nodes": rewritten.counts, "declined": len(rewritten.declined)},
+        },
+        "inputs": _io(list(header.graph.input), initializers),
+        "preprocessing": settings.PREPROCESSING,
+        "outputs": _io(list(header.graph.output), set()),
+        "sample": {
+            "batch": int(images.shape[0]),
+            "seed": parity[PORTABLE].seed,
+            "inputs": {"npz": INPUTS_NPZ, "polygraphy": INPUTS_JSON, "raw_float32": INPUTS_BIN},
+            "reference_outputs": {"npz": REFERENCE_NPZ, "polygraphy": REFERENCE_JSON, "runner": "pytorch"},
+        },
+        "precision": settings.DEFAULT_PRECISION,
+        "tolerances": tolerances,
+        "polygraphy_atol": polygraphy_tolerances(expected, settings.FP32_TOLERANCES.rtol),
+        "parity_cpu": {name: r.summary() for name, r in parity.items()},
+        "plugins": {
+            "namespace": sorted(registry.namespaces())[0],
+            "nodes": rewritten.counts,
+            "package": "plugins/",
+            "ptx_dir": f"{PTX_DIR}/",
+            "ptx_targets": [f"sm_{a}" for a in arches],
+            "ptx_version": {f"sm_{a}": ptx_version_for(a, ptx_version) for a in arches},
+        },
+        "requirements": {
+            "plugin_engine": "TensorRT >= 10.9 (AOT Quickly Deployable Plugins) and Python with tensorrt at build time",
+            "portable_engine": "TensorRT >= 10.3 (JetPack 6); no plugins",
+            "engine_runtime": "an AOT plugin engine runs without Python (trtexec, C++, Triton's TensorRT backend)",
+        },
+        "versions": versions(),
+        "engine": None,
+    }

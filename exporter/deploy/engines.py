@@ -1,0 +1,264 @@
+"""TensorRT engines of bundles and graphs: build, check the plugin layers, validate, record in the
+manifest; and a Triton Inference Server entry for a bundle's engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter import settings
+from exporter.errors import UserError
+from exporter.fileio import write_json
+from exporter.formats.bundle import (
+    ENGINE,
+    MANIFEST,
+    PLUGINS,
+    PORTABLE,
+    PTX_DIR,
+    check_files,
+    file_entry,
+    is_bundle,
+    read_manifest,
+)
+from exporter.formats.graph import ROUTING_PREFIX, batch_multiple, read_header
+from exporter.parity.parity import ParityReport, stored_reference
+from exporter.parity.validate import validate_engine
+from exporter.sources.choice import ModelChoice
+
+
+@dataclass
+class BundleEngine:
+    """``build engine`` on a bundle: the build, and TensorRT's parity against PyTorch."""
+
+    bundle: Path
+    build: object  # exporter.backends.tensorrt.EngineBuild
+    parity: ParityReport
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "bundle": str(self.bundle),
+            "engine": self.build.to_dict(),
+            "parity": self.parity.to_dict(),
+            "passed": self.passed,
+        }
+
+
+def build_bundle_engine(
+    bundle: str | Path,
+    options=None,
+    *,
+    portable: bool = False,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> BundleEngine:
+    """Builds ``model.engine`` in a bundle from its plugin graph (or ``portable``: its portable graph),
+    with the bundle's precompiled PTX, validates it against PyTorch on the bundle's sample inputs and
+    records it in the manifest.
+
+    Raises:
+        TensorRTUnavailable: no TensorRT or GPU here (the bundle is left as it is).
+        CheckFailed: the engine lacks its plugin layers; parity is reported, not raised.
+    """
+    from exporter.backends.tensorrt import EngineOptions, build_engine, require_tensorrt
+    from plugins.aot import PTX_DIR_ENV
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    options = options or EngineOptions()
+    options.check()
+    sample = manifest["sample"]["batch"]
+    if options.opt_batch is None and options.max_batch is None:  # the profile covers the sample batch
+        options = dataclasses.replace(options, opt_batch=sample, max_batch=sample)
+    low, high = options.min_batch or 1, options.max_batch or options.opt_batch
+    if not low <= sample <= high:
+        raise UserError(f"the bundle's {sample} sample images are outside the batch profile {low}-{high}")
+    check_files(
+        bundle, [name for name in manifest["files"] if name != ENGINE], manifest
+    )  # never build on a changed file
+    require_tensorrt(f"building the engine of {bundle}")
+    os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
+    graph = bundle / (PORTABLE if portable else PLUGINS)
+    build = build_engine(
+        graph,
+        bundle / ENGINE,
+        options,
+        batch_multiple=manifest["model"]["batch_multiple"],
+        step=step,
+        progress=progress,
+    )
+    parity = validate_engine(
+        bundle / ENGINE,
+        graph,
+        tolerances=settings.TOLERANCES[options.precision],
+        step=step,
+        reference=stored_reference(bundle),
+    )
+    manifest["engine"] = {
+        "file": ENGINE,
+        "graph": graph.name,
+        "precision": options.precision,
+        "tensorrt": build.tensorrt,
+        "batch": build.batch,
+        "plugin_layers": build.plugin_layers,
+        "parity": parity.summary(),
+    }
+    manifest["files"][ENGINE] = file_entry(bundle / ENGINE)  # the engine only: the rest was checked first
+    write_json(bundle / MANIFEST, manifest)
+    return BundleEngine(bundle, build, parity)
+
+
+def triton_entry(bundle: str | Path, repo: str | Path, *, max_batch: int | None = None, model_name: str | None = None):
+    """A Triton Inference Server model-repository entry for a bundle's engine (``exporter.deploy.triton_repo``).
+
+    Without an engine in the bundle the config is written alone (the entry is marked incomplete).
+    """
+    from exporter.deploy.triton_repo import IOSpec, write_triton_repo
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    engine = manifest.get("engine")
+    group = manifest["model"]["batch_multiple"]
+    if max_batch is None:
+        max_batch = engine["batch"]["max"] if engine else manifest["sample"]["batch"]
+
+    def spec(entry: dict) -> IOSpec:
+        return IOSpec(entry["name"], entry["dtype"], [d if isinstance(d, int) else None for d in entry["shape"]])
+
+    name = model_name or manifest["model"]["name"].replace("/", "_").replace(":", "_")
+    plugins = "none" if engine and engine["graph"] == PORTABLE else "aot"
+    outputs = manifest["outputs"]
+    if group > 1:  # routing outputs are [groups, S, k]: their first axis is not the batch Triton splits
+        outputs = [o for o in outputs if not o["name"].startswith(ROUTING_PREFIX)]
+    entry = write_triton_repo(
+        repo,
+        name,
+        engine_path=bundle / ENGINE if engine else None,
+        inputs=[spec(e) for e in manifest["inputs"]],
+        outputs=[spec(e) for e in outputs],
+        max_batch=max_batch,
+        batch_multiple=group,
+        plugins=plugins,
+    )
+    if len(outputs) < len(manifest["outputs"]):
+        entry.notes.append(
+            "the routing outputs are not served: their first axis counts routing groups, not images "
+            "(validate routing with `moe-export validate` on the bundle)"
+        )
+    return entry
+
+
+def build_onnx_engine(
+    graph: str | Path,
+    out_dir: str | Path,
+    options=None,
+    *,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> BundleEngine:
+    """``build engine`` on an exported ONNX file: ``out_dir/<stem>.engine``, validated against the
+    model the graph records (Triton compiles plugin kernels on the spot: there is no precompiled PTX)."""
+    from exporter.backends.tensorrt import EngineOptions, build_engine, require_tensorrt
+
+    graph = Path(graph)
+    header = read_header(graph)
+    options = options or EngineOptions()
+    options.check()
+    require_tensorrt(f"building an engine from {graph}")
+    group = batch_multiple(header)
+    engine = Path(out_dir) / f"{graph.stem}.engine"
+    build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)
+    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[options.precision], step=step)
+    return BundleEngine(Path(out_dir), build, parity)
+
+
+@dataclass
+class EngineRun:
+    """What ``build engine`` did: the bundle it wrote first (if any), the engine and its parity, and
+    the Triton Inference Server entry (if asked for and parity passed)."""
+
+    built: BundleEngine
+    bundle: object | None = None  # exporter.deploy.bundle.BundleResult
+    triton: object | None = None  # exporter.deploy.triton_repo.TritonRepoEntry
+
+    @property
+    def passed(self) -> bool:
+        return self.built.passed
+
+    def to_dict(self) -> dict:
+        data = self.built.to_dict()
+        data["triton"] = self.triton.to_dict() if self.triton is not None else None
+        return data
+
+
+def build_engine_for(
+    source_path: str | Path | None = None,
+    model: ModelChoice = ModelChoice(),
+    *,
+    output_dir: str | Path | None = None,
+    options=None,
+    portable: bool = False,
+    targets=None,
+    triton_repo: str | Path | None = None,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+    bundle_written: Callable[[object], None] = lambda result: None,
+) -> EngineRun:
+    """What ``moe-export build engine`` does, from a bundle folder, an exported .onnx (the engine goes
+    to ``output_dir``) or a model (``model`` names one: the bundle is written to ``output_dir`` first,
+    on CPU, and ``bundle_written`` is called with it). With ``triton_repo``, an engine that passed
+    parity also gets a Triton Inference Server entry.
+
+    Raises:
+        TensorRTUnavailable: no TensorRT or GPU here; a bundle written first is kept and complete.
+    """
+    from exporter.backends.tensorrt import EngineOptions, TensorRTUnavailable
+
+    options = options or EngineOptions()
+    options.check()
+    if triton_repo and source_path and not is_bundle(source_path):
+        raise UserError("--triton-repo needs a bundle (its manifest names the inputs and outputs)")
+    written = None
+    if model.model or model.module:
+        if source_path:
+            raise UserError("give a bundle folder or --model/--module, not both")
+        if not output_dir:
+            raise UserError("give -o DIR: the bundle folder to write")
+        from exporter.deploy.bundle import build_bundle
+
+        written = build_bundle(model, output_dir, targets=targets, step=step)
+        bundle_written(written)
+        bundle = Path(output_dir)
+    elif source_path and is_bundle(source_path):
+        bundle = Path(source_path)
+        if output_dir and Path(output_dir).resolve() != bundle.resolve():
+            if Path(output_dir).exists():
+                raise UserError(f"{output_dir} exists; -o must be a new folder for a copy of {bundle}")
+            check_files(bundle, read_manifest(bundle)["files"])  # copy only an intact bundle
+            shutil.copytree(bundle, output_dir)
+            bundle = Path(output_dir)
+    elif source_path and Path(source_path).suffix == ".onnx":
+        if not output_dir:
+            raise UserError("give -o DIR: the folder for the engine")
+        return EngineRun(build_onnx_engine(source_path, output_dir, options, step=step, progress=progress))
+    elif source_path:
+        raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
+    else:
+        raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
+    try:
+        built = build_bundle_engine(bundle, options, portable=portable, step=step, progress=progress)
+    except TensorRTUnavailable as e:
+        raise TensorRTUnavailable(f"{e}. The bundle in {bundle} is complete: build its engine on the target") from None
+    entry = None
+    if triton_repo and built.passed:  # never serve an engine that failed parity
+        entry = triton_entry(bundle, triton_repo, max_batch=built.build.batch["max"])
+    return EngineRun(built, written, entry)

@@ -1,0 +1,118 @@
+"""The bundle's README.md: what the target needs, and the exact commands to build and check the engine."""
+
+from __future__ import annotations
+
+from exporter import settings
+from exporter.formats.bundle import (
+    ENGINE,
+    INPUTS_BIN,
+    INPUTS_JSON,
+    INPUTS_NPZ,
+    MANIFEST,
+    NETWORK_SCRIPT,
+    PLUGINS,
+    PORTABLE,
+    PTX_DIR,
+    REFERENCE_JSON,
+    REFERENCE_NPZ,
+)
+
+
+def _shape(name: str, batch: int, image: list) -> str:
+    return f"{name}:{'x'.join(str(d) for d in [batch, *image])}"
+
+
+def render_readme(manifest: dict) -> str:
+    """The bundle's README: requirements, and the exact commands to build and check the engine."""
+    model = manifest["model"]
+    (inp,) = manifest["inputs"]
+    image = inp["shape"][1:]
+    batch = manifest["sample"]["batch"]
+    group = model["batch_multiple"]
+    atol = " ".join(f"{n}:{v:g}" for n, v in manifest["polygraphy_atol"].items())
+    shapes = " ".join(f"--{k}Shapes={_shape(inp['name'], batch, image)}" for k in ("min", "opt", "max"))
+    dims = ",".join(str(d) for d in [batch, *image])
+    # Polygraphy builds a profile with every dynamic dimension at 1 unless told: the sample batch must fit
+    trt_shapes = " ".join(f"--trt-{k}-shapes {inp['name']}:[{dims}]" for k in ("min", "opt", "max"))
+    plugins = manifest["plugins"]
+    counts = ", ".join(f"{n} {op}" for op, n in plugins["nodes"].items()) or "none"
+    targets = ", ".join(plugins["ptx_targets"])
+    return f"""# Deploy bundle: {model["name"]}
+
+Made by moe-export {manifest["versions"]["moe-export"]} on {manifest["created"]}. Family: {model["family"]},
+MoE layers: {", ".join(model["moe_layers"]) or "none"}.{
+        f" The batch must be a multiple of {group} images (one V-MoE routing group)." if group > 1 else ""
+    }
+Inputs: {manifest["preprocessing"]}.
+
+| file | what |
+|---|---|
+| `{PORTABLE}` | portable ONNX (opset {manifest["graphs"]["portable"]["opset"]}), standard ops only |
+| `{PLUGINS}` | the same with moe:: plugin nodes ({counts}) |
+| `plugins/`, `{PTX_DIR}/` | the plugin package and its kernels precompiled to PTX for {targets} |
+| `{INPUTS_NPZ}`, `{INPUTS_JSON}`, `{INPUTS_BIN}` | {batch} sample images (.npz, Polygraphy JSON, raw float32) |
+| `{REFERENCE_NPZ}`, `{REFERENCE_JSON}` | PyTorch's outputs on them, routing decisions included |
+| `{MANIFEST}` | model, file hashes, inputs/outputs, tolerances, versions, CPU parity |
+
+## Requirements
+
+- **Plugin engine** (`{PLUGINS}`): TensorRT >= 10.9 with its Python package at build time (AOT Quickly
+  Deployable Plugins). The built engine embeds the kernels and runs without Python (trtexec, C++, Triton
+  Inference Server).
+- **Portable engine** (`{PORTABLE}`): any TensorRT >= 10.3, no plugins.
+- **Jetson**: JetPack 6.x (Orin, sm_87) ships TensorRT 10.3: the portable graph only. JetPack 7.x (Thor,
+  sm_110) ships TensorRT 10.13 to 10.16: the plugin graph (its PTX is in `{PTX_DIR}/` when the bundle was
+  made with Triton >= 3.9).
+- **NumPy**: TensorRT 10.9 to 11.1 turn each integer plugin attribute into a Python int with `int(array)`,
+  which NumPy >= 2.4 refuses, so no plugin node can be created: with those TensorRT versions use
+  `pip install "numpy<2.4"`, or TensorRT >= 11.2. `moe-export build engine` checks this before building.
+- Build the engine on the device that runs it (same GPU, JetPack and TensorRT).
+
+Check the files first (every file's SHA-256 is in the manifest):
+
+```bash
+python3 - <<'EOF'
+import hashlib, json
+files = json.load(open("{MANIFEST}"))["files"]
+bad = [f for f, v in files.items() if hashlib.sha256(open(f, "rb").read()).hexdigest() != v["sha256"]]
+print(bad or "all files intact")
+EOF
+```
+
+## With moe-export (on the device, from this folder's parent)
+
+```bash
+moe-export build engine {{this folder}} -o {{this folder}}    # registers the plugins, builds model.engine, validates it
+moe-export validate {{this folder}}                        # TensorRT vs PyTorch: outputs and routing per layer
+```
+
+## With Polygraphy
+
+```bash
+# plugin graph: the script registers the plugins before parsing
+PYTHONPATH=. MOE_PLUGINS_PTX_DIR={PTX_DIR} polygraphy run {NETWORK_SCRIPT} --trt {trt_shapes} \\
+    --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
+# portable graph
+polygraphy run {PORTABLE} --trt {trt_shapes} \\
+    --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
+```
+
+The `--trt-*-shapes` give the profile the sample batch (without them Polygraphy sets every dynamic
+dimension to 1); Polygraphy leaves TF32 off unless `--tf32` is given.
+
+The `--atol` values are the FP32 parity rule (max |TensorRT - PyTorch| <= {
+        settings.FP32_TOLERANCES.rtol:g} x max |PyTorch|
+per output), and 0 for routing decisions (expert, kept, slot), which must be identical.
+
+## With plain trtexec (portable graph, no plugins)
+
+```bash
+trtexec --onnx={PORTABLE} {shapes} --noTF32 --saveEngine=model.portable.engine
+trtexec --loadEngine=model.portable.engine --shapes={_shape(inp["name"], batch, image)} \\
+    --loadInputs={inp["name"]}:{INPUTS_BIN} --exportOutput=outputs.json
+```
+
+`--noTF32`: trtexec allows TF32 by default, which misses the FP32 parity rule. trtexec cannot build
+`{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
+or Polygraphy built: `trtexec --loadEngine={ENGINE} --shapes={_shape(inp["name"], batch, image)}`.
+"""

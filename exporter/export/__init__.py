@@ -1,0 +1,1 @@
+"""Export: a PyTorch model to a portable ONNX graph, and the portability check."""

@@ -1,0 +1,281 @@
+"""PyTorch -> portable ONNX with torch.onnx (dynamo), a dynamic batch, and the routing of every
+V-MoE layer optionally exposed as graph outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from exporter import settings
+from exporter.errors import UserError, one_line
+from exporter.export.portable import check_portable
+from exporter.fileio import atomic_dir
+from exporter.formats.graph import (
+    INPUT_NAME,
+    PREPROCESSING_KEY,
+    ROUTING_LAYERS_KEY,
+    ROUTING_PREFIX,
+    SOURCE_KEY,
+    VMOE_LAYERS_KEY,
+    op_histogram,
+    routing_output_names,
+)
+from exporter.models.capture import capture_routing, flatten_outputs, run_with_routing
+from exporter.models.vmoe import vmoe_layers
+from exporter.sources.choice import ModelChoice, as_source
+from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    seconds: float
+    opset: int
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    op_counts: dict[str, int]
+    routing_layers: list[str]
+    findings: list[str] = field(default_factory=list)
+    dynamic_batch: bool = True
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+@contextlib.contextmanager
+def _forward_exposing_routing(model: torch.nn.Module):
+    """Temporarily makes ``model.forward`` also return every V-MoE layer's routing.
+
+    Done on the instance rather than with a wrapper module so that parameter names and scope
+    metadata in the graph stay those of the user's model.
+    """
+    original = model.forward
+
+    @functools.wraps(original)  # keeps the signature torch.export matches inputs against
+    def forward(*args, **kwargs):
+        with capture_routing() as records:
+            outs = flatten_outputs(original(*args, **kwargs))
+        for _, r in records:
+            outs += [r.expert.to(torch.int32), r.slot >= 0, r.slot.to(torch.int32)]
+        return tuple(outs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor", "onnxscript", "torch.fx")
+
+
+def quiet_torch(level: int = logging.ERROR):
+    """torch.onnx and torch.compile print progress and warnings of their own; the CLI shows its own
+    progress. Silences stdout, warnings and those loggers below ``level`` for the block."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(level)
+    return stack
+
+
+def _value_info(values) -> dict[str, list]:
+    out = {}
+    for v in values:
+        dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        out[v.name] = [onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, dims]
+    return out
+
+
+def export_onnx(
+    loaded: LoadedModel,
+    dest: str | Path,
+    *,
+    opset: int = settings.DEFAULT_OPSET,
+    routing_outputs: bool = False,
+    example_batch: int | None = None,
+    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
+) -> ExportResult:
+    """Exports a loaded model to ``dest`` atomically and checks the result.
+
+    Args:
+        loaded: The model and its source (``exporter.sources.loading.load``).
+        dest: The .onnx file to write (weights over 2 GB go to ``<dest>.data`` beside it).
+        opset: ONNX opset, at least 18.
+        routing_outputs: Also output each V-MoE layer's expert index, kept mask and buffer slot.
+        example_batch: Images in the tracing example; defaults to ``settings.EXPORT_EXAMPLE_GROUPS``
+            routing groups (one would let torch.export fix the batch).
+        step: Context-manager factory the CLI uses to show progress of each stage.
+    """
+    if opset < settings.MIN_OPSET:
+        raise UserError(f"opset must be at least {settings.MIN_OPSET}, got {opset}")
+    dest = Path(dest)
+    model, multiple = loaded.module, loaded.batch_multiple
+    batch = example_batch or settings.EXPORT_EXAMPLE_GROUPS * multiple
+    check_batch(batch, loaded)
+    generator = torch.Generator().manual_seed(settings.EXPORT_EXAMPLE_SEED)
+    images = torch.randn((batch, *loaded.source.input_shape), generator=generator)
+
+    if loaded.source.kind == "zoo":  # the config fixes the input shape and the outputs
+        names, layers = ["logits"], list(loaded.routing_layers)
+    else:
+        with step("Checking the model runs on the input shape"):
+            outputs, routing = run_with_routing(model, images)
+        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        layers = list(routing)
+    if routing_outputs:
+        names += [n for layer in layers for n in routing_output_names(layer)]
+
+    start = time.perf_counter()
+    with step("Tracing to ONNX (torch.export + torch.onnx)"):
+        program, dynamic = _torch_export(
+            model, images, multiple, opset, names, routing_outputs, user_code=loaded.source.kind == "module"
+        )
+    if routing_outputs and dynamic and multiple > 1:
+        for value in program.model.graph.outputs:  # name the routing outputs' group axis
+            if value.name.startswith(ROUTING_PREFIX) and value.shape is not None:
+                value.shape = ir.Shape(["groups", *value.shape[1:]])
+    _name_folded_weights(program.model.graph)
+    program.model.metadata_props[SOURCE_KEY] = loaded.source.to_json()
+    program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
+    program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
+    program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING
+    program.model.producer_name = "moe-export"
+
+    with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
+        path = tmp / dest.name
+        program.save(str(path))
+        del program
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise RuntimeError(f"the exported graph fails onnx.checker: {e}") from e
+        proto = onnx.load(str(path), load_external_data=False)
+    seconds = time.perf_counter() - start
+    return ExportResult(
+        path=dest,
+        seconds=seconds,
+        opset=opset,
+        inputs=_value_info(proto.graph.input),
+        outputs=_value_info(proto.graph.output),
+        op_counts=dict(sorted(op_histogram(proto).items())),
+        routing_layers=layers if routing_outputs else [],
+        findings=check_portable(proto),
+        dynamic_batch=dynamic,
+    )
+
+
+def export_model(
+    model: ModelChoice | ModelSource,
+    dest: str | Path,
+    *,
+    opset: int = settings.DEFAULT_OPSET,
+    routing_outputs: bool = False,
+    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
+) -> ExportResult:
+    """Builds a model (a zoo name, a model folder, a user module, a checkpoint) and exports it:
+    what ``moe-export export`` does. See ``export_onnx`` for the arguments."""
+    source = as_source(model)
+    with step(f"Building {source.name}"):
+        loaded = load(source)
+    return export_onnx(loaded, dest, opset=opset, routing_outputs=routing_outputs, step=step)
+
+
+def vmoe_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
+    """Routing settings of every V-MoE layer, stored in the graph for the plugin rewrite (capacity
+    depends on the group size, so the rule is stored rather than one number)."""
+    return {
+        name: dict(
+            num_experts=m.num_experts,
+            k=m.k,
+            batch_priority=bool(m.batch_priority),
+            capacity_factor=m.capacity_factor,
+            capacity=m.fixed_capacity,
+            ceil_or_round=m.ceil_or_round,
+            multiple_of=m.multiple_of,
+            group_images=m.group_images,
+        )
+        for name, m in vmoe_layers(model)
+    }
+
+
+def trace_structure(config, *, opset: int = settings.DEFAULT_OPSET, routing_outputs: bool = False) -> onnx.ModelProto:
+    """The graph a zoo config exports to, without its weights: uninitialised parameter memory that is
+    never touched, so every zoo model's op set can be checked in seconds (0.5 GB for a 3.7B model)."""
+    import tempfile
+
+    from exporter.sources.loading import describe
+    from exporter.sources.zoo import build_model
+
+    module = build_model(config, device="meta").to_empty(device="cpu").eval()
+    source = ModelSource("zoo", config.name, config.input_shape, config)
+    loaded = LoadedModel(module, source, *describe(module))
+    images = torch.zeros((settings.EXPORT_EXAMPLE_GROUPS * loaded.batch_multiple, *config.input_shape))
+    names = ["logits"]
+    if routing_outputs:
+        names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
+    program, _ = _torch_export(module, images, loaded.batch_multiple, opset, names, routing_outputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        program.save(f"{tmp}/graph.onnx", include_initializers=False)
+        return onnx.load(f"{tmp}/graph.onnx")
+
+
+def _torch_export(model, images, multiple, opset, names, routing_outputs, user_code: bool = False):
+    """torch.onnx.export with a dynamic batch (or, for a model that fixes its batch, a static one).
+
+    A failure tracing a user's module is a user error; tracing a zoo model it is our bug, and
+    propagates."""
+    dim = torch.export.Dim("groups", min=1) * multiple if multiple > 1 else torch.export.Dim("batch", min=1)
+    ctx = _forward_exposing_routing(model) if routing_outputs else contextlib.nullcontext()
+    kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
+    with ctx, quiet_torch():
+        try:
+            return torch.onnx.export(model, (images,), dynamic_shapes=({0: dim},), **kwargs), True
+        except Exception as dynamic_error:
+            fixed_batch = "Constraints violated" in str(dynamic_error) or "specializ" in str(dynamic_error)
+            if not fixed_batch and not user_code:
+                raise
+            if not fixed_batch:
+                raise UserError(f"export failed: {one_line(dynamic_error)}") from None
+        try:  # the model fixes its batch size: export that size, and say so
+            return torch.onnx.export(model, (images,), **kwargs), False
+        except Exception as e:
+            if not user_code:
+                raise
+            raise UserError(f"export failed: {one_line(e)}") from None
+
+
+def _name_folded_weights(graph) -> None:
+    """Gives the transposed weights torch.onnx folds for ``nn.Linear`` (named ``val_<n>``) the name
+    of their parameter, ``<module>.weight.T``, so initializers stay readable and findable."""
+    for name, value in list(graph.initializers.items()):
+        uses = list(value.uses())
+        if not name.startswith("val_") or len(uses) != 1 or uses[0][0].op_type not in ("MatMul", "Gemm"):
+            continue
+        scopes = uses[0][0].metadata_props.get("namespace", "").split("/")
+        if len(scopes) < 2 or not scopes[-2].endswith(": torch.nn.modules.linear.Linear"):
+            continue
+        new = scopes[-2].split(":")[0].strip() + ".weight.T"
+        if new not in graph.initializers:
+            graph.initializers.pop(name)
+            value.name = new
+            graph.register_initializer(value)

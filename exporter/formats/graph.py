@@ -1,0 +1,116 @@
+"""What moe-export records in an exported graph, and how to read it back: metadata keys, the routing
+outputs' names, node scopes, the batch rule of the image input. Needs onnx only (no torch), so the
+rewrite, the engine check and the bundle reader stay torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from exporter.errors import UserError
+
+INPUT_NAME = "images"
+
+# Model metadata (``metadata_props``), all JSON unless noted.
+SOURCE_KEY = "moe_export.source"  # the ModelSource the graph was exported from
+PREPROCESSING_KEY = "moe_export.preprocessing"  # text: what the images input expects (settings.PREPROCESSING)
+ROUTING_LAYERS_KEY = "moe_export.routing_layers"  # V-MoE layers whose routing the graph outputs
+VMOE_LAYERS_KEY = "moe_export.vmoe_layers"  # {layer: routing settings}, for the plugin rewrite
+REWRITE_KEY = "moe_export.rewrite"  # {plugin: count}, set by the rewrite
+
+# Routing outputs: three per V-MoE layer, ``routing.<layer>.<field>``.
+ROUTING_PREFIX = "routing."
+ROUTING_FIELDS = ("expert_index", "kept", "buffer_slot")
+
+SCOPE_KEY = "namespace"  # node metadata torch.onnx writes: the module path of each node
+
+
+def routing_output_names(layer: str) -> list[str]:
+    """``[expert_index, kept, buffer_slot]`` output names of one V-MoE layer."""
+    return [f"{ROUTING_PREFIX}{layer}.{f}" for f in ROUTING_FIELDS]
+
+
+def read_header(path: str | Path) -> onnx.ModelProto:
+    """The graph without its weights; one clear error for a missing, unreadable or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e).strip()[:120]})") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not a readable ONNX model (it has no graph)")
+    return model
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def metadata_json(model: onnx.ModelProto, key: str, default=None):
+    """One JSON metadata entry, decoded (``default`` when absent)."""
+    text = metadata(model).get(key)
+    return default if text is None else json.loads(text)
+
+
+def routing_layers(model: onnx.ModelProto) -> list[str]:
+    """The V-MoE layers whose routing the graph exposes as outputs."""
+    return metadata_json(model, ROUTING_LAYERS_KEY, [])
+
+
+def vmoe_layers(model: onnx.ModelProto) -> dict[str, dict]:
+    """``{layer: routing settings}`` of every V-MoE layer, as export recorded them."""
+    return metadata_json(model, VMOE_LAYERS_KEY, {})
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs that are not initializers."""
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The one image input; a user error for graphs with more."""
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"the graph has {len(inputs)} inputs; only single-input image models are supported")
+    return inputs[0]
+
+
+def input_dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    """Each dimension: its size, its symbol (``"8*groups"``), or None when unnamed."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+
+
+def batch_multiple(model: onnx.ModelProto) -> int:
+    """Images per batch must be a multiple of this: the routing group of ``8*groups``, else 1."""
+    dims = input_dims(image_input(model))
+    batch = dims[0] if dims else None
+    match = re.match(r"\s*(\d+)\s*\*", batch) if isinstance(batch, str) else None
+    return int(match.group(1)) if match else 1
+
+
+def node_scopes(model: onnx.ModelProto) -> dict[str, str]:
+    """``{node name: scope}``: the module path torch.onnx records on each node."""
+    return {
+        n.name: next((p.value for p in n.metadata_props if p.key == SCOPE_KEY), "") for n in model.graph.node if n.name
+    }
+
+
+def module_path(scope: str) -> list[str]:
+    """``": a.B/blocks.1: c.D/blocks.1.mlp: e.F/op: aten.x"`` -> ``["blocks.1", "blocks.1.mlp"]``."""
+    parts = [p.split(":")[0].strip() for p in scope.split("/")[:-1]]
+    return [p for p in parts if p]
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    """How many nodes of each op type the main graph has (``domain::Op`` outside the standard domain)."""
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)

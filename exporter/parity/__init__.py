@@ -1,0 +1,1 @@
+"""Routing-aware parity: a graph, an engine or a bundle against PyTorch."""

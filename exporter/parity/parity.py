@@ -1,0 +1,237 @@
+"""Routing-aware parity: PyTorch's answer on one batch (``Reference``), and a backend's outputs
+compared with it (``compare_to_reference``): outputs within tolerance, and per V-MoE layer the same
+expert and kept/dropped decision for every (token, choice), buffer slots compared and reported
+(``exporter.compare`` says why a slot swap alone does not fail).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+import zipfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from exporter import settings
+from exporter.backends.torch import run_torch
+from exporter.compare import OutputParity, RoutingArrays, RoutingParity, compare_output, compare_routing
+from exporter.errors import UserError
+from exporter.formats.bundle import read_stored_outputs
+from exporter.formats.graph import (
+    ROUTING_PREFIX,
+    SOURCE_KEY,
+    image_input,
+    input_dims,
+    metadata,
+    routing_layers,
+    routing_output_names,
+)
+from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
+
+ROUTING_CHECKED, ROUTING_NOT_EXPOSED, ROUTING_NONE = "checked", "not exposed by the graph", "no V-MoE layers"
+
+
+@dataclass
+class ParityReport:
+    model: str
+    graph: str
+    backend: str
+    batch: int
+    seed: int | None
+    tolerances: dict
+    outputs: list[OutputParity]
+    routing: list[RoutingParity]
+    routing_status: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> dict:
+        """The few numbers a bundle manifest records."""
+        return {
+            "passed": self.passed,
+            "backend": self.backend,
+            "batch": self.batch,
+            "max_rel_err": max((o.max_rel for o in self.outputs), default=0.0),
+            "routing": self.routing_status,
+            "routing_decisions": min((r.decisions for r in self.routing), default=None),
+            "slot_swaps": sum(r.slot_swaps for r in self.routing),
+        }
+
+
+def recorded_source(graph_path: str | Path, header: onnx.ModelProto) -> ModelSource:
+    """The model a graph records it was exported from."""
+    text = metadata(header).get(SOURCE_KEY)
+    if text is None:
+        raise UserError(f"{graph_path} does not say which model it was exported from; pass --model or --module")
+    return ModelSource.from_json(text)
+
+
+def make_inputs(
+    header, loaded: LoadedModel, *, batch: int | None, seed: int, inputs_npz: str | None
+) -> tuple[str, np.ndarray]:
+    value = image_input(header)
+    name = value.name
+    dims = [d if isinstance(d, int) else None for d in input_dims(value)]
+    if inputs_npz:
+        try:
+            with np.load(inputs_npz) as data:
+                if name in data:
+                    array = data[name]
+                elif len(data.files) == 1:
+                    array = data[data.files[0]]
+                else:
+                    raise UserError(f"{inputs_npz} holds {data.files}, none named {name!r}")
+        except (OSError, ValueError, zipfile.BadZipFile) as e:  # missing, not an .npz, pickled objects
+            raise UserError(f"cannot read inputs from {inputs_npz}: {type(e).__name__}: {e}") from None
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    else:
+        rng = np.random.default_rng(seed)
+        array = rng.standard_normal(
+            (batch or settings.default_batch(loaded.batch_multiple), *loaded.source.input_shape), dtype=np.float32
+        )
+    fits = len(dims) == array.ndim and all(d in (None, 0, s) for d, s in zip(dims, array.shape))
+    if not fits:
+        want = "x".join("N" if d in (None, 0) else str(d) for d in dims)
+        raise UserError(f"input shape {'x'.join(map(str, array.shape))} does not match the graph's {name} ({want})")
+    check_batch(array.shape[0], loaded)
+    return name, array
+
+
+@dataclass
+class Reference:
+    """PyTorch's answer on one input batch: what every backend is compared against."""
+
+    model: str
+    input_name: str
+    images: np.ndarray
+    outputs: list[np.ndarray]  # the model's flat outputs, in order
+    routing: dict[str, RoutingArrays]
+    seed: int | None  # None when the images came from a file
+    stored: str | None = None  # where stored outputs came from, when PyTorch did not run now
+
+    def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
+        names = [o.name for o in header.graph.output]
+        plain = [n for n in names if not n.startswith(ROUTING_PREFIX)]
+        named = dict(zip(plain, self.outputs))
+        for layer, r in self.routing.items():
+            expert, kept, slot = routing_output_names(layer)
+            named.update({expert: r.expert.astype(np.int32), kept: r.slot >= 0, slot: r.slot.astype(np.int32)})
+        return {n: named[n] for n in names if n in named}
+
+
+def reference_run(
+    source: ModelSource,
+    header: onnx.ModelProto,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    loaded: LoadedModel | None = None,
+) -> Reference:
+    """Builds the PyTorch model (unless ``loaded`` is given) and runs it on seeded random images (or
+    ``inputs_npz``) shaped for the graph."""
+    if loaded is None:
+        with step(f"Building {source.name} in PyTorch"):
+            loaded = load(source)
+    name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
+    with step(f"Running PyTorch on {images.shape[0]} images"):
+        expected, routing = run_torch(loaded.module, images)
+    routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}
+    del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
+    gc.collect()
+    return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed)
+
+
+def stored_reference(bundle: str | Path) -> Reference:
+    """PyTorch's outputs and routing on a bundle's sample inputs, as the bundle stores them (hashes
+    checked): validation on the target needs neither the model's code nor its checkpoint."""
+    stored = read_stored_outputs(bundle)
+    return Reference(
+        model=stored["model"],
+        input_name=stored["input_name"],
+        images=stored["images"],
+        outputs=stored["outputs"],
+        routing={layer: RoutingArrays(*arrays) for layer, arrays in stored["routing"].items()},
+        seed=stored["seed"],
+        stored=f"PyTorch outputs stored in {Path(bundle).name} when it was built ({stored['created']})",
+    )
+
+
+def compare_to_reference(
+    reference: Reference,
+    actual: dict[str, np.ndarray],
+    header: onnx.ModelProto,
+    *,
+    graph: str,
+    backend: str,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    start: float | None = None,
+) -> ParityReport:
+    """Outputs within tolerance and, for every V-MoE layer the graph exposes, the same routing decisions."""
+    expected, routing, source = reference.outputs, reference.routing, reference.model
+    plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
+    if len(plain) != len(expected):
+        raise UserError(
+            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source}?"
+        )
+    outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
+    exposed = [layer for layer in routing_layers(header) if all(n in actual for n in routing_output_names(layer))]
+    notes = []
+    if not routing:
+        status, checked = ROUTING_NONE, []
+    elif not exposed:
+        status, checked = ROUTING_NOT_EXPOSED, []
+        notes.append("routing not compared: export with --routing-outputs to check routing decisions")
+    else:
+        status = ROUTING_CHECKED
+        missing = sorted(set(routing) - set(exposed))
+        if missing:
+            raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source}?")
+        checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    return ParityReport(
+        model=source,
+        graph=graph,
+        backend=backend,
+        batch=int(reference.images.shape[0]),
+        seed=reference.seed,
+        tolerances=asdict(tolerances),
+        outputs=outputs,
+        routing=checked,
+        routing_status=status,
+        seconds=time.perf_counter() - start if start is not None else 0.0,
+        notes=notes,
+    )
+
+
+__all__ = [
+    "OutputParity",
+    "ParityReport",
+    "Reference",
+    "RoutingParity",
+    "compare_to_reference",
+    "make_inputs",
+    "recorded_source",
+    "reference_run",
+    "stored_reference",
+]

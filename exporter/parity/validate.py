@@ -1,0 +1,169 @@
+"""Validation of a graph, an engine or a bundle against PyTorch: ``validate(target)`` is what
+``moe-export validate TARGET`` does; ``validate_onnx`` and ``validate_engine`` are its two backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from pathlib import Path
+
+import onnx
+
+from exporter import settings
+from exporter.backends.onnxruntime import run_onnxruntime
+from exporter.errors import UserError
+from exporter.formats.bundle import resolve_engine
+from exporter.formats.graph import read_header
+from exporter.parity.parity import (
+    ParityReport,
+    Reference,
+    compare_to_reference,
+    recorded_source,
+    reference_run,
+    stored_reference,
+)
+from exporter.sources.choice import ModelChoice, resolve
+from exporter.sources.loading import ModelSource
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+def validate(
+    target: str | Path,
+    choice: ModelChoice = ModelChoice(),
+    *,
+    engine_graph: str | Path | None = None,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    rtol: float | None = None,
+    routing_agreement: float | None = None,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> ParityReport:
+    """Checks ``target`` against PyTorch, outputs and routing decisions.
+
+    ``target`` is an .onnx file (run with ONNX Runtime on CPU), an engine file (with ``engine_graph``,
+    the ONNX graph it was built from, or beside a bundle manifest) or a bundle folder (its engine on
+    its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
+    is the one the graph records, changed by whatever ``choice`` gives. ``rtol`` and
+    ``routing_agreement`` override the tolerances of the precision (FP32 for ONNX graphs; an engine's
+    own precision as its bundle records it).
+    """
+    target = Path(target)
+    if not (target.is_dir() or target.suffix in ENGINE_SUFFIXES):
+        if engine_graph:
+            raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
+        header = read_header(target)
+        source = resolve(choice, None if (choice.model or choice.module) else recorded_source(target, header))
+        tolerances = _tolerances("fp32", rtol, routing_agreement)
+        return validate_onnx(
+            target,
+            source,
+            batch=batch,
+            seed=seed,
+            inputs_npz=inputs_npz,
+            tolerances=tolerances,
+            step=step,
+            header=header,
+        )
+    engine, graph, sample, precision = resolve_engine(target, engine_graph)
+    header = read_header(graph)
+    source = resolve(choice, None if (choice.model or choice.module) else recorded_source(graph, header))
+    use_sample = sample is not None and batch is None and inputs_npz is None
+    reference = stored_reference(sample.parent) if use_sample and not choice.given else None
+    return validate_engine(
+        engine,
+        graph,
+        source,
+        batch=batch,
+        seed=seed,
+        inputs_npz=str(sample) if use_sample else inputs_npz,
+        tolerances=_tolerances(precision or "fp32", rtol, routing_agreement),
+        step=step,
+        reference=reference,
+    )
+
+
+def _tolerances(precision: str, rtol: float | None, routing_agreement: float | None) -> settings.Tolerances:
+    """The precision's tolerances with the given overrides."""
+    base = settings.TOLERANCES.get(precision, settings.FP32_TOLERANCES)
+    changes = {k: v for k, v in dict(rtol=rtol, routing_agreement=routing_agreement).items() if v is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def validate_onnx(
+    graph_path: str | Path,
+    source: ModelSource | None = None,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    header: onnx.ModelProto | None = None,
+) -> ParityReport:
+    """Runs PyTorch and ONNX Runtime (CPU) on the same inputs and compares outputs and routing.
+
+    Args:
+        graph_path: The exported .onnx.
+        source: The model to compare against; by default the one recorded in the graph's metadata.
+        batch: Images per run (a multiple of the routing group); default one group.
+        seed: Seed of the random inputs (ignored with ``inputs_npz``).
+        inputs_npz: A .npz with the input array (named after the graph input, or alone).
+        tolerances: Pass criteria.
+        step: Context-manager factory the CLI uses to show progress.
+        header: The graph without weights, if the caller has already read it (``read_header``).
+    """
+    start = time.perf_counter()
+    header = header if header is not None else read_header(graph_path)
+    source = source or recorded_source(graph_path, header)
+    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
+    with step("Running ONNX Runtime (CPU)"):
+        actual = run_onnxruntime(graph_path, {reference.input_name: reference.images})
+    return compare_to_reference(
+        reference, actual, header, graph=str(graph_path), backend="onnxruntime-cpu", tolerances=tolerances, start=start
+    )
+
+
+def validate_engine(
+    engine_path: str | Path,
+    graph_path: str | Path,
+    source: ModelSource | None = None,
+    *,
+    batch: int | None = None,
+    seed: int = settings.DEFAULT_SEED,
+    inputs_npz: str | None = None,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    reference: Reference | None = None,
+) -> ParityReport:
+    """Runs PyTorch and a TensorRT engine on the same inputs and compares outputs and routing.
+
+    ``graph_path`` is the ONNX graph the engine was built from: it names the inputs, outputs and the
+    V-MoE layers whose routing the engine exposes, and records the model. ``reference`` (e.g. the
+    PyTorch outputs a bundle stores) replaces the PyTorch run.
+    """
+    from exporter.backends.tensorrt import EngineRunner, require_tensorrt
+
+    require_tensorrt("validating an engine")
+    start = time.perf_counter()
+    header = read_header(graph_path)
+    if reference is None:
+        source = source or recorded_source(graph_path, header)
+        reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
+    with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
+        actual = runner.infer({reference.input_name: reference.images})
+    order = [o.name for o in header.graph.output]
+    actual = {n: actual[n] for n in order if n in actual}
+    report = compare_to_reference(
+        reference, actual, header, graph=str(engine_path), backend="tensorrt", tolerances=tolerances, start=start
+    )
+    if reference.stored:
+        report.notes.append(f"reference: {reference.stored}")
+    return report
+
+
+__all__ = ["validate", "validate_engine", "validate_onnx"]

@@ -1,0 +1,1 @@
+"""The plugin rewrite: each MoE layer's routing, dispatch and combine become moe:: plugin nodes."""

@@ -1,0 +1,111 @@
+"""graphsurgeon helpers the matchers share: walking reshapes, cutting tensors loose, emitting plugin nodes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from exporter import settings
+from exporter.compare import close as _close_to
+from exporter.rewrite.plan import Decline, PluginNode
+from plugins import registry
+from plugins.onnx_function import PARSER_ATTRIBUTES
+
+SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+MIX_OPS = {"MatMul", "Einsum"}
+
+
+def is_var(t) -> bool:
+    return isinstance(t, gs.Variable)
+
+
+def producer(t: gs.Tensor):
+    return t.inputs[0] if t.inputs else None
+
+
+def back_chain(t: gs.Tensor) -> list[gs.Tensor]:
+    """``t`` and the tensors it was reshaped or transposed from, nearest first."""
+    chain = [t]
+    while (node := producer(chain[-1])) is not None and node.op in SHAPE_OPS and is_var(node.inputs[0]):
+        chain.append(node.inputs[0])
+    return chain
+
+
+def forward_chain(t: gs.Tensor, graph: gs.Graph) -> list[gs.Tensor]:
+    """``t`` and what it is only reshaped or transposed into (single consumers, not graph outputs)."""
+    chain = [t]
+    outputs = set(map(id, graph.outputs))
+    while True:
+        last = chain[-1]
+        if id(last) in outputs or len(last.outputs) != 1:
+            return chain
+        node = last.outputs[0]
+        if node.op not in SHAPE_OPS or node.inputs[0] is not last or len(node.outputs) != 1:
+            return chain
+        chain.append(node.outputs[0])
+
+
+def mix_consumer(t: gs.Tensor) -> tuple[gs.Node, gs.Tensor]:
+    """The one MatMul/Einsum that consumes ``t`` (through reshapes/transposes), and the tensor it reads."""
+    found, seen, frontier = [], set(), [t]
+    while frontier:
+        tensor = frontier.pop()
+        for node in tensor.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op in MIX_OPS:
+                found.append((node, tensor))
+            elif node.op in SHAPE_OPS and node.inputs[0] is tensor:
+                frontier.extend(node.outputs)
+    if len(found) != 1:
+        raise Decline(f"softmax output {t.name} feeds {len(found)} MatMul/Einsum nodes, expected 1")
+    return found[0]
+
+
+def detach(t: gs.Variable) -> None:
+    """Cuts ``t`` from its producer (which keeps a renamed copy), so a new node can produce ``t``."""
+    node = producer(t)
+    if node is not None:
+        node.outputs[node.outputs.index(t)] = gs.Variable(f"{t.name}.replaced", dtype=t.dtype, shape=t.shape)
+
+
+def close(actual: np.ndarray, expected: np.ndarray, rtol: float = settings.REWRITE_CHECK_RTOL) -> bool:
+    """Float values equal to ``expected`` within ``rtol`` of its scale (the parity check's measure)."""
+    return _close_to(actual, expected, rtol)
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def onnx_dtype(t: gs.Variable) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+
+
+def emit_plugin(graph: gs.Graph, node: PluginNode, inputs: list, outputs: list, name: str) -> None:
+    attrs = {**node.attrs, **PARSER_ATTRIBUTES}
+    domain = registry.spec(node.plugin).namespace
+    graph.layer(op=node.plugin, name=name, domain=domain, inputs=inputs, outputs=outputs, attrs=attrs)
+
+
+def batch_free(shape, prefix: int, images: int) -> np.ndarray:
+    """``shape`` with the batch-carrying dimension as -1 (the one after ``prefix`` leading elements)."""
+    shape = list(shape)
+    for i in range(len(shape)):
+        if math.prod(shape[:i]) == prefix and shape[i] % images == 0:
+            shape[i] = -1
+            return np.array(shape, np.int64)
+    raise Decline(f"cannot reshape the plugin output to {tuple(shape)} without fixing the batch size")
+
+
+def reshaped(graph: gs.Graph, t: gs.Variable, shape, canonical, target, name: str) -> gs.Variable:
+    if tuple(shape) == tuple(canonical):
+        return t
+    return graph.layer(
+        op="Reshape", inputs=[t, np.array(target, np.int64)], outputs=[gs.Variable(name, dtype=t.dtype)]
+    )[0]

@@ -1,0 +1,82 @@
+"""What the rewrite decides per MoE layer: the plugin nodes that replace it, or why it is left alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_graphsurgeon as gs
+
+from plugins import registry
+
+
+@dataclass
+class PluginNode:
+    plugin: str
+    attrs: dict
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.attrs.items())
+        return f"{self.plugin}({args})" if args else self.plugin
+
+
+@dataclass
+class LayerPlan:
+    """One MoE layer the rewrite replaces (``nodes``) or declines (``reason``)."""
+
+    layer: str
+    family: str
+    nodes: list[PluginNode] = field(default_factory=list)
+    reason: str | None = None
+    apply: Callable[[gs.Graph], None] | None = field(default=None, repr=False)
+
+    @property
+    def replaced(self) -> bool:
+        return self.reason is None
+
+    def to_dict(self) -> dict:
+        out = dict(layer=self.layer, family=self.family, replaced=self.replaced)
+        if self.replaced:
+            out["plugins"] = [
+                dict(plugin=n.plugin, role=registry.spec(n.plugin).role, attrs=n.attrs) for n in self.nodes
+            ]
+        else:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class RewriteResult:
+    source: Path
+    path: Path | None
+    layers: list[LayerPlan]
+    seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Replacements per plugin kind."""
+        counts = dict.fromkeys(registry.specs(), 0)
+        for layer in self.layers:
+            for node in layer.nodes if layer.replaced else []:
+                counts[node.plugin] += 1
+        return {p: n for p, n in counts.items() if n}
+
+    @property
+    def declined(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if not layer.replaced]
+
+    def to_dict(self) -> dict:
+        return dict(
+            source=str(self.source),
+            path=str(self.path) if self.path else None,
+            seconds=round(self.seconds, 3),
+            counts=self.counts,
+            layers=[layer.to_dict() for layer in self.layers],
+            op_counts=self.op_counts,
+        )
+
+
+class Decline(Exception):
+    """A candidate layer that does not meet a precondition; the message is the reason."""

@@ -1,0 +1,167 @@
+"""Portable ONNX -> plugin ONNX: each MoE layer's routing, dispatch and combine become ``moe::`` plugin nodes.
+
+How a layer is found, and why it is safe to replace:
+
+* **V-MoE** layers are found by the exporter's scope metadata (``<layer>.routing`` / ``.dispatch`` /
+  ``.combine`` on every node) and the layer's routing settings stored in the graph. The boundary
+  tensors (router probabilities, the routing decisions, the tokens, the expert inputs and outputs,
+  the combined tokens) are picked among the tensors crossing each scope by value.
+* **Soft-MoE** layers are found by op pattern, whoever wrote them: two Softmax nodes over one logits
+  tensor (reshapes and transposes allowed between), each feeding a MatMul or Einsum (the slot mix and
+  the token mix). Axis orders, ``[E, p, d]`` slot parameters, normalisation variants and ModuleList
+  experts only change what sits around that pattern.
+* Every candidate is then **checked by value**: the graph runs once in ONNX Runtime on random
+  images with the candidate tensors exposed, and a layer is replaced only if the plugins' reference
+  semantics reproduce those tensors (exactly for routing decisions, to 1e-4 of scale for floats).
+  A layer that fails a check is reported with the reason and left as standard ONNX.
+
+Each plugin node has ``op_type`` = plugin name, ``domain`` = ``plugin_namespace`` = ``moe`` and
+``aot=1``, and a model-local function of the same name holding its standard-op decomposition, so ONNX
+Runtime runs the result and TensorRT without the plugins still builds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from exporter import settings
+from exporter.errors import UserError
+from exporter.fileio import atomic_dir
+from exporter.formats.graph import REWRITE_KEY, metadata, node_scopes, op_histogram, read_header, vmoe_layers
+from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
+from exporter.rewrite.probe import probe
+from exporter.rewrite.soft_moe import soft_candidates
+from exporter.rewrite.vmoe import VMoEMatch
+from plugins import registry
+
+
+def plan_rewrite(
+    path: str | Path, *, seed: int = settings.DEFAULT_SEED
+) -> tuple[onnx.ModelProto, gs.Graph, list[LayerPlan]]:
+    """Finds and checks every MoE layer of a portable graph; nothing is changed yet."""
+    path = Path(path)
+    proto = read_header(path)
+    held = sorted({n.domain for n in proto.graph.node if registry.is_plugin_node(n)})
+    if held:
+        raise UserError(f"{path} already holds {held[0]}:: plugin nodes (it was rewritten before)")
+    graph = gs.import_onnx(proto)
+    scopes = node_scopes(proto)
+
+    plans: list[LayerPlan] = []
+    matches: list = []
+    vmoe = vmoe_layers(proto)
+    scoped = sorted(
+        {m.group(1) for ns in scopes.values() if (m := re.search(r"/([^/:]+)\.routing: \S+TopKRouter", ns))}
+    )
+    for layer in (layer for layer in scoped if layer not in vmoe):
+        reason = "the graph lacks this layer's routing settings (exported by an older moe-export?); export it again"
+        plans.append(LayerPlan(layer, "vmoe", reason=reason))
+    for layer, config in vmoe.items():
+        try:
+            matches.append(VMoEMatch(graph, scopes, layer, config))
+        except Decline as e:
+            plans.append(LayerPlan(layer, "vmoe", reason=str(e)))
+    soft, declined = soft_candidates(graph, scopes)
+    matches += soft
+    plans += declined
+
+    values = probe(path, proto, set().union(*(m.names() for m in matches)), seed) if matches else {}
+    for match in matches:
+        try:
+            plan, apply = match.check(values)
+            plan.apply = apply
+        except Decline as e:
+            plan = LayerPlan(match.layer, "vmoe" if isinstance(match, VMoEMatch) else "soft_moe", reason=str(e))
+        plans.append(plan)
+    return proto, graph, plans
+
+
+def rewrite_onnx(
+    src: str | Path,
+    dest: str | Path | None,
+    *,
+    plan_only: bool = False,
+    seed: int = settings.DEFAULT_SEED,
+    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
+) -> RewriteResult:
+    """Rewrites ``src`` into ``dest`` (atomically; checked with onnx.checker), or only plans it.
+
+    Weights stored beside ``src`` as external data are referenced, not loaded: an output beside the
+    source shares the weight file, one elsewhere gets a copy.
+    """
+    start = time.perf_counter()
+    src = Path(src)
+    with step("Finding and checking MoE layers (one ONNX Runtime run)"):
+        proto, graph, plans = plan_rewrite(src, seed=seed)
+    result = RewriteResult(src, None, plans, 0.0)
+    if plan_only or dest is None:
+        result.seconds = time.perf_counter() - start
+        return result
+
+    dest = Path(dest)
+    with step("Replacing subgraphs with plugin nodes"):
+        for plan in plans:
+            if plan.replaced:
+                plan.apply(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.functions = []
+        out = gs.export_onnx(graph, do_type_check=False)
+        out.functions.extend(plugin_functions(out))
+        out.ir_version = max(proto.ir_version, 10)
+        out.producer_name = proto.producer_name
+        del out.metadata_props[:]
+        out.metadata_props.extend(proto.metadata_props)
+        onnx.helper.set_model_props(out, {**metadata(proto), REWRITE_KEY: json.dumps(result.counts)})
+
+    with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
+        path = tmp / dest.name
+        external = _external_files(out)
+        for location in sorted(external):  # weight files: shared when beside the source, else copied
+            if (src.parent / location).resolve() != (dest.parent / location).resolve():
+                shutil.copyfile(src.parent / location, tmp / location)
+        onnx.save(out, str(path))
+        try:  # with external weights, the graph is checked with them as inputs (they were not touched)
+            onnx.checker.check_model(_weights_as_inputs(out) if external else str(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise RuntimeError(f"the rewritten graph fails onnx.checker: {e}") from e
+    result.path = dest
+    result.op_counts = dict(sorted(op_histogram(out).items()))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def plugin_functions(model: onnx.ModelProto) -> list[onnx.FunctionProto]:
+    """The local function of every registered plugin the graph uses, in registry order: the
+    standard-op form ONNX Runtime runs and TensorRT falls back to."""
+    used = {n.op_type for n in model.graph.node if registry.is_plugin_node(n)}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return [registry.local_function(name, opset) for name in registry.specs() if name in used]
+
+
+def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the (weightless) graph whose external initializers are graph inputs instead."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in external:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        copy.graph.initializer.remove(t)
+    return copy
+
+
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    files = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files |= {e.value for e in t.external_data if e.key == "location"}
+    return files

@@ -1,0 +1,204 @@
+"""Soft-MoE layers, found by op pattern whoever wrote them: two Softmax nodes over one logits tensor
+(reshapes and transposes allowed between), each feeding a MatMul or Einsum."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from exporter.formats.graph import module_path
+from exporter.rewrite.graph import (
+    back_chain,
+    batch_free,
+    close,
+    detach,
+    emit_plugin,
+    forward_chain,
+    is_var,
+    mix_consumer,
+    reshaped,
+    softmax,
+)
+from exporter.rewrite.plan import Decline, LayerPlan, PluginNode
+
+
+class SoftMatch:
+    """Two Softmax nodes over one logits tensor, each feeding a MatMul/Einsum mix."""
+
+    def __init__(self, graph: gs.Graph, scopes: dict[str, str], dispatch_sm: gs.Node, combine_sm: gs.Node):
+        logits = combine_sm.inputs[0]
+        if logits.shape is None or len(logits.shape) != 3 or combine_sm.attrs.get("axis", -1) not in (-1, 2):
+            raise Decline("no softmax normalises the last axis of a [B, m, S] logits tensor (the combine)")
+        self.logits = logits
+        self.dispatch_mix, dispatch_w = mix_consumer(dispatch_sm.outputs[0])
+        self.combine_mix, combine_w = mix_consumer(combine_sm.outputs[0])
+        self.combine_sm = combine_sm
+        x_in = next(t for t in self.dispatch_mix.inputs if t is not dispatch_w)
+        u_in = next(t for t in self.combine_mix.inputs if t is not combine_w)
+        self.xs = back_chain(x_in)
+        self.slots = forward_chain(self.dispatch_mix.outputs[0], graph)
+        self.us = back_chain(u_in)
+        self.ys = forward_chain(self.combine_mix.outputs[0], graph)
+        paths = [
+            module_path(scopes.get(n.name, "")) for n in (dispatch_sm, combine_sm, self.dispatch_mix, self.combine_mix)
+        ]
+        common = [p[0] for p in zip(*paths) if len(set(p)) == 1]
+        self.layer = common[-1] if common else f"softmax pair {dispatch_sm.name}/{combine_sm.name}"
+
+    def names(self) -> set[str]:
+        return {t.name for t in [self.logits, *self.xs, *self.slots, *self.us, *self.ys]}
+
+    def check(self, values: dict[str, np.ndarray]) -> tuple[LayerPlan, Callable]:
+        logits = values[self.logits.name].astype(np.float64)
+        images, tokens, slots = logits.shape
+        dispatch, combine = softmax(logits, 1), softmax(logits, 2)
+
+        # The slot mix: slots = dispatchᵀ·x, image-major [B, S, D] or expert-major [n, B*p, D].
+        for x in self.xs:
+            xv = values[x.name]
+            if xv.size % (images * tokens) or xv.shape[0] != images:
+                continue
+            mixed = np.einsum("bms,bmd->bsd", dispatch, xv.reshape(images, tokens, -1).astype(np.float64))
+            found = self._layout(self.slots, values, mixed, prefer_last=True)
+            if found:
+                slots_t, slots_layout = found
+                break
+        else:
+            raise Decline("no MatMul/Einsum computes softmax-over-tokens(logits)ᵀ · x")
+        dim = mixed.shape[-1]
+
+        # The token mix: y = combine · slot outputs (read as far back as the expert outputs themselves).
+        for u in reversed(self.us):
+            uv = values[u.name].astype(np.float64)
+            if uv.size != images * slots * dim:
+                continue
+            for layout in self._layouts(uv, images, slots, prefer=slots_layout[1]):
+                canonical = to_canonical(uv, layout, images, slots, dim)
+                y = np.einsum("bms,bsd->bmd", combine, canonical)
+                found = self._layout(self.ys, values, y, prefer_last=True, image_major_only=True)
+                if found:
+                    y_t, u_layout = found[0], layout
+                    break
+            else:
+                continue
+            break
+        else:
+            raise Decline("no MatMul/Einsum computes softmax-over-slots(logits) · expert outputs")
+
+        experts = (
+            slots_layout[1]
+            if slots_layout[0]
+            else (u_layout[1] if u_layout[0] else guess_experts(values[slots_t.name], images, slots))
+        )
+        nodes = [
+            PluginNode("SoftRoute", {}),
+            PluginNode("SoftDispatch", dict(num_experts=experts, expert_major=int(slots_layout[0]))),
+            PluginNode("SoftCombine", dict(num_experts=experts, expert_major=int(u_layout[0]))),
+        ]
+        x_shape, u_shape = values[x.name].shape, values[u.name].shape
+        slots_shape, y_shape = values[slots_t.name].shape, values[y_t.name].shape
+
+        def apply(graph: gs.Graph) -> None:
+            stem = f"{self.layer}.moe"
+            combine_t = self.combine_sm.outputs[0]
+            d32 = gs.Variable(f"{stem}.dispatch", dtype=np.float32, shape=self.logits.shape)
+            detach(combine_t)
+            emit_plugin(graph, nodes[0], [self.logits], [d32, combine_t], f"{stem}.route")
+            x_in = reshaped(graph, x, x_shape, (images, tokens, dim), [-1, tokens, dim], f"{stem}.x")
+            canonical_slots = (experts, images * slots // experts, dim) if slots_layout[0] else (images, slots, dim)
+            detach(slots_t)
+            out = (
+                slots_t if tuple(slots_shape) == canonical_slots else gs.Variable(f"{stem}.slots", dtype=slots_t.dtype)
+            )
+            emit_plugin(graph, nodes[1], [x_in, d32], [out], f"{stem}.dispatch")
+            if out is not slots_t:
+                prefix = experts if slots_layout[0] else 1
+                graph.layer(op="Reshape", inputs=[out, batch_free(slots_shape, prefix, images)], outputs=[slots_t])
+            canonical_u = (experts, images * slots // experts, dim) if u_layout[0] else (images, slots, dim)
+            target = [experts, -1, dim] if u_layout[0] else [-1, slots, dim]
+            u_in = reshaped(graph, u, u_shape, canonical_u, target, f"{stem}.slot_out")
+            detach(y_t)
+            y_out = y_t if tuple(y_shape) == (images, tokens, dim) else gs.Variable(f"{stem}.y", dtype=y_t.dtype)
+            emit_plugin(graph, nodes[2], [u_in, combine_t], [y_out], f"{stem}.combine")
+            if y_out is not y_t:
+                graph.layer(op="Reshape", inputs=[y_out, batch_free(y_shape, 1, images)], outputs=[y_t])
+
+        return LayerPlan(self.layer, "soft_moe", nodes), apply
+
+    @staticmethod
+    def _layouts(value: np.ndarray, images: int, slots: int, prefer: int | None):
+        """Candidate layouts ``(expert_major, experts)`` of a slots tensor: image-major first."""
+        yield (False, None)
+        if value.ndim >= 2 and value.shape[0] != images and slots % value.shape[0] == 0:
+            yield (True, int(value.shape[0]))
+        elif prefer and value.shape[0] == prefer:
+            yield (True, prefer)
+
+    def _layout(self, chain, values, expected, *, prefer_last: bool, image_major_only: bool = False):
+        images, slots, dim = expected.shape
+        for t in reversed(chain) if prefer_last else chain:
+            v = values[t.name]
+            if v.size != expected.size:
+                continue
+            layouts = [(False, None)] if image_major_only else list(self._layouts(v, images, slots, None))
+            for layout in layouts:
+                if close(to_canonical(v.astype(np.float64), layout, images, slots, dim), expected):
+                    return t, layout
+        return None
+
+
+def to_canonical(value: np.ndarray, layout, images: int, slots: int, dim: int) -> np.ndarray:
+    expert_major, experts = layout
+    if not expert_major:
+        return value.reshape(images, slots, dim)
+    return value.reshape(experts, images, slots // experts, dim).transpose(1, 0, 2, 3).reshape(images, slots, dim)
+
+
+def guess_experts(value: np.ndarray, images: int, slots: int) -> int:
+    """Experts of an image-major slots tensor, for the record: ``[B, n, p, D]`` says ``n``; else 1."""
+    return int(value.shape[1]) if value.ndim == 4 and value.shape[0] == images and slots % value.shape[1] == 0 else 1
+
+
+class Either:
+    """Both readings of a softmax pair (which one is the dispatch); the first that checks out wins."""
+
+    def __init__(self, options: list[SoftMatch]):
+        self.options = options
+        self.layer = options[0].layer
+
+    def names(self) -> set[str]:
+        return set().union(*(o.names() for o in self.options))
+
+    def check(self, values):
+        reasons = []
+        for option in self.options:
+            try:
+                return option.check(values)
+            except Decline as e:
+                reasons.append(str(e))
+        raise Decline("; ".join(dict.fromkeys(reasons)))
+
+
+def soft_candidates(graph: gs.Graph, scopes: dict[str, str]) -> tuple[list[Either], list[LayerPlan]]:
+    by_root: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "Softmax" and is_var(node.inputs[0]):
+            by_root.setdefault(back_chain(node.inputs[0])[-1].name, []).append(node)
+    matches, declined = [], []
+    for nodes in by_root.values():
+        if len(nodes) != 2:
+            continue
+        options, reasons = [], []
+        for dispatch_sm, combine_sm in (nodes, nodes[::-1]):
+            try:
+                options.append(SoftMatch(graph, scopes, dispatch_sm, combine_sm))
+            except Decline as e:
+                reasons.append(str(e))
+        if options:
+            matches.append(Either(options))
+        else:
+            reason = "; ".join(dict.fromkeys(reasons))
+            declined.append(LayerPlan(f"softmax pair {nodes[0].name}/{nodes[1].name}", "soft_moe", reason=reason))
+    return matches, declined

@@ -1,0 +1,258 @@
+"""Where a model comes from: a zoo config or a user factory, plus seed and checkpoint.
+
+A ``ModelSource`` is small and JSON-serialisable; ``export`` stores it in the ONNX metadata so that
+``validate`` rebuilds exactly the PyTorch model a graph was exported from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporter import settings
+from exporter.errors import UserError, one_line
+from exporter.fileio import sha256
+from exporter.sources.zoo import VMOE, ModelConfig, build_model, get_config
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to build. ``kind`` is ``"zoo"`` (``spec`` = model name) or ``"module"`` (``spec`` =
+    ``path/file.py:factory`` or ``package.module:factory``)."""
+
+    kind: str
+    spec: str
+    input_shape: tuple[int, ...]  # one image, e.g. (3, 224, 224)
+    config: ModelConfig | None = None
+    seed: int = settings.DEFAULT_SEED
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "spec": self.spec,
+                "input_shape": list(self.input_shape),
+                "config": self.config.to_dict() if self.config else None,
+                "seed": self.seed,
+                "checkpoint": self.checkpoint,
+                "checkpoint_sha256": self.checkpoint_sha256,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSource:
+        d = json.loads(text)
+        config = ModelConfig.from_dict(d["config"]) if d.get("config") else None
+        return cls(
+            d["kind"],
+            d["spec"],
+            tuple(d["input_shape"]),
+            config,
+            d["seed"],
+            d.get("checkpoint"),
+            d.get("checkpoint_sha256"),
+        )
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    source: ModelSource
+    family: str  # "vmoe", "soft_moe", "mixed" or "dense"
+    batch_multiple: int  # images per batch must be a multiple of this (V-MoE routing groups)
+    moe_layers: list[str]
+    routing_layers: list[str]  # the V-MoE layers among them, whose routing parity can be checked
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8,3,32,32"``, ``"8x3x32x32"`` or ``"[8, 3, 32, 32]"`` -> ``(8, 3, 32, 32)``."""
+    parts = [p for p in re.split(r"[,x\s\[\]()]+", text.strip()) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"input shape {text!r} is not a list of integers like 8,3,224,224") from None
+    if len(shape) not in (3, 4) or any(d < 1 for d in shape):
+        raise UserError(f"input shape {text!r} must be N,C,H,W or C,H,W with positive sizes")
+    return shape
+
+
+def split_shape(shape: tuple[int, ...] | None) -> tuple[int | None, tuple[int, ...] | None]:
+    """(batch or None, per-image shape or None)."""
+    if shape is None:
+        return None, None
+    return (shape[0], shape[1:]) if len(shape) == 4 else (None, shape)
+
+
+def from_zoo(
+    name: str,
+    *,
+    seed: int = settings.DEFAULT_SEED,
+    checkpoint: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    **overrides,
+) -> ModelSource:
+    """A zoo model by name, or a folder written by ``moe-export import vmoe`` (its config and weights)."""
+    from exporter.sources.checkpoints import is_model_dir, read_model_dir
+
+    if is_model_dir(name):
+        config, weights = read_model_dir(name)
+        config = config.replace(**overrides)
+        checkpoint = checkpoint or str(weights)
+    else:
+        config = get_config(name).replace(**overrides)
+    _, image_shape = split_shape(input_shape)
+    if image_shape is not None and tuple(image_shape) != config.input_shape:
+        got, want = "x".join(map(str, image_shape)), "x".join(map(str, config.input_shape))
+        raise UserError(f"input shape {got} does not match {config.name}, which takes {want} images")
+    return ModelSource("zoo", config.name, config.input_shape, config, seed, *checkpoint_info(checkpoint))
+
+
+def from_vmoe_checkpoint(path: str, *, seed: int = settings.DEFAULT_SEED, **overrides) -> ModelSource:
+    """The model a vmoe checkpoint's parameter tree describes, with its weights."""
+    from exporter.sources.checkpoints import config_for_checkpoint
+
+    config = config_for_checkpoint(path, **overrides)
+    return ModelSource("zoo", config.name, config.input_shape, config, seed, *checkpoint_info(path))
+
+
+def from_module(
+    spec: str, *, input_shape: tuple[int, ...] | None, seed: int = settings.DEFAULT_SEED, checkpoint: str | None = None
+) -> ModelSource:
+    if ":" not in spec:
+        raise UserError(f"--module {spec!r} must look like path/to/file.py:factory or package.module:factory")
+    if input_shape is None:
+        raise UserError("a user module needs --input-shape, e.g. --input-shape 8,3,224,224")
+    _, image_shape = split_shape(input_shape)
+    return ModelSource("module", spec, tuple(image_shape), None, seed, *checkpoint_info(checkpoint))
+
+
+def checkpoint_info(path: str | None) -> tuple[str | None, str | None]:
+    if path is None:
+        return None, None
+    from exporter.sources.checkpoints import checkpoint_sha256, is_vmoe_checkpoint
+    from exporter.sources.checkpoints.vmoe_format import resolve_prefix
+
+    if is_vmoe_checkpoint(path) or Path(path).is_dir():
+        prefix = resolve_prefix(path)
+        return str(prefix.resolve()), checkpoint_sha256(prefix)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return str(p), sha256(p)
+
+
+def _import_factory(spec: str):
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or Path(target).is_file():
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"module file {target} does not exist")
+        name = f"_moe_export_user_{abs(hash(str(path.resolve())))}"
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[name] = module
+        try:
+            spec_.loader.exec_module(module)
+        except Exception as e:  # the user's code: whatever it raises is a problem with their input
+            raise UserError(f"importing {target} failed: {one_line(e)}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:  # the user's code, as above
+            raise UserError(f"importing {target} failed: {one_line(e)}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"{target} has no callable {attr!r}")
+    return factory
+
+
+def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | None = None) -> None:
+    from exporter.sources.checkpoints import is_vmoe_checkpoint, state_dict_for
+
+    if is_vmoe_checkpoint(path):
+        if config is None:
+            raise UserError(
+                f"{path} is a vmoe checkpoint: it loads into a zoo model or by itself (--checkpoint without --module)"
+            )
+        module.load_state_dict(state_dict_for(path, config, module), strict=True)
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {path} does not fit the model: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+
+
+def describe(module: nn.Module) -> tuple[str, int, list[str], list[str]]:
+    """(family, batch multiple, MoE layer names, V-MoE layer names) of any module."""
+    from exporter.models.soft_moe import soft_moe_layers
+    from exporter.models.vmoe import vmoe_layers
+
+    vmoe = vmoe_layers(module)
+    soft = [n for n, _ in soft_moe_layers(module)]
+    family = "mixed" if vmoe and soft else VMOE if vmoe else "soft_moe" if soft else "dense"
+    multiple = math.lcm(*(m.group_images for _, m in vmoe)) if vmoe else 1
+    return family, multiple, [n for n, _ in vmoe] + soft, [n for n, _ in vmoe]
+
+
+def load(source: ModelSource, *, device: str = "cpu") -> LoadedModel:
+    """Builds the PyTorch model of a source (seeded, eval mode, checkpoint applied)."""
+    if source.kind == "zoo":
+        module = build_model(source.config, seed=source.seed, device=device)
+    else:
+        factory = _import_factory(source.spec)
+        torch.manual_seed(source.seed)
+        try:
+            module = factory()
+        except UserError:
+            raise
+        except Exception as e:  # the user's code: whatever it raises is a problem with their input
+            raise UserError(f"factory {source.spec} failed: {one_line(e)}") from None
+        if not isinstance(module, nn.Module):
+            raise UserError(f"factory {source.spec} returned {type(module).__name__}, not a torch.nn.Module")
+        module = module.to(device).eval()
+    if source.checkpoint:
+        _load_state_dict(module, source.checkpoint, source.config)
+    return LoadedModel(module, source, *describe(module))
+
+
+def check_batch(batch: int, loaded: LoadedModel) -> None:
+    if batch < 1:
+        raise UserError(f"batch must be at least 1, got {batch}")
+    if batch % loaded.batch_multiple:
+        raise UserError(
+            f"batch of {batch} images is not a multiple of the routing group ({loaded.batch_multiple} images)"
+        )

@@ -1,0 +1,354 @@
+"""Model zoo: the papers' configurations of both families, plus tiny ones for tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from exporter import settings
+from exporter.errors import UserError
+
+VMOE, SOFT_MOE = "vmoe", "soft_moe"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and MoE settings of a zoo model. Routing fields apply to their family only."""
+
+    name: str
+    family: str
+    summary: str
+    image_size: int
+    patch_size: int
+    dim: int
+    mlp_dim: int
+    heads: int
+    layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    num_classes: int
+    representation_size: int | None = None
+    classifier: str = "token"
+    qk_norm: bool = False
+    in_chans: int = 3
+    # V-MoE routing
+    k: int = 2
+    capacity_factor: float = 1.05
+    batch_priority: bool = False
+    group_images: int = settings.DEFAULT_GROUP_IMAGES
+    ceil_or_round: str = settings.DEFAULT_CAPACITY_CEIL_OR_ROUND
+    multiple_of: int | None = settings.DEFAULT_CAPACITY_MULTIPLE_OF
+    # Soft-MoE
+    slots_per_expert: int = 1
+    # Both: the reference's bfloat16 rounding of expert inputs and outputs (Bfloat16Dispatcher)
+    bf16_dispatch: bool = False
+    tags: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (1 if self.classifier == "token" else 0)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.image_size, self.image_size)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Images per batch must be a multiple of this (the routing group for V-MoE)."""
+        return self.group_images if self.family == VMOE else 1
+
+    def replace(self, **overrides) -> ModelConfig:
+        """A copy with the non-``None`` overrides applied and checked."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if self.family != VMOE:
+            vmoe_only = sorted(set(overrides) & {"k", "capacity_factor", "batch_priority", "group_images"})
+            if vmoe_only:
+                raise UserError(f"{', '.join(vmoe_only)} only apply to V-MoE models, not to {self.name}")
+        config = dataclasses.replace(self, **overrides)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.family == VMOE:
+            from exporter.models.routing import check_capacity_factor
+
+            if not 1 <= self.k <= self.num_experts:
+                raise UserError(f"k must be between 1 and the number of experts ({self.num_experts}), got {self.k}")
+            check_capacity_factor(self.capacity_factor)
+            if self.group_images < 1:
+                raise UserError(f"group size must be at least 1 image, got {self.group_images}")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.layers]
+        if bad:
+            raise UserError(f"MoE layer indices {bad} out of range for {self.layers} layers")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("tags")
+        d["moe_layers"] = list(self.moe_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d["moe_layers"] = tuple(d["moe_layers"])
+        return cls(**d)
+
+
+def every(n: int, layers: int) -> tuple[int, ...]:
+    """V-MoE 'Every n': blocks n-1, 2n-1, ... (0-based)."""
+    return tuple(range(n - 1, layers, n))
+
+
+def last(n: int, layers: int) -> tuple[int, ...]:
+    """V-MoE 'Last n': the last n odd blocks."""
+    return tuple(range(1, layers, 2))[-n:]
+
+
+def last_half(layers: int) -> tuple[int, ...]:
+    """Soft-MoE: MoE in the second half of the blocks."""
+    return tuple(range(layers // 2, layers))
+
+
+_S = dict(dim=384, mlp_dim=1536, heads=6, layers=12)
+_B = dict(dim=768, mlp_dim=3072, heads=12, layers=12)
+_V_S32 = dict(dim=512, mlp_dim=2048, heads=8, layers=8)  # V-MoE S/32 is 8 layers, D=512
+
+ZOO: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        ModelConfig(
+            "vmoe-s32-last2-e8",
+            VMOE,
+            "V-MoE S/32, Last-2, E=8, k=2: the released S/32 at C=1.05 (training); it evaluates at 4.0",
+            image_size=224,
+            patch_size=32,
+            **_V_S32,
+            moe_layers=last(2, 8),
+            num_experts=8,
+            num_classes=1000,
+            representation_size=512,
+        ),
+        ModelConfig(
+            "vmoe-b16-every2-e8",
+            VMOE,
+            "V-MoE B/16, Every-2, E=8, k=2, 224 px, 1000 classes: neither released B/16 (21k classes; 384 px)",
+            image_size=224,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=8,
+            num_classes=1000,
+        ),
+        # The released checkpoints (google-research/vmoe README), with the capacity factor each
+        # config evaluates at; routing groups of 8 images; BPR off as trained. bf16_dispatch stays
+        # off (float32, the default); set it to match the reference's bfloat16 dispatch exactly.
+        ModelConfig(
+            "vmoe-s32-last2-ilsvrc2012",
+            VMOE,
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1: S/32, Last-2, E=8, 224 px, eval C=4",
+            image_size=224,
+            patch_size=32,
+            **_V_S32,
+            moe_layers=last(2, 8),
+            num_experts=8,
+            num_classes=1000,
+            representation_size=512,
+            capacity_factor=4.0,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-s32-last2-ilsvrc2012-ft-384",
+            VMOE,
+            "released vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012: 384 px, C=1.5",
+            image_size=384,
+            patch_size=32,
+            **_V_S32,
+            moe_layers=last(2, 8),
+            num_experts=8,
+            num_classes=1000,
+            capacity_factor=1.5,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-b16-in21k",
+            VMOE,
+            "released vmoe_b16_imagenet21k_randaug_strong: B/16, Every-2, E=8, 21,843 classes, C=1.05",
+            image_size=224,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=8,
+            num_classes=21843,
+            capacity_factor=1.05,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-b16-in21k-ft-ilsvrc2012-384",
+            VMOE,
+            "released vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012: 384 px, C=1.5",
+            image_size=384,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=8,
+            num_classes=1000,
+            capacity_factor=1.5,
+            tags=("released",),
+        ),
+        ModelConfig(
+            "vmoe-b16-every2-e32",
+            VMOE,
+            "V-MoE B/16, Every-2, E=32, k=2, JFT-300M head (paper, 979.0M params)",
+            image_size=224,
+            patch_size=16,
+            **_B,
+            moe_layers=every(2, 12),
+            num_experts=32,
+            num_classes=18291,
+            representation_size=768,
+        ),
+        ModelConfig(
+            "soft-moe-s16-e128",
+            SOFT_MOE,
+            "Soft MoE S/16, E=128, p=1, JFT-4B head (paper, 0.93B params)",
+            image_size=224,
+            patch_size=16,
+            **_S,
+            moe_layers=last_half(12),
+            num_experts=128,
+            num_classes=29593,
+            classifier="gap",
+            qk_norm=True,
+        ),
+        ModelConfig(
+            "soft-moe-b16-e128",
+            SOFT_MOE,
+            "Soft MoE B/16, E=128, p=1, JFT-4B head (paper, 3.71B params)",
+            image_size=224,
+            patch_size=16,
+            **_B,
+            moe_layers=last_half(12),
+            num_experts=128,
+            num_classes=29593,
+            classifier="gap",
+            qk_norm=True,
+        ),
+        ModelConfig(
+            "vmoe-tiny",
+            VMOE,
+            "tiny V-MoE for tests: 32x32 images, 4x4 patches, D=32, E=4, k=2",
+            image_size=32,
+            patch_size=4,
+            dim=32,
+            mlp_dim=64,
+            heads=4,
+            layers=4,
+            moe_layers=every(2, 4),
+            num_experts=4,
+            num_classes=10,
+            tags=("tiny",),
+        ),
+        ModelConfig(
+            "soft-moe-tiny",
+            SOFT_MOE,
+            "tiny Soft-MoE for tests: 32x32 images, 4x4 patches, D=32, E=8, p=2",
+            image_size=32,
+            patch_size=4,
+            dim=32,
+            mlp_dim=64,
+            heads=4,
+            layers=4,
+            moe_layers=last_half(4),
+            num_experts=8,
+            num_classes=10,
+            classifier="gap",
+            qk_norm=True,
+            slots_per_expert=2,
+            tags=("tiny",),
+        ),
+    ]
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; `moe-export models` lists the zoo") from None
+
+
+def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, device: str = "cpu"):
+    """The PyTorch model of a config, seeded random init, eval mode. ``device="meta"`` allocates nothing."""
+    import torch
+
+    from exporter.models.soft_moe import SoftMoEMlp
+    from exporter.models.vit import VisionTransformer
+    from exporter.models.vmoe import VMoEMlp
+
+    config.check()
+    if config.family == VMOE:
+
+        def make_moe(i: int):
+            return VMoEMlp(
+                config.dim,
+                config.mlp_dim,
+                config.num_experts,
+                k=config.k,
+                capacity_factor=config.capacity_factor,
+                batch_priority=config.batch_priority,
+                group_images=config.group_images,
+                ceil_or_round=config.ceil_or_round,
+                multiple_of=config.multiple_of,
+                bf16_dispatch=config.bf16_dispatch,
+            )
+    else:
+
+        def make_moe(i: int):
+            return SoftMoEMlp(
+                config.dim,
+                config.mlp_dim,
+                config.num_experts,
+                slots_per_expert=config.slots_per_expert,
+                bf16_dispatch=config.bf16_dispatch,
+            )
+
+    with torch.device(device):
+        model = VisionTransformer(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            dim=config.dim,
+            mlp_dim=config.mlp_dim,
+            heads=config.heads,
+            layers=config.layers,
+            num_classes=config.num_classes,
+            moe_layers=config.moe_layers,
+            make_moe=make_moe,
+            classifier=config.classifier,
+            representation_size=config.representation_size,
+            qk_norm=config.qk_norm,
+            in_chans=config.in_chans,
+        )
+    if str(device) != "meta":
+        model.init_(torch.Generator(device=device).manual_seed(seed))
+    return model.eval()
+
+
+def param_count(config: ModelConfig) -> int:
+    """Parameters from the papers' formulas (moe-semantics.md §5.1), without building the model."""
+    d, m = config.dim, config.mlp_dim
+    mlp = 2 * d * m + m + d
+    vit = config.in_chans * config.patch_size**2 * d + d  # patch embedding
+    vit += config.tokens * d + (d if config.classifier == "token" else 0)  # position embedding, class token
+    block = 4 * d + (4 * d * d + 4 * d) + mlp + (2 * (d // config.heads) if config.qk_norm else 0)
+    vit += config.layers * block + 2 * d  # blocks and encoder norm
+    rep = config.representation_size
+    vit += (d * rep + rep if rep else 0) + (rep or d) * config.num_classes + config.num_classes
+    n_moe, e = len(config.moe_layers), config.num_experts
+    if config.family == VMOE:
+        return vit + n_moe * ((e - 1) * mlp + d * e)
+    return vit + n_moe * ((e - 1) * mlp + d * e * config.slots_per_expert + 1)
+
+
+def zoo_rows() -> list[dict]:
+    """One dict per zoo model: name, family, parameters, summary (``moe-export models``)."""
+    return [dict(name=c.name, family=c.family, params=param_count(c), summary=c.summary) for c in ZOO.values()]

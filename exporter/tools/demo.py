@@ -1,0 +1,63 @@
+"""The main job on built-in defaults (``moe-export demo``): export and validate a small V-MoE that
+drops tokens and a small Soft-MoE, rewrite both into plugin graphs and validate those too, on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter import settings
+from exporter.export.export import ExportResult, export_model
+from exporter.fileio import write_json
+from exporter.parity.parity import ParityReport
+from exporter.parity.validate import validate_onnx
+from exporter.rewrite.plan import RewriteResult
+from exporter.rewrite.rewrite import rewrite_onnx
+from exporter.sources.loading import from_zoo
+
+
+@dataclass
+class DemoRun:
+    """One model of the demo: its export, its parity, its rewrite and the plugin graph's parity."""
+
+    model: str
+    overrides: dict
+    export: ExportResult
+    parity: ParityReport
+    rewrite: RewriteResult
+    plugin_parity: ParityReport
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed and self.plugin_parity.passed and not self.rewrite.declined
+
+
+def demo(
+    output_dir: str | Path = settings.DEMO_OUTPUT_DIR,
+    *,
+    runs=settings.DEMO_RUNS,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    started: Callable[[str, dict], None] = lambda name, overrides: None,
+    done: Callable[[DemoRun], None] = lambda run: None,
+) -> list[DemoRun]:
+    """Runs each (zoo model, routing overrides) of ``runs``; graphs and JSON parity reports go to
+    ``output_dir``. ``started`` and ``done`` are called around each model (the CLI prints there)."""
+    out = Path(output_dir)
+    results = []
+    for name, overrides in runs:
+        started(name, overrides)
+        source = from_zoo(name, **overrides)
+        path, plugin_path = out / f"{name}.onnx", out / f"{name}.plugins.onnx"
+        exported = export_model(source, path, routing_outputs=True, step=step)
+        report = validate_onnx(path, source, step=step)
+        write_json(out / f"{name}.parity.json", report.to_dict())
+        rewritten = rewrite_onnx(path, plugin_path, step=step)
+        plugin_report = validate_onnx(plugin_path, source, step=step)
+        write_json(out / f"{name}.plugins.parity.json", plugin_report.to_dict())
+        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report)
+        done(run)
+        results.append(run)
+    return results

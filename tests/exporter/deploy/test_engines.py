@@ -1,0 +1,70 @@
+"""build_engine_for: what `moe-export build engine` runs, as a library call. Where TensorRT is
+absent every path that would build stops with one reason, after checking what it can on CPU (the
+builds themselves are GPU-marked in tests/exporter/backends/test_tensorrt.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from exporter.backends.tensorrt import EngineOptions, TensorRTUnavailable, tensorrt_available
+from exporter.deploy.engines import build_engine_for
+from exporter.errors import UserError
+from exporter.sources.choice import ModelChoice
+
+NO_TENSORRT = tensorrt_available() is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "give a bundle folder, or --model NAME"),
+        (dict(model=ModelChoice(model="soft-moe-tiny")), "give -o DIR: the bundle folder to write"),
+        (dict(source_path="x.onnx"), "give -o DIR: the folder for the engine"),
+        (dict(source_path="README.md"), "neither a moe-export bundle nor an .onnx file"),
+    ],
+)
+def test_what_to_build_from_is_checked_first(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        build_engine_for(**kwargs)
+
+
+def test_bundle_and_model_together_are_refused(bundled):
+    _, _, folder = bundled("soft-moe-tiny")
+    with pytest.raises(UserError, match="not both"):
+        build_engine_for(folder, ModelChoice(model="soft-moe-tiny"), output_dir=folder)
+    with pytest.raises(UserError, match="--triton-repo needs a bundle"):
+        build_engine_for("x.onnx", triton_repo="repo")
+
+
+def test_profile_options_are_checked_before_anything_else(bundled):
+    _, _, folder = bundled("soft-moe-tiny")
+    with pytest.raises(UserError):
+        build_engine_for(folder, options=EngineOptions(min_batch=8, max_batch=4))
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="checks the refusal where TensorRT is absent")
+def test_without_tensorrt_a_bundle_is_left_complete(bundled, tmp_path):
+    _, _, folder = bundled("soft-moe-tiny")
+    bundle = tmp_path / "b"
+    shutil.copytree(folder, bundle)
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(TensorRTUnavailable, match="is complete: build its engine on the target"):
+        build_engine_for(bundle)
+    assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.engine").exists()
+
+
+def test_a_changed_bundle_file_is_refused_before_building(bundled, tmp_path):
+    _, _, folder = bundled("soft-moe-tiny")
+    bundle = tmp_path / "b"
+    shutil.copytree(folder, bundle)
+    graph = bundle / "model.plugins.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model.plugins.onnx is missing or changed"):
+        build_engine_for(bundle)
+    with pytest.raises(UserError, match="model.plugins.onnx is missing or changed"):
+        build_engine_for(bundle, output_dir=tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

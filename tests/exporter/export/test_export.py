@@ -1,0 +1,96 @@
+"""Export: dynamic batch in routing groups, metadata, routing outputs, checker, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from exporter.export.export import export_onnx
+from exporter.formats.graph import SOURCE_KEY as METADATA_KEY
+from exporter.sources.loading import ModelSource, from_zoo, load
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_vmoe_graph_batches_in_routing_groups(exported):
+    source, result = exported("vmoe-tiny")
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 18
+    assert _dims(model.graph.input[0]) == ["8*groups", 3, 32, 32]
+    assert _dims(model.graph.output[0]) == ["8*groups", 10]
+    routing = [o for o in model.graph.output if o.name.startswith("routing.")]
+    assert [o.name for o in routing] == [
+        f"routing.blocks.{i}.mlp.{f}" for i in (1, 3) for f in ("expert_index", "kept", "buffer_slot")
+    ]
+    assert _dims(routing[0]) == ["groups", 8 * 65, 2]
+    assert result.findings == [] and result.dynamic_batch
+
+
+def test_soft_moe_graph_batches_in_images(exported):
+    _, result = exported("soft-moe-tiny", routing_outputs=False)
+    model = onnx.load(str(result.path))
+    assert _dims(model.graph.input[0]) == ["batch", 3, 32, 32]
+    assert [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_graph_records_its_source(exported):
+    source, result = exported("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    recorded = ModelSource.from_json(meta[METADATA_KEY])
+    assert recorded == source
+    assert recorded.config.capacity_factor == 0.5 and recorded.config.batch_priority
+    assert json.loads(meta["moe_export.routing_layers"]) == ["blocks.1.mlp", "blocks.3.mlp"]
+
+
+def test_node_names_keep_the_module_scopes(exported):
+    _, result = exported("vmoe-tiny")
+    model = onnx.load(str(result.path))
+    scopes = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "namespace"}
+    for stage in ("router", "routing", "dispatch", "experts", "combine"):
+        assert any(f"blocks.1.mlp.{stage}" in s for s in scopes), stage
+
+
+def test_export_is_atomic_when_a_late_step_fails(tmp_path, monkeypatch):
+    dest = tmp_path / "model.onnx"
+    dest.write_bytes(b"previous")
+
+    def broken_checker(*args, **kwargs):
+        raise onnx.checker.ValidationError("simulated failure after writing")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken_checker)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        export_onnx(load(from_zoo("soft-moe-tiny")), dest)
+    assert dest.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary leftovers
+
+
+def test_opset_below_18_is_refused(tmp_path):
+    from exporter.errors import UserError
+
+    with pytest.raises(UserError, match="opset"):
+        export_onnx(load(from_zoo("soft-moe-tiny")), tmp_path / "m.onnx", opset=17)
+
+
+def test_folded_linear_weights_keep_their_parameter_names(exported):
+    _, result = exported("vmoe-tiny")
+    names = {i.name: list(i.dims) for i in onnx.load(str(result.path)).graph.initializer}
+    assert names["blocks.1.mlp.router.weight.T"] == [32, 4]
+    assert names["blocks.1.mlp.experts.w1"] == [4, 32, 64]
+    assert names.get("head.weight") == [10, 32] or names.get("head.weight.T") == [32, 10]
+
+
+def test_export_model_is_what_the_export_command_runs(tmp_path):
+    from exporter.export.export import export_model
+    from exporter.formats.graph import metadata
+    from exporter.sources.choice import ModelChoice
+
+    choice = ModelChoice(model="vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    result = export_model(choice, tmp_path / "t.onnx", routing_outputs=True)
+    recorded = ModelSource.from_json(metadata(onnx.load(str(result.path), load_external_data=False))[METADATA_KEY])
+    assert recorded == from_zoo("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    assert result.routing_layers == ["blocks.1.mlp", "blocks.3.mlp"] and not result.findings

@@ -1,0 +1,109 @@
+"""ONNX Runtime vs PyTorch on tiny models: outputs and routing, with tokens dropped (C < 1), and a
+check that a real divergence is reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporter.compare import compare_output
+from exporter.parity.parity import ROUTING_CHECKED, ROUTING_NONE, ROUTING_NOT_EXPOSED
+from exporter.parity.validate import validate_onnx
+
+VMOE_CASES = [  # (k, batch_priority, group_images): every pair of settings appears at least once
+    (1, False, 1),
+    (2, False, 8),
+    (1, True, 8),
+    (2, True, 1),
+]
+
+
+@pytest.mark.parametrize("k, batch_priority, group_images", VMOE_CASES)
+def test_tiny_vmoe_parity_with_dropped_tokens(exported, k, batch_priority, group_images):
+    source, result = exported(
+        "vmoe-tiny", k=k, batch_priority=batch_priority, group_images=group_images, capacity_factor=0.5
+    )
+    report = validate_onnx(result.path, batch=2 * group_images)
+    assert report.passed, report.to_json()
+    assert report.routing_status == ROUTING_CHECKED
+    assert [r.layer for r in report.routing] == ["blocks.1.mlp", "blocks.3.mlp"]
+    for r in report.routing:
+        assert r.agreement == 1.0 and r.pairs == 2 * 65 * k * group_images
+        assert r.dropped_expected > 0.2  # C = 0.5: at least half the (token, choice) pairs have no slot
+    assert report.outputs[0].max_rel <= 1e-4
+
+
+def test_tiny_soft_moe_parity(exported):
+    _, result = exported("soft-moe-tiny")
+    report = validate_onnx(result.path, batch=3)
+    assert report.passed and report.routing_status == ROUTING_NONE
+    assert report.outputs[0].shape == [3, 10]
+
+
+def test_missing_routing_outputs_are_reported_not_passed_silently(exported):
+    _, result = exported("vmoe-tiny", routing_outputs=False)
+    report = validate_onnx(result.path)
+    assert report.routing_status == ROUTING_NOT_EXPOSED and report.routing == []
+    assert any("--routing-outputs" in n for n in report.notes)
+
+
+def test_a_perturbed_router_is_caught_as_a_routing_divergence(exported, tmp_path):
+    _, result = exported("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    model = onnx.load(str(result.path))
+    for init in model.graph.initializer:
+        if init.name == "blocks.3.mlp.router.weight.T":
+            w = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(w + 0.05 * np.sign(w), init.name))
+            break
+    else:
+        raise AssertionError("router weight not found")
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    report = validate_onnx(broken)
+    assert not report.passed
+    first, second = report.routing
+    assert first.passed and first.agreement == 1.0  # the earlier layer is untouched
+    assert not second.passed and second.agreement < 1.0
+
+
+def test_compare_output_flags_shape_and_nan_mismatches():
+    a = np.ones((2, 3), np.float32)
+    assert compare_output("y", a, a.copy(), 1e-4).passed
+    assert not compare_output("y", a, np.ones((3, 2), np.float32), 1e-4).passed
+    nan = a.copy()
+    nan[0, 0] = np.nan
+    assert not compare_output("y", a, nan, 1e-4).passed
+    off = a * (1 + 2e-4)
+    result = compare_output("y", a, off, 1e-4)
+    assert not result.passed and result.max_rel == pytest.approx(2e-4, rel=1e-3)
+
+
+def _routing_arrays(expert, slot):
+    return {
+        "routing.l.expert_index": np.array(expert, np.int32),
+        "routing.l.kept": np.array(slot) >= 0,
+        "routing.l.buffer_slot": np.array(slot, np.int32),
+    }
+
+
+def test_slot_swaps_inside_a_buffer_are_counted_but_changed_decisions_fail():
+    import torch
+
+    from exporter.compare import compare_routing
+    from exporter.models.routing import TopKRouting
+
+    expert = [[[0], [0], [1], [0]]]
+    slot = [[[0], [1], [0], [-1]]]
+    ref = TopKRouting(torch.tensor(expert), torch.tensor(slot), torch.ones(1, 4, 1))
+    same = compare_routing("l", ref, _routing_arrays(expert, slot), 1.0)
+    assert same.passed and same.agreement == 1.0 and same.slot_swaps == 0
+
+    swapped = compare_routing("l", ref, _routing_arrays(expert, [[[1], [0], [0], [-1]]]), 1.0)
+    assert swapped.passed and swapped.slot_swaps == 2 and swapped.agreement == 0.5 and swapped.decisions == 1.0
+
+    kept_other = compare_routing("l", ref, _routing_arrays(expert, [[[0], [-1], [0], [1]]]), 1.0)
+    assert not kept_other.passed and kept_other.kept == 0.5 and kept_other.slot_swaps == 0
+    other_expert = compare_routing("l", ref, _routing_arrays([[[0], [0], [0], [0]]], slot), 1.0)
+    assert not other_expert.passed and other_expert.expert == 0.75
