@@ -331,3 +331,19 @@ def test_build_and_validate_bad_inputs(tmp_path):
     (tmp_path / "m.engine").write_bytes(b"")
     assert_one_line_error(run("validate", tmp_path / "m.engine"), "give --onnx GRAPH")
     assert_one_line_error(run("validate", tmp_path), "not a moe-export bundle")
+
+
+def test_a_command_whose_module_cannot_import_says_why_and_the_rest_work(monkeypatch):
+    import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "broken", "exporter.commands.no_such_module:command")
+    listing = run("--help")
+    assert listing.exit_code == 0 and "broken" in listing.output and "unavailable" in listing.output
+    assert_one_line_error(run("broken"), "`moe-export broken` is unavailable", "ModuleNotFoundError")
+    assert run("models", "--json", "-").exit_code == 0
+
+
+def test_commands_are_listed_in_pipeline_order():
+    listing = run("--help").output
+    order = [listing.index(f"  {name} ") for name in ("models", "import", "export", "rewrite", "validate", "build")]
+    assert order == sorted(order)

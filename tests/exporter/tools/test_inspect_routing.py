@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from exporter.errors import UserError
-from exporter.formats.graph import read_header as read_onnx_header
+from exporter.formats.graph import read_header
 from exporter.models.capture import run_with_routing
 from exporter.models.vmoe import routing_settings, unlimited_capacity_factor, vmoe_layers
 from exporter.sources.loading import from_zoo, load
@@ -86,7 +86,7 @@ def test_onnx_routing_equals_pytorch_routing(exported, tmp_path):
     source, result = exported("vmoe-tiny", group_images=1, capacity_factor=0.5, batch_priority=True)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     _, expected = run_with_routing(load(source).module, images)
-    actual = onnx_routing(result.path, read_onnx_header(result.path), images.numpy())
+    actual = onnx_routing(result.path, read_header(result.path), images.numpy())
     assert set(actual) == set(expected) == {"blocks.1.mlp", "blocks.3.mlp"}
     for layer, r in expected.items():
         assert (r.slot < 0).any()  # capacity factor 0.5 drops some pairs: the comparison covers drops
