@@ -23,12 +23,19 @@ def _has_gpu_and_tensorrt() -> bool:
     return torch.cuda.is_available()
 
 
+SLOW_SKIP_REASON = "slow (minutes): run with -m slow"
+
+
 def pytest_collection_modifyitems(config, items):
     if any("gpu" in item.keywords for item in items) and not _has_gpu_and_tensorrt():
         skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if "slow" not in (config.getoption("markexpr") or ""):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=SLOW_SKIP_REASON))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=[provider])
     except _errors() as e:
-        raise UserError(f"ONNX Runtime cannot load {what}: {one_line(e, 200)}") from None
+        raise UserError(f"ONNX Runtime cannot load {what}: {_reason(e)}") from None
 
 
 def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[str, np.ndarray]:
@@ -45,10 +46,19 @@ def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[
     try:
         values = sess.run(names, feeds)
     except _errors() as e:
-        raise UserError(f"ONNX Runtime failed to run {what}: {one_line(e, 200)}") from None
+        raise UserError(f"ONNX Runtime failed to run {what}: {_reason(e)}") from None
     return dict(zip(names, values))
 
 
 def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One CPU run of a graph file."""
     return run(session(path), feeds, what=str(path))
+
+
+def _reason(e: BaseException) -> str:
+    """ONNX Runtime's message without its status prefix and C++ source location, where the reason
+    is (``Unsupported model IR version: 14, max supported IR version: 13``)."""
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip())
+    text = re.sub(r"^Load model from .*? failed:", "", text)  # the caller names the file
+    text = re.sub(r"/onnxruntime_src/\S+ \S+?\((?:[^()]|\([^()]*\))*\) ", "", text)
+    return one_line(RuntimeError(text), 300).removeprefix("RuntimeError: ")

@@ -86,7 +86,8 @@ def _scale_graph(path: Path, factor: int = 3) -> Path:
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4, 8])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 8])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("moe", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("moe", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)  # what ONNX Runtime 1.30 reads too
     onnx.save(model, path)
     return path
 

@@ -61,24 +61,23 @@ def _sweep(run) -> list[str]:
 
 
 def test_the_readme_sweep_command_runs(sample_run):
-    """The README's sweep on 64 images and two factors (the whole sweep takes minutes: -m slow)."""
+    """The README's sweep on 32 images at one factor (the whole sweep takes minutes: -m slow)."""
     run = sample_run("02_digits")
     command = _sweep(run)
-    run([*command, "--images", "64", "--factors", "0.5,2"])
+    for name in (run.option(command, "-o"), run.option(command, "--json")):
+        run.path(name).unlink()  # the copies of the shipped results: the command writes them again
+    run([*command, "--images", "32", "--factors", "0.5"])
     data = json.loads(run.path(run.option(command, "--json")).read_text())
-    assert [(p["capacity_factor"], p["batch_priority"]) for p in data["points"]] == [
-        (0.5, False),
-        (0.5, True),
-        (2.0, False),
-        (2.0, True),
-    ]
-    assert all(p["parity"]["passed"] for p in data["points"]) and data["images"] == 64
+    assert [(p["capacity_factor"], p["batch_priority"]) for p in data["points"]] == [(0.5, False), (0.5, True)]
+    assert all(p["parity"]["passed"] for p in data["points"]) and data["images"] == 32
+    assert run.path(run.option(command, "-o")).stat().st_size > 10_000  # the plot
 
 
 @pytest.mark.slow
 def test_the_readme_sweep_command_reproduces_the_shipped_results(sample_run):
     run = sample_run("02_digits")
     command = _sweep(run)
+    run.path(run.option(command, "--json")).unlink()
     run(command)
     made = json.loads(run.path(run.option(command, "--json")).read_text())
     shipped = json.loads((SAMPLE / "sweep_capacity.json").read_text())
