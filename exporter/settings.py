@@ -83,18 +83,6 @@ TOLERANCES = {
 FP32_TOLERANCES = TOLERANCES["fp32"]
 
 
-def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
-    """Images per run when none is given: whole routing groups for V-MoE (``batch_multiple`` > 1),
-    else a fixed number of images; ``purpose`` is ``"validate"`` (also the rewrite's probe),
-    ``"bench"`` or ``"bundle"`` (the sample inputs)."""
-    groups, images = {
-        "validate": (DEFAULT_VALIDATE_BATCH_GROUPS, DEFAULT_VALIDATE_BATCH_IMAGES),
-        "bench": (BENCH_BATCH_GROUPS, BENCH_BATCH_IMAGES),
-        "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
-    }[purpose]
-    return batch_multiple * groups if batch_multiple > 1 else images
-
-
 # --- Triton Inference Server (exporter/deploy/triton_repo.py) --------------------------------------------
 TRITON_MAX_QUEUE_DELAY_US = 100  # dynamic batcher: longest wait for more requests to fill a batch
 TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its halvings, this many (32 -> 16, 32)
@@ -115,3 +103,15 @@ BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IM
 PREPROCESSING = "RGB images, NCHW float32 in [-1, 1]: pixel / 127.5 - 1 (the reference takes the same values NHWC)"
 REFERENCE_K = 2  # num_selected_experts in every released config
 REFERENCE_CAPACITY_FACTOR = 1.05  # training (and in-domain eval) capacity of the paper configs
+
+
+def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
+    """Images per run when none is given: whole routing groups for V-MoE (``batch_multiple`` > 1),
+    else a fixed number of images; ``purpose`` is ``"validate"`` (also the rewrite's probe),
+    ``"bench"`` or ``"bundle"`` (the sample inputs)."""
+    groups, images = {
+        "validate": (DEFAULT_VALIDATE_BATCH_GROUPS, DEFAULT_VALIDATE_BATCH_IMAGES),
+        "bench": (BENCH_BATCH_GROUPS, BENCH_BATCH_IMAGES),
+        "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
+    }[purpose]
+    return batch_multiple * groups if batch_multiple > 1 else images

@@ -128,11 +128,13 @@ _MODEL_FIELDS = ("model", "module", "input_shape", "checkpoint", "seed")
 _ROUTING_FIELDS = ("k", "capacity_factor", "batch_priority", "group_images", "bf16_dispatch")
 
 
-def _grouped(f, options, fields, name):
+def _grouped(f, options, fields, name, build):
+    """Adds ``options`` to a command and hands it their values as one argument, ``name=build(values)``."""
+
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         values = {k: kwargs.pop(k) for k in fields}
-        return f(*args, **{name: values}, **kwargs)
+        return f(*args, **{name: build(values)}, **kwargs)
 
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -142,22 +144,19 @@ def _grouped(f, options, fields, name):
 def model_options(f):
     """The model options (``--model``, ``--module``, ``--input-shape``, ``--checkpoint``, ``--seed``)
     and the V-MoE routing overrides, passed to the command as one ``choice: ModelChoice``."""
-
-    @functools.wraps(f)
-    def wrapper(*args, choice_fields, **kwargs):
-        return f(*args, choice=ModelChoice(**choice_fields), **kwargs)
-
-    return _grouped(wrapper, MODEL_OPTIONS + ROUTING_OPTIONS, _MODEL_FIELDS + _ROUTING_FIELDS, "choice_fields")
+    fields = _MODEL_FIELDS + _ROUTING_FIELDS
+    return _grouped(f, MODEL_OPTIONS + ROUTING_OPTIONS, fields, "choice", lambda values: ModelChoice(**values))
 
 
 def routing_options(f):
     """The V-MoE routing overrides alone, passed as ``overrides: dict`` (the given ones)."""
-
-    @functools.wraps(f)
-    def wrapper(*args, routing_fields, **kwargs):
-        return f(*args, overrides={k: v for k, v in routing_fields.items() if v is not None}, **kwargs)
-
-    return _grouped(wrapper, ROUTING_OPTIONS, _ROUTING_FIELDS, "routing_fields")
+    return _grouped(
+        f,
+        ROUTING_OPTIONS,
+        _ROUTING_FIELDS,
+        "overrides",
+        lambda values: {k: v for k, v in values.items() if v is not None},
+    )
 
 
 def floats(text: str, option: str) -> list[float]:

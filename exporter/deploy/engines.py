@@ -243,7 +243,8 @@ def build_engine_for(
         if output_dir and Path(output_dir).resolve() != bundle.resolve():
             if Path(output_dir).exists():
                 raise UserError(f"{output_dir} exists; -o must be a new folder for a copy of {bundle}")
-            check_files(bundle, read_manifest(bundle)["files"])  # copy only an intact bundle
+            manifest = read_manifest(bundle)
+            check_files(bundle, manifest["files"], manifest)  # copy only an intact bundle
             shutil.copytree(bundle, output_dir)
             bundle = Path(output_dir)
     elif source_path and Path(source_path).suffix == ".onnx":
