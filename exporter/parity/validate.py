@@ -57,7 +57,7 @@ def validate(
         if engine_graph:
             raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
         header = read_header(target)
-        source = resolve(choice, None if (choice.model or choice.module) else recorded_source(target, header))
+        source = _source(choice, target, header)
         tolerances = _tolerances("fp32", rtol, routing_agreement)
         return validate_onnx(
             target,
@@ -70,10 +70,10 @@ def validate(
             header=header,
         )
     engine, graph, sample, precision = resolve_engine(target, engine_graph)
-    header = read_header(graph)
-    source = resolve(choice, None if (choice.model or choice.module) else recorded_source(graph, header))
     use_sample = sample is not None and batch is None and inputs_npz is None
+    # A bundle's own samples and stored PyTorch outputs need no model (nor its checkpoint) on the target
     reference = stored_reference(sample.parent) if use_sample and not choice.given else None
+    source = None if reference is not None else _source(choice, graph, read_header(graph))
     return validate_engine(
         engine,
         graph,
@@ -85,6 +85,11 @@ def validate(
         step=step,
         reference=reference,
     )
+
+
+def _source(choice: ModelChoice, graph: Path, header: onnx.ModelProto) -> ModelSource:
+    """The model a choice names, starting from the one the graph records unless it names another."""
+    return resolve(choice, None if (choice.model or choice.module) else recorded_source(graph, header))
 
 
 def _tolerances(precision: str, rtol: float | None, routing_agreement: float | None) -> settings.Tolerances:
