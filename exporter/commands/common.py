@@ -7,6 +7,7 @@ runs inside its body, so ``--help`` stays instant.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 import click
 
 from exporter.errors import UserError
-from exporter.sources.choice import ModelChoice
+from exporter.sources.choice import ROUTING_FIELDS, ModelChoice
 
 
 def escape(text: str) -> str:
@@ -124,8 +125,7 @@ ROUTING_OPTIONS = [
         help="Round expert inputs and outputs to bfloat16 as the reference does (bit-matches vmoe's eval).",
     ),
 ]
-_MODEL_FIELDS = ("model", "module", "input_shape", "checkpoint", "seed")
-_ROUTING_FIELDS = ("k", "capacity_factor", "batch_priority", "group_images", "bf16_dispatch")
+_CHOICE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelChoice))  # the model options, then the routing ones
 
 
 def _grouped(f, options, fields, name, build):
@@ -144,8 +144,7 @@ def _grouped(f, options, fields, name, build):
 def model_options(f):
     """The model options (``--model``, ``--module``, ``--input-shape``, ``--checkpoint``, ``--seed``)
     and the V-MoE routing overrides, passed to the command as one ``choice: ModelChoice``."""
-    fields = _MODEL_FIELDS + _ROUTING_FIELDS
-    return _grouped(f, MODEL_OPTIONS + ROUTING_OPTIONS, fields, "choice", lambda values: ModelChoice(**values))
+    return _grouped(f, MODEL_OPTIONS + ROUTING_OPTIONS, _CHOICE_FIELDS, "choice", lambda values: ModelChoice(**values))
 
 
 def routing_options(f):
@@ -153,7 +152,7 @@ def routing_options(f):
     return _grouped(
         f,
         ROUTING_OPTIONS,
-        _ROUTING_FIELDS,
+        ROUTING_FIELDS,
         "overrides",
         lambda values: {k: v for k, v in values.items() if v is not None},
     )

@@ -65,8 +65,8 @@ from exporter.rewrite.rewrite import rewrite_onnx
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import ModelSource, load
 from exporter.versions import versions
-from plugins import registry
 from plugins.aot import PER_ARCH, ptx_version_for
+from plugins.spec import NAMESPACE
 
 
 @dataclass
@@ -291,7 +291,7 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
         "polygraphy_atol": polygraphy_tolerances(expected, settings.FP32_TOLERANCES.rtol),
         "parity_cpu": {name: r.summary() for name, r in parity.items()},
         "plugins": {
-            "namespace": sorted(registry.namespaces())[0],
+            "namespace": NAMESPACE,
             "nodes": rewritten.counts,
             "package": "plugins/",
             "ptx_dir": f"{PTX_DIR}/",
