@@ -9,13 +9,23 @@ Polygraphy's tool registry does).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
 import click
 
-from exporter.errors import CheckFailed, UserError
-
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+from exporter.errors import (
+    DEBUG_ENV,
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    CheckFailed,
+    UserError,
+    environment_failure,
+    one_line,
+    wrapped_user_error,
+)
 
 #: Command name -> "module:attribute" of its click command, in the order ``--help`` lists them.
 COMMANDS = {
@@ -58,22 +68,42 @@ class _Cli(click.Group):
             return _unavailable(name, e)
 
     def invoke(self, ctx):
+        debug = ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
+        except click.UsageError as e:  # one line, as every other input error, with where to look
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
             ctx.exit(EXIT_USAGE)
-        except CheckFailed as e:
-            click.echo(f"FAILED: {e}", err=True)
-            ctx.exit(EXIT_CHECK_FAILED)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            if (user_error := wrapped_user_error(e)) is not None:
+                click.echo(f"error: {user_error}", err=True)
+                ctx.exit(EXIT_USAGE)
+            if isinstance(e, CheckFailed):
+                click.echo(f"FAILED: {e}", err=True)
+                ctx.exit(EXIT_CHECK_FAILED)
+            if (reason := environment_failure(e)) is not None:
+                click.echo(f"error: {reason}", err=True)
+                ctx.exit(EXIT_USAGE)
+            click.echo(
+                f"internal error (a bug in moe-export; please report it): {one_line(e)}"
+                + ("" if debug else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"),
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="moe-export")
-def main():
+@click.option("--debug", is_flag=True, help=f"Print the traceback of a failure (also {DEBUG_ENV}=1).")
+def main(debug):
     """Export Vision Mixture-of-Experts models (V-MoE, Soft-MoE) to portable ONNX and check parity,
     routing decisions included.
 

@@ -1,24 +1,136 @@
-"""Atomic outputs: write next to the destination, then rename. An interrupted run leaves the old file
-(or nothing), never a truncated one."""
+"""Outputs: checked before the work starts, written next to the destination, then renamed.
+
+An interrupted run leaves the old file (or nothing), never a truncated one, and the next run into the
+same destination removes the temporaries a killed run left behind (their names carry the writer's
+process id). Before any long step, ``check_output`` refuses what must not be replaced (a directory, a
+device or other special file) and a folder that cannot be written; ``check_space`` refuses a disk
+without room for the expected output.
+
+Symbolic links are followed: ``-o link`` writes the file the link points to and keeps the link (as
+``cp`` and a shell's ``>`` do); the temporary goes beside the target, so the rename stays atomic.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from exporter.errors import UserError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")  # .NAME.PID.RANDOM.tmp
+_OLD = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")  # .NAME.old-PID (publish_dir)
+
+
+def resolve_output(dest: str | os.PathLike) -> Path:
+    """Where writing ``dest`` writes: the path itself, or the target of a symbolic link."""
+    dest = Path(dest)
+    return Path(os.path.realpath(dest)) if dest.is_symlink() else dest
+
+
+def check_output(dest: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Checks that ``dest`` (a file, or with ``folder`` a folder) can be written, before any long
+    step; returns the path the writes go to (see ``resolve_output``). Raises UserError with one line."""
+    path = resolve_output(dest)
+    what = "folder" if folder else "file"
+    if path.exists():
+        mode = path.stat().st_mode
+        if folder and not stat.S_ISDIR(mode):
+            raise UserError(f"{dest} exists and is not a folder")
+        if not folder and stat.S_ISDIR(mode):
+            raise UserError(f"{dest} is a folder; give a file name")
+        if not folder and not stat.S_ISREG(mode):
+            raise UserError(f"{dest} is a special file (a device, pipe or socket); refusing to replace it")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write the {what} {dest}: {parent} is not a folder")
+    try:  # a real write tells read-only mounts, permissions and ACLs apart better than os.access
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write the {what} {dest}: {os.strerror(e.errno).lower()} in {parent}") from None
+    return path
+
+
+def check_space(dest: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuses to start when the disk ``dest`` goes on has less than ``needed`` bytes free."""
+    parent = resolve_output(dest).parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UserError(f"{what} needs about {_size(needed)} on {parent}, which has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def remove_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
+    """Removes the temporaries of earlier runs into ``dest`` whose process is gone (a killed run);
+    those of a run still going are left alone. Returns what was removed."""
+    dest = Path(dest)
+    removed = []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name) or _OLD.match(entry.name)
+        if not match or match["name"] != dest.name or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as e:  # EPERM: someone else's process, alive
+        return e.errno == errno.EPERM
+    return True
+
+
+@contextmanager
+def temp_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` (named after it and this process), removed afterwards;
+    stale ones of killed runs into ``dest`` are removed first."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 @contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path in ``dest``'s folder; renames it onto ``dest`` if the block succeeds."""
-    dest = Path(dest)
+    dest = check_output(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -40,15 +152,13 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary folder beside ``dest``. Files written there named after ``dest`` are moved
     next to it on success, ``dest`` itself last, so it appears only once its companions (e.g. ONNX
     external data) are complete."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    dest = check_output(dest)
+    with temp_dir(dest) as tmp:
         yield tmp
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == dest.name):
-            os.replace(f, dest.parent / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)
+        targets = [check_output(dest.parent / f.name) for f in files]
+        for f, target in zip(files, targets, strict=True):
+            os.replace(f, target)
 
 
 def write_json(dest: str | os.PathLike, data) -> None:
@@ -68,7 +178,8 @@ def sha256(*paths: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def publish_dir(tmp: Path, dest: Path) -> None:
     """Moves a finished folder assembled beside ``dest`` onto it, with the umask's permissions (mkdtemp
-    makes 0700); an old folder there is set aside first, then removed."""
+    makes 0700); an old folder there is set aside first, then removed. A link to a folder is followed."""
+    dest = check_output(dest, folder=True)
     os.chmod(tmp, 0o777 & ~current_umask())
     old = None
     if dest.exists():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 # INormalizationLayer.
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
+MAX_OPSET = 23  # the newest opset torch.onnx and onnx.checker both take (onnx 1.18+)
 EXPORT_EXAMPLE_GROUPS = 2  # routing groups (or images) in the tracing example: 1 would let torch.export fix the batch
 EXPORT_EXAMPLE_SEED = 0  # seed of the tracing example's random images
 
@@ -26,6 +27,11 @@ DEFAULT_CAPACITY_CEIL_OR_ROUND = "ceil"
 DEFAULT_CAPACITY_MULTIPLE_OF = 4
 LAYERNORM_EPS = 1e-6  # flax.linen.LayerNorm default (PyTorch's default is 1e-5)
 SOFT_MOE_NORM_EPS = 1e-6  # inside the rsqrt of the reference's l2 normalisation
+
+# --- Input and size limits: refused up front, naming the tensor that would be too large -------------
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, H*W of --input-shape and of an --image file
+MAX_INPUT_BYTES = 4 * 2**30  # one batch of FP32 input images (export example, validate, bench, samples)
+MAX_EXPERT_BUFFER_BYTES = 4 * 2**30  # V-MoE: FP32 expert activations [E, capacity, mlp_dim] of one routing group
 
 # --- Parity -------------------------------------------------------------------------------------
 DEFAULT_SEED = 0

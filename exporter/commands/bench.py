@@ -5,21 +5,33 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import console, emit, escape, json_option, model_options, print_notes, step
+from exporter.commands.common import (
+    COUNT,
+    NON_NEGATIVE,
+    console,
+    emit,
+    escape,
+    json_option,
+    model_options,
+    print_notes,
+    step,
+)
 
 
 @click.command()
 @model_options
-@click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group, or 8.")
-@click.option("--warmup", type=int, default=settings.BENCH_WARMUP, show_default=True, help="Untimed runs first.")
-@click.option("--runs", type=int, default=settings.BENCH_RUNS, show_default=True, help="Timed runs per backend.")
+@click.option("--batch", type=COUNT, help="Images per run (a multiple of the routing group). Default: one group, or 8.")
+@click.option(
+    "--warmup", type=NON_NEGATIVE, default=settings.BENCH_WARMUP, show_default=True, help="Untimed runs first."
+)
+@click.option("--runs", type=COUNT, default=settings.BENCH_RUNS, show_default=True, help="Timed runs per backend.")
 @click.option(
     "--backends",
     default="all",
     show_default=True,
     help="Comma-separated: torch-eager, torch-compile, onnxruntime-cpu, onnxruntime-cuda, tensorrt, tensorrt-plugins.",
 )
-@click.option("--threads", type=int, help="PyTorch and ONNX Runtime intra-op threads. Default: every CPU core.")
+@click.option("--threads", type=COUNT, help="PyTorch and ONNX Runtime intra-op threads. Default: every CPU core.")
 @json_option("the rows")
 def bench(choice, batch, warmup, runs, backends, threads, json_out):
     """Latency and throughput of one model on every backend this machine has: PyTorch eager,

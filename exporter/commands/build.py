@@ -6,9 +6,12 @@ import click
 
 from exporter import settings
 from exporter.commands.common import (
+    COUNT,
+    SEED,
     console,
     emit,
     escape,
+    folder_option,
     json_option,
     mark,
     model_options,
@@ -36,10 +39,10 @@ def build_group():
 
 @build_group.command("bundle")
 @model_options
-@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="The bundle folder.")
+@folder_option("-o", "--output-dir", required=True, help="The bundle folder.")
 @click.option("--target", "targets", metavar="SM_XX,...", help=TARGETS_HELP)
-@click.option("--batch", type=int, help="Sample images (a multiple of the routing group). Default: one group.")
-@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
+@click.option("--batch", type=COUNT, help="Sample images (a multiple of the routing group). Default: one group.")
+@click.option("--input-seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
 @json_option("the bundle report")
 def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
     """Model -> portable ONNX -> plugin ONNX -> CPU parity -> a deploy folder for an edge GPU.
@@ -85,28 +88,26 @@ def print_bundle(result) -> None:
 @build_group.command("engine")
 @click.argument("source_path", required=False, type=click.Path(exists=True))
 @model_options
-@click.option(
+@folder_option(
     "-o",
     "--output-dir",
-    type=click.Path(file_okay=False),
     help="The bundle folder (written first for --model/--module; default: SOURCE when it is a bundle).",
 )
 @click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32, TF32 off (default; exact parity).")
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 with the router and routing math in FP32.")
 @click.option("--bf16", "precision", flag_value="bf16", help="BF16 with the router and routing math in FP32.")
-@click.option("--min-batch", type=int, help="Smallest batch of the optimization profile (default: one group).")
-@click.option("--opt-batch", type=int, help="Batch TensorRT optimizes for (default: the max batch).")
-@click.option("--max-batch", type=int, help="Largest batch of the optimization profile (default: the opt batch).")
-@click.option("--workspace", "workspace_mib", type=int, metavar="MIB", help="Workspace memory pool limit in MiB.")
+@click.option("--min-batch", type=COUNT, help="Smallest batch of the optimization profile (default: one group).")
+@click.option("--opt-batch", type=COUNT, help="Batch TensorRT optimizes for (default: the max batch).")
+@click.option("--max-batch", type=COUNT, help="Largest batch of the optimization profile (default: the opt batch).")
+@click.option("--workspace", "workspace_mib", type=COUNT, metavar="MIB", help="Workspace memory pool limit in MiB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, read and updated.")
 @click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")
 @click.option("--portable", is_flag=True, help="Build from the portable graph (no plugins).")
 @click.option(
     "--target", "targets", metavar="SM_XX,...", help="PTX targets of the bundle written first. " + TARGETS_HELP
 )
-@click.option(
+@folder_option(
     "--triton-repo",
-    type=click.Path(file_okay=False),
     help="Also write a Triton Inference Server model-repository entry (model.plan + config.pbtxt).",
 )
 @json_option("the build and parity report")

@@ -69,8 +69,76 @@ def progress_lines():
     return lambda text: err.print(f"[dim]  {escape(text)}[/dim]")
 
 
+# --- option types: every number is checked when the options are parsed -----------------------------
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take any seed up to this
+
+
+class Number(click.ParamType):
+    """A finite float within bounds (``nan`` and ``inf`` are refused); ``above`` excludes its bound."""
+
+    name = "number"
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None, *, above: bool = False):
+        self.minimum, self.maximum, self.above = minimum, maximum, above
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low_ok = self.minimum is None or (number > self.minimum if self.above else number >= self.minimum)
+        if not low_ok or (self.maximum is not None and number > self.maximum):
+            self.fail(f"{value!r} is not in {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        low = "" if self.minimum is None else f"{self.minimum:g} {'<' if self.above else '<='} "
+        high = "" if self.maximum is None else f" <= {self.maximum:g}"
+        return f"the range {low}x{high}"
+
+
+POSITIVE = Number(0, above=True)
+SHARE = Number(0, 1)  # a fraction, 0..1
+COUNT = click.IntRange(min=1)  # images, runs, batches
+NON_NEGATIVE = click.IntRange(min=0)  # warmup runs, sample index
+SEED = click.IntRange(0, MAX_SEED)
+
+
+def _writable(ctx, param, value):
+    """An output option checked when the options are parsed, before any work (``fileio.check_output``)."""
+    if value is not None and value != "-":
+        from exporter.fileio import check_output
+
+        check_output(value, folder=param.type.file_okay is False)
+    return value
+
+
 def json_option(what: str):
-    return click.option("--json", "json_out", metavar="PATH", help=f"Write {what} as JSON ('-' for stdout).")
+    return click.option(
+        "--json",
+        "json_out",
+        metavar="PATH",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        callback=_writable,
+        help=f"Write {what} as JSON ('-' for stdout).",
+    )
+
+
+def output_option(*names: str, **kwargs):
+    """A file output (``-o``), checked before any work: not a folder or special file, in a folder that
+    can be written (a link is followed)."""
+    return click.option(*names, type=click.Path(dir_okay=False), callback=_writable, **kwargs)
+
+
+def folder_option(*names: str, **kwargs):
+    """A folder output (a bundle, a model folder), checked before any work as ``output_option`` is."""
+    return click.option(*names, type=click.Path(file_okay=False), callback=_writable, **kwargs)
 
 
 def write_json_out(dest: str, data) -> None:
@@ -105,20 +173,27 @@ MODEL_OPTIONS = [
         metavar="FILE.py:FACTORY",
         help="A user model: FILE.py:factory or package.module:factory, a callable returning an nn.Module.",
     ),
-    click.option("--input-shape", metavar="N,C,H,W", help="Input images of a user module (e.g. 8,3,224,224)."),
+    click.option(
+        "--input-shape",
+        metavar="N,C,H,W",
+        help="Input images, N,C,H,W or C,H,W (a user module needs it). N: the images export traces with, and validate "
+        "and bench run unless --batch.",
+    ),
     click.option(
         "--checkpoint",
         type=click.Path(),
         help="Weights: .safetensors, a PyTorch state dict, or a vmoe checkpoint (PREFIX or PREFIX.index; "
         "alone, without --model, it describes the model too).",
     ),
-    click.option("--seed", type=int, default=None, help="Seed of the random weights when there is no checkpoint."),
+    click.option("--seed", type=SEED, default=None, help="Seed of the random weights when there is no checkpoint."),
 ]
 ROUTING_OPTIONS = [
-    click.option("--k", "k", type=int, help="V-MoE: experts per token (1 or 2 in the papers)."),
-    click.option("--capacity-factor", type=float, help="V-MoE: capacity factor C (e.g. 1.05; below 1 drops tokens)."),
+    click.option("--k", "k", type=COUNT, help="V-MoE: experts per token (1 or 2 in the papers)."),
+    click.option(
+        "--capacity-factor", type=POSITIVE, help="V-MoE: capacity factor C (e.g. 1.05; below 1 drops tokens)."
+    ),
     click.option("--batch-priority/--no-batch-priority", default=None, help="V-MoE: Batch Prioritized Routing."),
-    click.option("--group-images", type=int, help="V-MoE: images per routing group (8 in the papers, 1 for edge)."),
+    click.option("--group-images", type=COUNT, help="V-MoE: images per routing group (8 in the papers, 1 for edge)."),
     click.option(
         "--bf16-dispatch/--no-bf16-dispatch",
         default=None,
@@ -147,6 +222,19 @@ def model_options(f):
     return _grouped(f, MODEL_OPTIONS + ROUTING_OPTIONS, _CHOICE_FIELDS, "choice", lambda values: ModelChoice(**values))
 
 
+def model_options_without(*fields: str):
+    """``model_options`` less the options of ``fields`` (those a command sets itself, e.g. the
+    sweep's capacity factor), so that ``--help`` lists only what the command takes."""
+    assert set(fields) <= set(_CHOICE_FIELDS), fields
+    options = dict(zip(_CHOICE_FIELDS, MODEL_OPTIONS + ROUTING_OPTIONS, strict=True))
+    kept = [name for name in _CHOICE_FIELDS if name not in fields]
+
+    def decorate(f):
+        return _grouped(f, [options[n] for n in kept], kept, "choice", lambda values: ModelChoice(**values))
+
+    return decorate
+
+
 def routing_options(f):
     """The V-MoE routing overrides alone, passed as ``overrides: dict`` (the given ones)."""
     return _grouped(
@@ -166,6 +254,19 @@ def floats(text: str, option: str) -> list[float]:
         raise UserError(f"{option} {text!r} is not a comma-separated list of numbers like 0.5,1,2") from None
     if not values:
         raise UserError(f"{option} needs at least one value")
+    if bad := [v for v in values if not (math.isfinite(v) and v > 0)]:
+        raise UserError(f"{option} takes finite numbers above 0, not {bad[0]:g}")
+    return values
+
+
+def indices(text: str, option: str) -> list[int]:
+    """``"0,5,9"`` -> ``[0, 5, 9]``: non-negative integers; one clear error otherwise."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of integers like 0,5,9") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{option} takes one or more integers >= 0, e.g. 0,5,9")
     return values
 
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import console, escape, print_export, print_report, print_rewrite, step
+from exporter.commands.common import console, escape, folder_option, print_export, print_report, print_rewrite, step
 from exporter.errors import CheckFailed
 
 
 @click.command()
-@click.option(
+@folder_option(
     "-o",
     "--output-dir",
     default=settings.DEMO_OUTPUT_DIR,
     show_default=True,
-    type=click.Path(file_okay=False),
     help="Where to write the graphs and reports.",
 )
 def demo(output_dir):

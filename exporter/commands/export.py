@@ -5,13 +5,19 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import emit, json_option, model_options, print_export, step
+from exporter.commands.common import emit, json_option, model_options, output_option, print_export, step
 
 
 @click.command()
 @model_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--opset", type=int, default=settings.DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 18).")
+@output_option("-o", "--output", required=True, help="The .onnx file to write.")
+@click.option(
+    "--opset",
+    type=click.IntRange(settings.MIN_OPSET, settings.MAX_OPSET),
+    default=settings.DEFAULT_OPSET,
+    show_default=True,
+    help=f"ONNX opset ({settings.MIN_OPSET}-{settings.MAX_OPSET}).",
+)
 @click.option("--routing-outputs", is_flag=True, help="Expose each V-MoE layer's routing as graph outputs.")
 @json_option("an export report")
 def export(choice, output, opset, routing_outputs, json_out):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from exporter.commands.common import console, emit, escape, json_option, progress_lines, routing_options, step
+from exporter.commands.common import (
+    console,
+    emit,
+    escape,
+    folder_option,
+    json_option,
+    progress_lines,
+    routing_options,
+    step,
+)
 
 
 @click.group("import")
@@ -14,7 +23,7 @@ def import_group():
 
 @import_group.command("vmoe")
 @click.argument("prefix", type=click.Path())
-@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="The model folder to write.")
+@folder_option("-o", "--output-dir", required=True, help="The model folder to write.")
 @click.option("--name", help="Model name in config.json (default: the matching released config, else vmoe-checkpoint).")
 @routing_options
 @json_option("the import report")

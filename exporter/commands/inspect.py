@@ -6,11 +6,14 @@ import click
 
 from exporter import settings
 from exporter.commands.common import (
+    NON_NEGATIVE,
     console,
     escape,
     floats,
+    indices,
     json_option,
     model_options,
+    output_option,
     print_notes,
     step,
     write_json_out,
@@ -25,17 +28,16 @@ def inspect_group():
 @inspect_group.command("routing")
 @model_options
 @click.option("--image", type=click.Path(dir_okay=False), help="A PNG or JPEG, resized to the model's input.")
-@click.option("--sample", type=int, help="An image of the digits test split instead (default: sample 0).")
+@click.option("--sample", type=NON_NEGATIVE, help="An image of the digits test split instead (default: sample 0).")
 @click.option(
     "--capacity-factors",
     "factors",
-    default=",".join(f"{c:g}" for c in settings.INSPECT_CAPACITY_FACTORS),
-    show_default=True,
-    help="V-MoE: one column per factor, each vanilla and BPR; the image is routed in a group of its own.",
+    help="V-MoE: one column per factor, each vanilla and BPR; the image is routed in a group of its own. "
+    f"Default: {','.join(f'{c:g}' for c in settings.INSPECT_CAPACITY_FACTORS)} (or the one --capacity-factor).",
 )
 @click.option("--onnx", "graph", type=click.Path(dir_okay=False), help="V-MoE: picture this graph's routing outputs.")
 @click.option("--slots", help="Soft-MoE: slots to picture, e.g. 0,5,9 (default: the most concentrated).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@output_option("-o", "--output", required=True, help="The PNG to write.")
 @json_option("the per-panel numbers")
 def inspect_routing(choice, image, sample, factors, graph, slots, output, json_out):
     """Draw where each patch of one image is routed, per MoE layer.
@@ -57,9 +59,9 @@ def inspect_routing(choice, image, sample, factors, graph, slots, output, json_o
         output,
         image=image,
         sample=sample,
-        capacity_factors=floats(factors, "--capacity-factors"),
+        capacity_factors=floats(factors, "--capacity-factors") if factors else None,
         graph=graph,
-        slots=[int(s) for s in floats(slots, "--slots")] if slots else None,
+        slots=indices(slots, "--slots") if slots else None,
         step=step,
     )
     if json_out != "-":

@@ -5,15 +5,15 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import emit, json_option, print_rewrite, step
+from exporter.commands.common import SEED, emit, json_option, output_option, print_rewrite, step
 from exporter.errors import UserError
 
 
 @click.command()
 @click.argument("graph", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="The plugin .onnx file to write.")
+@output_option("-o", "--output", help="The plugin .onnx file to write.")
 @click.option("--plan-only", is_flag=True, help="Find and check the MoE layers, print the plan, write nothing.")
-@click.option("--seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the probe images.")
+@click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the probe images.")
 @json_option("the rewrite report")
 def rewrite(graph, output, plan_only, seed, json_out):
     """Replace each MoE layer's routing, dispatch and combine with moe:: TensorRT plugin nodes.

@@ -6,12 +6,14 @@ import click
 
 from exporter import settings
 from exporter.commands.common import (
+    COUNT,
     console,
     escape,
     floats,
     json_option,
     mark,
-    model_options,
+    model_options_without,
+    output_option,
     print_notes,
     step,
     write_json_out,
@@ -25,7 +27,7 @@ def sweep_group():
 
 
 @sweep_group.command("capacity")
-@model_options
+@model_options_without("capacity_factor", "batch_priority")
 @click.option(
     "--factors",
     default=",".join(f"{c:g}" for c in settings.SWEEP_CAPACITY_FACTORS),
@@ -33,8 +35,8 @@ def sweep_group():
     help="Capacity factors, each run vanilla and with Batch Prioritized Routing.",
 )
 @click.option("--parity/--no-parity", default=True, show_default=True, help="Export and check the graph at each point.")
-@click.option("--images", type=int, help="Digits test images to route (default: all 448), in whole routing groups.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="A PNG plot of the sweep.")
+@click.option("--images", type=COUNT, help="Digits test images to route (default: all 448), in whole routing groups.")
+@output_option("-o", "--output", help="A PNG plot of the sweep.")
 @json_option("the sweep")
 def sweep_capacity(choice, factors, parity, images, output, json_out):
     """V-MoE: dropped share, output deviation from unlimited capacity, digits test accuracy and exported

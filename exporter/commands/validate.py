@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import emit, json_option, model_options, print_report, step
+from exporter.commands.common import COUNT, SEED, SHARE, Number, emit, json_option, model_options, print_report, step
 from exporter.errors import CheckFailed
 
 _FP32 = settings.TOLERANCES["fp32"]
@@ -15,17 +15,24 @@ _FP32 = settings.TOLERANCES["fp32"]
 @click.argument("graph", type=click.Path())
 @model_options
 @click.option("--onnx", "engine_graph", type=click.Path(dir_okay=False), help="Engine files: the graph it came from.")
-@click.option("--batch", type=int, help="Images per run (a multiple of the routing group). Default: one group.")
-@click.option("--inputs", "inputs_npz", type=click.Path(dir_okay=False), help="A .npz with the input images.")
-@click.option("--input-seed", type=int, default=settings.DEFAULT_SEED, show_default=True, help="Seed of random inputs.")
+@click.option("--batch", type=COUNT, help="Images per run (a multiple of the routing group). Default: one group.")
+@click.option(
+    "--inputs",
+    "inputs_npz",
+    type=click.Path(dir_okay=False),
+    help="The input images: a .npz, or Polygraphy JSON (--save-inputs; a bundle's inputs.json).",
+)
+@click.option(
+    "--input-seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True, help="Seed of random inputs."
+)
 @click.option(
     "--rtol",
-    type=float,
+    type=Number(0),
     help=f"Max |actual-expected| / max|expected| per output. Default: the precision's ({_FP32.rtol:g} for FP32).",
 )
 @click.option(
     "--min-routing-agreement",
-    type=float,
+    type=SHARE,
     help="Smallest share of (token, choice) pairs with identical routing decisions, per layer. "
     f"Default: the precision's ({_FP32.routing_agreement:g} for FP32).",
 )

@@ -23,8 +23,6 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -40,8 +38,8 @@ from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.deploy import ptx
 from exporter.deploy.readme import render_readme
 from exporter.errors import CheckFailed, UserError
-from exporter.export.export import export_onnx
-from exporter.fileio import publish_dir
+from exporter.export.export import export_onnx, graph_bytes
+from exporter.fileio import check_output, check_space, publish_dir, temp_dir
 from exporter.formats.bundle import (
     FORMAT,
     INPUTS_BIN,
@@ -127,7 +125,7 @@ def build_bundle(
     """
     start = time.perf_counter()
     source = as_source(source)
-    dest = Path(dest)
+    dest = check_output(dest, folder=True)
     arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
     ptx_version = PER_ARCH if ptx_version is None else ptx_version
     try:
@@ -140,9 +138,9 @@ def build_bundle(
     ptx.check_triton()
     with step(f"Building {source.name}"):
         loaded = load(source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    # the portable and the plugin graph (each with the weights), samples, PTX and the plugin package
+    check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
+    with temp_dir(dest) as tmp:
         export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, step=step)
         rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
         headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
@@ -180,8 +178,6 @@ def build_bundle(
         manifest["files"] = hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     notes = [f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"] if rewritten.declined else []
     return BundleResult(
         path=dest,

@@ -22,12 +22,13 @@ import torch
 from exporter import settings
 from exporter.errors import UserError, one_line
 from exporter.export.portable import check_portable
-from exporter.fileio import atomic_dir
+from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import (
     INPUT_NAME,
     PREPROCESSING_KEY,
     ROUTING_LAYERS_KEY,
     ROUTING_PREFIX,
+    SCOPE_KEY,
     SOURCE_KEY,
     VMOE_LAYERS_KEY,
     op_histogram,
@@ -37,6 +38,7 @@ from exporter.models.capture import capture_routing, flatten_outputs, run_with_r
 from exporter.models.vmoe import vmoe_layers
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
+from exporter.versions import package_version
 
 
 @dataclass
@@ -128,8 +130,9 @@ def export_onnx(
     """
     if opset < settings.MIN_OPSET:
         raise UserError(f"opset must be at least {settings.MIN_OPSET}, got {opset}")
-    dest = Path(dest)
+    dest = check_output(dest)
     model, multiple = loaded.module, loaded.batch_multiple
+    check_space(dest, graph_bytes(model), f"the export of {loaded.source.name}")
     batch = example_batch or settings.EXPORT_EXAMPLE_GROUPS * multiple
     check_batch(batch, loaded)
     generator = torch.Generator().manual_seed(settings.EXPORT_EXAMPLE_SEED)
@@ -155,11 +158,12 @@ def export_onnx(
             if value.name.startswith(ROUTING_PREFIX) and value.shape is not None:
                 value.shape = ir.Shape(["groups", *value.shape[1:]])
     _name_folded_weights(program.model.graph)
+    _strip_build_machine_metadata(program.model)
     program.model.metadata_props[SOURCE_KEY] = loaded.source.to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
     program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING
-    program.model.producer_name = "moe-export"
+    program.model.producer_name, program.model.producer_version = "moe-export", package_version("moe-export") or ""
 
     with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
         path = tmp / dest.name
@@ -194,10 +198,21 @@ def export_model(
 ) -> ExportResult:
     """Builds a model (a zoo name, a model folder, a user module, a checkpoint) and exports it:
     what ``moe-export export`` does. See ``export_onnx`` for the arguments."""
+    check_output(dest)
     source = as_source(model)
+    example_batch = model.batch if isinstance(model, ModelChoice) else None
     with step(f"Building {source.name}"):
         loaded = load(source)
-    return export_onnx(loaded, dest, opset=opset, routing_outputs=routing_outputs, step=step)
+    return export_onnx(
+        loaded, dest, opset=opset, routing_outputs=routing_outputs, example_batch=example_batch, step=step
+    )
+
+
+def graph_bytes(model: torch.nn.Module) -> int:
+    """About the size of the .onnx a model exports to: its weights and buffers, plus 5% and 1 MiB
+    for the graph itself."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(sum(t.numel() * t.element_size() for t in tensors) * 1.05) + (1 << 20)
 
 
 def vmoe_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
@@ -262,6 +277,24 @@ def _torch_export(model, images, multiple, opset, names, routing_outputs, user_c
             if not user_code:
                 raise
             raise UserError(f"export failed: {one_line(e)}") from None
+
+
+def _strip_build_machine_metadata(model: ir.Model) -> None:
+    """Keeps, of what torch.onnx writes on nodes and values, only the scope names the rewrite reads
+    (``namespace``): its stack traces hold the build machine's absolute source paths, and the FX node
+    and class listings depend on the checkout. The graph is then the same from any checkout."""
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for key in [k for k in node.metadata_props if k != SCOPE_KEY]:
+                del node.metadata_props[key]
+            for value in node.outputs:
+                value.metadata_props.clear()
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            value.metadata_props.clear()
+        graph.metadata_props.clear()
+        graph.doc_string = None
+    model.doc_string = None
 
 
 def _name_folded_weights(graph) -> None:

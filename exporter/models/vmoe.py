@@ -127,11 +127,24 @@ class VMoEMlp(nn.Module):
         self.experts.init_(generator)
 
     def capacity(self, group_size: int) -> int:
-        if self.fixed_capacity is not None:
-            return self.fixed_capacity
-        return compute_capacity(
-            group_size * self.k, self.num_experts, self.capacity_factor, self.ceil_or_round, self.multiple_of
-        )
+        """Slots per expert and routing group of ``group_size`` tokens; refuses a capacity whose expert
+        hidden activations ``[E, capacity, mlp_dim]`` (FP32, per group) exceed
+        ``settings.MAX_EXPERT_BUFFER_BYTES``, naming the tensor and its size."""
+        capacity = self.fixed_capacity
+        if capacity is None:
+            capacity = compute_capacity(
+                group_size * self.k, self.num_experts, self.capacity_factor, self.ceil_or_round, self.multiple_of
+            )
+        mlp_dim = self.experts.mlp_dim
+        size = self.num_experts * capacity * mlp_dim * 4
+        if size > settings.MAX_EXPERT_BUFFER_BYTES:
+            given = f"capacity {capacity}" if self.fixed_capacity else f"capacity factor {self.capacity_factor:g}"
+            raise UserError(
+                f"{given} gives {capacity:,} slots per expert for {group_size:,} tokens a group: the expert "
+                f"activations [{self.num_experts}, {capacity}, {mlp_dim}] would take {size / 2**30:,.1f} GiB per "
+                f"group (limit {settings.MAX_EXPERT_BUFFER_BYTES / 2**30:g} GiB)"
+            )
+        return capacity
 
     def route(self, x: torch.Tensor) -> tuple[TopKRouting, int]:
         """Routing of grouped tokens ``[G, S, D]`` and the capacity it used."""

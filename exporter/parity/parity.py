@@ -22,7 +22,7 @@ import onnx
 from exporter import settings
 from exporter.backends.torch import run_torch
 from exporter.compare import OutputParity, RoutingArrays, RoutingParity, compare_output, compare_routing
-from exporter.errors import UserError
+from exporter.errors import UserError, one_line
 from exporter.formats.bundle import read_stored_outputs
 from exporter.formats.graph import (
     ROUTING_PREFIX,
@@ -92,28 +92,62 @@ def make_inputs(
     name = value.name
     dims = [d if isinstance(d, int) else None for d in input_dims(value)]
     if inputs_npz:
-        try:
-            with np.load(inputs_npz) as data:
-                if name in data:
-                    array = data[name]
-                elif len(data.files) == 1:
-                    array = data[data.files[0]]
-                else:
-                    raise UserError(f"{inputs_npz} holds {data.files}, none named {name!r}")
-        except (OSError, ValueError, zipfile.BadZipFile) as e:  # missing, not an .npz, pickled objects
-            raise UserError(f"cannot read inputs from {inputs_npz}: {type(e).__name__}: {e}") from None
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        array = np.ascontiguousarray(read_inputs(inputs_npz, name, dtype))
     else:
-        rng = np.random.default_rng(seed)
-        array = rng.standard_normal(
-            (batch or settings.default_batch(loaded.batch_multiple), *loaded.source.input_shape), dtype=np.float32
-        )
+        batch = batch or settings.default_batch(loaded.batch_multiple)
+        check_batch(batch, loaded)  # before allocating: the batch is bounded
+        array = np.random.default_rng(seed).standard_normal((batch, *loaded.source.input_shape), dtype=np.float32)
     fits = len(dims) == array.ndim and all(d in (None, 0, s) for d, s in zip(dims, array.shape))
     if not fits:
         want = "x".join("N" if d in (None, 0) else str(d) for d in dims)
         raise UserError(f"input shape {'x'.join(map(str, array.shape))} does not match the graph's {name} ({want})")
     check_batch(array.shape[0], loaded)
     return name, array
+
+
+def read_inputs(path: str | Path, name: str, dtype: np.dtype) -> np.ndarray:
+    """The graph input ``name`` from a .npz (``np.savez(path, images=array)``) or Polygraphy's JSON
+    (``polygraphy run --save-inputs``, a bundle's ``inputs.json``; one iteration). It must hold that
+    one array, with the graph's dtype; anything else is refused with one line."""
+    path = Path(path)
+    if path.suffix == ".json":
+        arrays = _polygraphy_inputs(path)
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:  # missing, not an .npz, pickled objects
+            raise UserError(f"cannot read inputs from {path}: {one_line(e)}") from None
+    if name not in arrays:
+        raise UserError(f"{path} holds {sorted(arrays)}, none named {name!r} (the graph's input)")
+    if extra := sorted(set(arrays) - {name}):
+        raise UserError(f"{path} holds arrays the graph does not take: {', '.join(extra)} (its one input is {name!r})")
+    array = arrays[name]
+    if not isinstance(array, np.ndarray) or array.dtype != dtype:
+        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise UserError(f"{path}: {name!r} is {got}; the graph takes {np.dtype(dtype)} (convert it with .astype)")
+    return array
+
+
+def _polygraphy_inputs(path: Path) -> dict:
+    """The one iteration of a Polygraphy input-data JSON file, as {name: array}."""
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.json import load_json
+
+    from exporter.backends.tensorrt import quiet_polygraphy
+
+    try:
+        with quiet_polygraphy("CRITICAL"):
+            iterations = load_json(str(path), description="input data")
+    except (OSError, ValueError, TypeError, KeyError, PolygraphyException) as e:
+        raise UserError(f"cannot read inputs from {path}: {one_line(e)}") from None
+    if isinstance(iterations, dict):
+        iterations = [iterations]
+    if not isinstance(iterations, list) or len(iterations) != 1 or not isinstance(iterations[0], dict):
+        count = len(iterations) if isinstance(iterations, list) else "no"
+        raise UserError(f"{path} holds {count} iterations of Polygraphy input data; give one")
+    return dict(iterations[0])
 
 
 @dataclass

@@ -53,6 +53,7 @@ def validate(
     own precision as its bundle records it).
     """
     target = Path(target)
+    batch = choice.batch if batch is None else batch
     if not (target.is_dir() or target.suffix in ENGINE_SUFFIXES):
         if engine_graph:
             raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")

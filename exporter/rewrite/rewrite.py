@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from exporter import settings
 from exporter.errors import UserError
-from exporter.fileio import atomic_dir
+from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import REWRITE_KEY, metadata, node_scopes, op_histogram, read_header, vmoe_layers
 from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
 from exporter.rewrite.probe import probe
@@ -101,8 +101,13 @@ def rewrite_onnx(
     """
     start = time.perf_counter()
     src = Path(src)
+    if not (plan_only or dest is None):
+        dest = check_output(dest)
+        check_space(dest, sum(f.stat().st_size for f in src.parent.glob(src.name + "*")), f"rewriting {src.name}")
     with step("Finding and checking MoE layers (one ONNX Runtime run)"):
         proto, graph, plans = plan_rewrite(src, seed=seed)
+    if not plans:
+        raise UserError(f"{src} has no MoE layer to rewrite (no V-MoE or Soft-MoE layer found)")
     result = RewriteResult(src, None, plans, 0.0)
     if plan_only or dest is None:
         result.seconds = time.perf_counter() - start
@@ -118,7 +123,7 @@ def rewrite_onnx(
         out = gs.export_onnx(graph, do_type_check=False)
         out.functions.extend(plugin_functions(out))
         out.ir_version = max(proto.ir_version, 10)
-        out.producer_name = proto.producer_name
+        out.producer_name, out.producer_version = proto.producer_name, proto.producer_version
         del out.metadata_props[:]
         out.metadata_props.extend(proto.metadata_props)
         onnx.helper.set_model_props(out, {**metadata(proto), REWRITE_KEY: json.dumps(result.counts)})

@@ -42,6 +42,15 @@ class ModelChoice:
         return {f: getattr(self, f) for f in ROUTING_FIELDS if getattr(self, f) is not None}
 
     @property
+    def batch(self) -> int | None:
+        """The N of an ``--input-shape N,C,H,W`` (None for ``C,H,W`` or none): the images export traces
+        with and validate and bench run, where no batch is given."""
+        from exporter.sources.loading import parse_shape
+
+        shape = parse_shape(self.input_shape) if self.input_shape else ()
+        return shape[0] if len(shape) == 4 else None
+
+    @property
     def given(self) -> bool:
         """Whether any option names or changes the model."""
         return any(v is not None for v in asdict(self).values())

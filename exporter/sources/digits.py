@@ -84,10 +84,15 @@ def image_file(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # the size is in the header: checked before any pixel is decoded
+            if im.width * im.height > settings.MAX_IMAGE_PIXELS:
+                raise UserError(
+                    f"image {path} is {im.width}x{im.height} pixels; the limit is {settings.MAX_IMAGE_PIXELS:,} "
+                    "(settings.MAX_IMAGE_PIXELS): resize it first"
+                )
             mode = "L" if input_shape[0] == 1 else "RGB"
             array = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise UserError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
     x = torch.from_numpy(array)
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)

@@ -89,6 +89,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UserError(f"input shape {text!r} is not a list of integers like 8,3,224,224") from None
     if len(shape) not in (3, 4) or any(d < 1 for d in shape):
         raise UserError(f"input shape {text!r} must be N,C,H,W or C,H,W with positive sizes")
+    if shape[-1] * shape[-2] > settings.MAX_IMAGE_PIXELS:
+        side = math.isqrt(settings.MAX_IMAGE_PIXELS)
+        raise UserError(
+            f"input shape {text!r} has {shape[-1] * shape[-2]:,} pixels per image; the limit is "
+            f"{settings.MAX_IMAGE_PIXELS:,} ({side}x{side})"
+        )
     return shape
 
 
@@ -250,8 +256,16 @@ def load(source: ModelSource, *, device: str = "cpu") -> LoadedModel:
 
 
 def check_batch(batch: int, loaded: LoadedModel) -> None:
+    """A batch must be whole routing groups, and its FP32 images at most ``settings.MAX_INPUT_BYTES``."""
     if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
+    size = batch * math.prod(loaded.source.input_shape) * 4
+    if size > settings.MAX_INPUT_BYTES:
+        shape = "x".join(map(str, (batch, *loaded.source.input_shape)))
+        raise UserError(
+            f"a batch of {batch:,} images is an input of {shape} float32, {size / 2**30:,.1f} GiB; "
+            f"the limit is {settings.MAX_INPUT_BYTES / 2**30:g} GiB"
+        )
     if batch % loaded.batch_multiple:
         raise UserError(
             f"batch of {batch} images is not a multiple of the routing group ({loaded.batch_multiple} images)"

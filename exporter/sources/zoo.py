@@ -274,7 +274,11 @@ def get_config(name: str) -> ModelConfig:
     try:
         return ZOO[name]
     except KeyError:
-        raise UserError(f"unknown model {name!r}; `moe-export models` lists the zoo") from None
+        import difflib
+
+        close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise UserError(f"unknown model {name!r}; {hint}`moe-export models` lists the zoo") from None
 
 
 def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, device: str = "cpu"):

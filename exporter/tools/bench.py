@@ -251,6 +251,7 @@ def bench(
         step: Context-manager factory the CLI uses to show progress.
     """
     names = parse_backends(backends) if isinstance(backends, str) else check_backends(backends)
+    batch = source.batch if batch is None and isinstance(source, ModelChoice) else batch
     source = as_source(source)
     if warmup < 0 or runs < 1:
         raise UserError(f"need warmup >= 0 and runs >= 1, got warmup {warmup} and runs {runs}")

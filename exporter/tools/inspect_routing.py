@@ -34,7 +34,7 @@ from torch import nn
 from exporter import settings
 from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.errors import UserError
-from exporter.fileio import atomic_path
+from exporter.fileio import atomic_path, check_output
 from exporter.formats.graph import image_input, read_header, routing_layers, routing_output_names
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting
@@ -221,7 +221,7 @@ def inspect_routing(
     *,
     image: str | None = None,
     sample: int | None = None,
-    capacity_factors: Sequence[float] = settings.INSPECT_CAPACITY_FACTORS,
+    capacity_factors: Sequence[float] | None = None,
     graph: str | Path | None = None,
     slots: Sequence[int] | None = None,
     dpi: int = settings.FIGURE_DPI,
@@ -235,7 +235,9 @@ def inspect_routing(
         dest: The PNG to write.
         image: A PNG/JPEG file, resized to the model's input; or
         sample: an index into the digits test split (``exporter.sources.digits``); sample 0 by default.
-        capacity_factors: V-MoE columns, each vanilla and BPR, routing the image in a group of its own.
+        capacity_factors: V-MoE columns, each vanilla and BPR, routing the image in a group of its own;
+            default the choice's one ``capacity_factor`` if it gives one, else
+            ``settings.INSPECT_CAPACITY_FACTORS``.
         graph: V-MoE: picture the routing outputs of this exported graph next to PyTorch's routing of
             the same config, instead of the capacity factors.
         slots: Soft-MoE: the slots to picture (``expert * p + slot``); default the ``INSPECT_SLOTS``
@@ -243,7 +245,12 @@ def inspect_routing(
         dpi: Pixels per inch of the PNG.
         step: Progress context-manager factory.
     """
+    check_output(dest)
     if isinstance(source, ModelChoice):
+        if source.capacity_factor is not None and capacity_factors is not None:
+            raise UserError("give --capacity-factors (the columns) or --capacity-factor (one column), not both")
+        if source.capacity_factor is not None and graph is None:
+            capacity_factors, source = [source.capacity_factor], source.replace(capacity_factor=None)
         named = source.model or source.module
         source = as_source(source, recorded_source(graph, read_header(graph)) if graph and not named else None)
     with step(f"Building {source.name}"):
@@ -285,6 +292,7 @@ def inspect_routing(
 def _vmoe_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[Column], list[str]]:
     module = loaded.module
     if graph is None:
+        capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
         if not capacity_factors:
             raise UserError("give at least one capacity factor")
         group = settings.INSPECT_GROUP_IMAGES

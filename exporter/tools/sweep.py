@@ -26,7 +26,7 @@ from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.compare import compare_output, compare_routing
 from exporter.errors import UserError
 from exporter.export.export import export_onnx
-from exporter.fileio import atomic_path
+from exporter.fileio import atomic_path, check_output
 from exporter.formats.graph import INPUT_NAME
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting, check_capacity_factor
@@ -173,6 +173,8 @@ def sweep_capacity(
         step: Progress context-manager factory.
     """
     start = time.perf_counter()
+    if plot is not None:
+        check_output(plot)
     if isinstance(source, ModelChoice):
         if source.capacity_factor is not None or source.batch_priority is not None:
             raise UserError("the sweep sets --capacity-factor and --batch-priority itself; use --factors")

@@ -155,19 +155,18 @@ def import_vmoe(
     assembled beside ``output_dir`` and moved into place; an existing import there is replaced,
     any other non-empty folder refused."""
     import os
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    from exporter.fileio import current_umask, publish_dir
+    from exporter.fileio import check_output, check_space, current_umask, publish_dir, temp_dir
 
-    out = Path(output_dir)
+    out = check_output(output_dir, folder=True)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
         raise UserError(f"{out} exists and is not a moe-export model folder: choose another -o")
     prefix = resolve_prefix(path)
     config = config_for_checkpoint(prefix, name=name, **overrides)
     state = state_dict_for(prefix, config, progress=progress)
+    check_space(out, sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20), "the model folder")
     if progress:
         progress(f"hashing {prefix.name}")
     source = {
@@ -181,9 +180,7 @@ def import_vmoe(
         "preprocessing": settings.PREPROCESSING,
         "source": source,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with temp_dir(out) as tmp:
         if progress:
             progress(f"writing {WEIGHTS_FILE}")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -191,6 +188,4 @@ def import_vmoe(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ImportResult(str(out), config.to_dict(), source, files)
