@@ -92,7 +92,8 @@ class BundleResult:
 
 
 def bundle_source(path: str | Path) -> ModelSource:
-    return ModelSource.from_json(json.dumps(read_manifest(path)["model"]["source"]))
+    """The model a bundle records (its file paths are relative to the bundle folder)."""
+    return ModelSource.from_json(json.dumps(read_manifest(path)["model"]["source"])).anchored(path)
 
 
 def build_bundle(
@@ -172,7 +173,9 @@ def build_bundle(
             kernels = ptx.precompile(tmp, arches, ptx_version, seed)
         ptx.copy_plugin_package(tmp / "plugins")
         (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)
-        manifest = _manifest(header, source, model, export, rewritten, parity, expected, feeds, arches, ptx_version)
+        manifest = _manifest(
+            header, source.relative_to(dest), model, export, rewritten, parity, expected, feeds, arches, ptx_version
+        )
         manifest["plugins"]["ptx_kernels"] = kernels
         (tmp / README).write_text(render_readme(manifest))
         manifest["files"] = hashes(tmp)

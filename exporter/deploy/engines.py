@@ -14,7 +14,7 @@ from pathlib import Path
 
 from exporter import settings
 from exporter.errors import UserError
-from exporter.fileio import write_json
+from exporter.fileio import remove_stale_temporaries, write_json
 from exporter.formats.bundle import (
     ENGINE,
     MANIFEST,
@@ -82,27 +82,34 @@ def build_bundle_engine(
     low, high = options.min_batch or 1, options.max_batch or options.opt_batch
     if not low <= sample <= high:
         raise UserError(f"the bundle's {sample} sample images are outside the batch profile {low}-{high}")
-    check_files(
-        bundle, [name for name in manifest["files"] if name != ENGINE], manifest
-    )  # never build on a changed file
+    check_files(bundle, None, manifest)  # never build on a changed file (the old engine included)
     require_tensorrt(f"building the engine of {bundle}")
     os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
     graph = bundle / (PORTABLE if portable else PLUGINS)
-    build = build_engine(
-        graph,
-        bundle / ENGINE,
-        options,
-        batch_multiple=manifest["model"]["batch_multiple"],
-        step=step,
-        progress=progress,
-    )
-    parity = validate_engine(
-        bundle / ENGINE,
-        graph,
-        tolerances=settings.TOLERANCES[options.precision],
-        step=step,
-        reference=stored_reference(bundle),
-    )
+    # built and checked beside the bundle's engine, then moved onto it with the manifest that records it:
+    # a failure on the way leaves the bundle as it was (and the next run removes the temporary)
+    remove_stale_temporaries(bundle / ENGINE)
+    new_engine = bundle / f".{ENGINE}.{os.getpid()}.new.tmp"
+    try:
+        build = build_engine(
+            graph,
+            new_engine,
+            options,
+            batch_multiple=manifest["model"]["batch_multiple"],
+            step=step,
+            progress=progress,
+        )
+        parity = validate_engine(
+            new_engine,
+            graph,
+            tolerances=settings.TOLERANCES[options.precision],
+            step=step,
+            reference=stored_reference(bundle),
+        )
+        os.replace(new_engine, bundle / ENGINE)
+        build = dataclasses.replace(build, path=bundle / ENGINE)
+    finally:
+        new_engine.unlink(missing_ok=True)
     manifest["engine"] = {
         "file": ENGINE,
         "graph": graph.name,
@@ -126,6 +133,7 @@ def triton_entry(bundle: str | Path, repo: str | Path, *, max_batch: int | None 
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    check_files(bundle, None, manifest)
     engine = manifest.get("engine")
     group = manifest["model"]["batch_multiple"]
     if max_batch is None:
@@ -244,7 +252,7 @@ def build_engine_for(
             if Path(output_dir).exists():
                 raise UserError(f"{output_dir} exists; -o must be a new folder for a copy of {bundle}")
             manifest = read_manifest(bundle)
-            check_files(bundle, manifest["files"], manifest)  # copy only an intact bundle
+            check_files(bundle, None, manifest)  # copy only an intact bundle
             shutil.copytree(bundle, output_dir)
             bundle = Path(output_dir)
     elif source_path and Path(source_path).suffix == ".onnx":

@@ -159,7 +159,7 @@ def export_onnx(
                 value.shape = ir.Shape(["groups", *value.shape[1:]])
     _name_folded_weights(program.model.graph)
     _strip_build_machine_metadata(program.model)
-    program.model.metadata_props[SOURCE_KEY] = loaded.source.to_json()
+    program.model.metadata_props[SOURCE_KEY] = loaded.source.relative_to(dest.parent).to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
     program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING

@@ -43,15 +43,25 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def check_files(bundle: str | Path, names, manifest: dict | None = None) -> None:
-    """Each named file exists and has the SHA-256 the manifest records; a user error naming the first
-    that does not."""
+def check_files(bundle: str | Path, names=None, manifest: dict | None = None) -> None:
+    """Each named file (default: every file the manifest lists) exists and has the SHA-256 the manifest
+    records; a user error naming the first that does not. Every command that reads a bundle calls this
+    before it uses the files, so a tampered or damaged bundle is refused, never trusted."""
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle)
-    for name in names:
-        want = manifest["files"].get(name, {}).get("sha256")
-        if not (bundle / name).is_file() or sha256(bundle / name) != want:
-            raise UserError(f"{bundle / name} is missing or changed since the bundle was built (SHA-256 mismatch)")
+    files = manifest.get("files") or {}
+    for name in files if names is None else names:
+        path = bundle / name
+        want = files.get(name, {}).get("sha256")
+        if want is None:
+            raise UserError(f"{path} is not in the bundle's manifest; rebuild the bundle")
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the bundle (the manifest lists it); rebuild the bundle")
+        if sha256(path) != want:
+            raise UserError(
+                f"{path} has changed since the bundle was built (its SHA-256 differs from the manifest's); "
+                "refusing a tampered or damaged bundle"
+            )
 
 
 def file_entry(path: Path) -> dict:
@@ -76,6 +86,8 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     manifest = read_manifest(folder) if is_bundle(folder) else None
+    if manifest is not None:
+        check_files(folder, None, manifest)
     if path.is_dir():
         if manifest is None:
             raise UserError(f"{path} is not a moe-export bundle (no {MANIFEST})")

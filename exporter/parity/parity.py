@@ -82,7 +82,7 @@ def recorded_source(graph_path: str | Path, header: onnx.ModelProto) -> ModelSou
     text = metadata(header).get(SOURCE_KEY)
     if text is None:
         raise UserError(f"{graph_path} does not say which model it was exported from; pass --model or --module")
-    return ModelSource.from_json(text)
+    return ModelSource.from_json(text).anchored(Path(graph_path).parent)
 
 
 def make_inputs(

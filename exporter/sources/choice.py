@@ -69,6 +69,8 @@ def resolve(choice: ModelChoice, recorded: ModelSource | None = None) -> ModelSo
     from exporter.sources import loading
 
     c, overrides = choice, choice.overrides
+    if recorded is not None and not c.checkpoint and not (c.model or c.module):
+        recorded.verify_checkpoint()
     if c.model and c.module:
         raise UserError("give either --model or --module, not both")
     if c.module:

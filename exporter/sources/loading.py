@@ -10,10 +10,11 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import pickle
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +55,36 @@ class ModelSource:
                 "checkpoint_sha256": self.checkpoint_sha256,
             }
         )
+
+    def relative_to(self, folder: str | Path) -> ModelSource:
+        """The same source with its files (a module file, a checkpoint) given relative to ``folder``,
+        as a graph or bundle in ``folder`` records them: no absolute path of this machine is stored,
+        and the record stays valid wherever the graph is read from (see ``anchored``)."""
+        return self._paths(lambda p: Path(os.path.relpath(Path(p).absolute(), Path(folder).absolute())).as_posix())
+
+    def anchored(self, folder: str | Path) -> ModelSource:
+        """The source a graph in ``folder`` records, its relative file paths resolved against ``folder``."""
+        return self._paths(lambda p: p if Path(p).is_absolute() else os.path.normpath(Path(folder) / p))
+
+    def _paths(self, change) -> ModelSource:
+        spec = self.spec
+        if self.kind == "module" and is_file_spec(spec):
+            target, _, attr = spec.rpartition(":")
+            spec = f"{change(target)}:{attr}"
+        checkpoint = change(self.checkpoint) if self.checkpoint else None
+        return replace(self, spec=spec, checkpoint=checkpoint)
+
+    def verify_checkpoint(self) -> None:
+        """Refuses a recorded checkpoint that is missing or whose SHA-256 is no longer the recorded one
+        (a parity check against other weights would fail for no reason the report could show)."""
+        if not self.checkpoint or not self.checkpoint_sha256:
+            return
+        _, now = checkpoint_info(self.checkpoint)
+        if now != self.checkpoint_sha256:
+            raise UserError(
+                f"checkpoint {self.checkpoint} has changed since the export (SHA-256 {self.checkpoint_sha256[:12]}... "
+                f"recorded, {now[:12]}... now); pass --checkpoint to compare against these weights anyway"
+            )
 
     @classmethod
     def from_json(cls, text: str) -> ModelSource:
@@ -163,9 +194,15 @@ def checkpoint_info(path: str | None) -> tuple[str | None, str | None]:
     return str(p), sha256(p)
 
 
+def is_file_spec(spec: str) -> bool:
+    """Whether a ``--module`` spec names a file (``path/file.py:factory``) rather than a module."""
+    target = spec.rpartition(":")[0]
+    return target.endswith(".py") or "/" in target or Path(target).is_file()
+
+
 def _import_factory(spec: str):
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py") or "/" in target or Path(target).is_file():
+    if is_file_spec(spec):
         path = Path(target)
         if not path.is_file():
             raise UserError(f"module file {target} does not exist")

@@ -4,6 +4,7 @@ builds themselves are GPU-marked in tests/exporter/backends/test_tensorrt.py).""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -63,8 +64,35 @@ def test_a_changed_bundle_file_is_refused_before_building(bundled, tmp_path):
     data = bytearray(graph.read_bytes())
     data[-1] ^= 1
     graph.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="model.plugins.onnx is missing or changed"):
+    with pytest.raises(UserError, match="model.plugins.onnx has changed since the bundle was built"):
         build_engine_for(bundle)
-    with pytest.raises(UserError, match="model.plugins.onnx is missing or changed"):
+    with pytest.raises(UserError, match="model.plugins.onnx has changed since the bundle was built"):
         build_engine_for(bundle, output_dir=tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+def test_every_file_of_a_bundle_is_checked_by_validate_and_build_engine(bundled, tmp_path):
+    """One byte flipped in any file the manifest lists, or the file removed: both commands refuse the
+    bundle and name the file, before anything else (even "no engine yet")."""
+    from exporter.parity.validate import validate
+
+    _, _, folder = bundled("soft-moe-tiny")
+    names = sorted(json.loads((folder / "manifest.json").read_text())["files"])
+    assert {"model.onnx", "model.plugins.onnx", "inputs.npz", "reference_outputs.npz", "README.md"} <= set(names)
+    for i, name in enumerate(names):
+        bundle = tmp_path / f"b{i}"
+        shutil.copytree(folder, bundle)
+        path = bundle / name
+        if i % 4 == 3:
+            path.unlink()
+            expected = f"{name} is missing from the bundle"
+        else:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 1
+            path.write_bytes(bytes(data))
+            expected = f"{name} has changed since the bundle was built"
+        for run in (validate, build_engine_for):
+            with pytest.raises(UserError) as raised:
+                run(bundle)
+            assert expected in str(raised.value), (name, str(raised.value))
+        shutil.rmtree(bundle)
