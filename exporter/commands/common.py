@@ -386,3 +386,25 @@ def print_rewrite(result) -> None:
         out.print(f"wrote [bold]{escape(str(result.path))}[/bold]: {counts} ({result.seconds:.1f}s)")
     else:
         out.print(f"plan: {counts}; nothing written ({result.seconds:.1f}s)")
+
+
+def print_bundle(result) -> None:
+    out = console()
+    size = sum(f["bytes"] for f in result.files.values())
+    out.print(
+        f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB "
+        f"({result.seconds:.1f}s)"
+    )
+    counts = ", ".join(f"{n} {p}" for p, n in result.plugins.items()) or "no plugin nodes"
+    out.print(f"  plugins: {counts}; {result.ptx_kernels} kernel variants as PTX for {', '.join(result.targets)}")
+    for name, p in result.parity.items():
+        decisions = p["routing_decisions"]
+        routing = f"routing: {p['routing']}" if decisions is None else f"routing decisions {share(decisions)}"
+        out.print(
+            f"  {escape(name)} vs PyTorch ({p['backend']}, batch {p['batch']}): max rel err "
+            f"{p['max_rel_err']:.2g}, {routing} {mark(p['passed'])}"
+        )
+    for layer in result.declined:
+        out.print(f"[yellow]declined[/yellow] {escape(layer['layer'])}: {escape(layer['reason'])}")
+    print_notes(result.notes)
+    out.print(f"next, on the target: moe-export build engine {escape(str(result.path))}  (see its README.md)")

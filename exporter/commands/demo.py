@@ -5,7 +5,17 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import console, escape, folder_option, print_export, print_report, print_rewrite, step
+from exporter.commands.common import (
+    console,
+    escape,
+    folder_option,
+    print_bundle,
+    print_export,
+    print_notes,
+    print_report,
+    print_rewrite,
+    step,
+)
 from exporter.errors import CheckFailed
 
 
@@ -20,7 +30,8 @@ from exporter.errors import CheckFailed
 def demo(output_dir):
     """The main job on built-in defaults: export and validate a small V-MoE (Batch Prioritized Routing,
     capacity factor 0.5, so tokens are dropped) and a small Soft-MoE, then rewrite both into plugin
-    graphs and validate those too, on CPU.
+    graphs, validate those too and make each model's deploy bundle (the plugin kernels precompiled to
+    PTX; needs Triton: pip install 'moe-export[plugins]'), all on CPU.
 
     \b
     Example:
@@ -44,3 +55,7 @@ def _print_run(run) -> None:
     print_report(run.parity)
     print_rewrite(run.rewrite)
     print_report(run.plugin_parity)
+    if run.bundle is not None:
+        print_bundle(run.bundle)
+    else:
+        print_notes([run.bundle_note])

@@ -79,11 +79,13 @@ print(bad or "all files intact")
 EOF
 ```
 
-## With moe-export (on the device, from this folder's parent)
+## With moe-export (on the device)
+
+Every command here runs in this folder (`cd` into it first), whatever it is called:
 
 ```bash
-moe-export build engine {{this folder}} -o {{this folder}}    # registers the plugins, builds model.engine, validates it
-moe-export validate {{this folder}}                        # TensorRT vs PyTorch: outputs and routing per layer
+moe-export build engine .    # checks every file's hash, registers the plugins, builds model.engine, validates it
+moe-export validate .        # TensorRT vs PyTorch: outputs and routing per layer
 ```
 
 ## With Polygraphy

@@ -92,7 +92,9 @@ def image_file(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
                 )
             mode = "L" if input_shape[0] == 1 else "RGB"
             array = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+        raise UserError(f"image {path} is too large ({e}); the limit is {settings.MAX_IMAGE_PIXELS:,} pixels") from None
+    except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
     x = torch.from_numpy(array)
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)

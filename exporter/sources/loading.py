@@ -245,7 +245,14 @@ def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | None = 
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+        raise UserError(  # torch's own message ends in advice for code, not for a CLI user
+            f"checkpoint {path} pickles more than tensors, which moe-export does not unpickle (weights_only); "
+            "save the state dict alone (torch.save(model.state_dict(), path)) or as .safetensors"
+        ) from None
+    except (OSError, EOFError, RuntimeError, ValueError, SafetensorError) as e:
         raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)

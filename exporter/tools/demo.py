@@ -1,5 +1,6 @@
 """The main job on built-in defaults (``moe-export demo``): export and validate a small V-MoE that
-drops tokens and a small Soft-MoE, rewrite both into plugin graphs and validate those too, on CPU."""
+drops tokens and a small Soft-MoE, rewrite both into plugin graphs and validate those too, then make
+each one's deploy bundle (the kernels precompiled to PTX: needs Triton), all on CPU."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import settings
+from exporter.deploy import ptx
+from exporter.deploy.bundle import BundleResult, build_bundle
+from exporter.errors import UserError
 from exporter.export.export import ExportResult, export_model
-from exporter.fileio import write_json
+from exporter.fileio import check_output, write_json
 from exporter.parity.parity import ParityReport
 from exporter.parity.validate import validate_onnx
 from exporter.rewrite.plan import RewriteResult
@@ -29,10 +33,13 @@ class DemoRun:
     parity: ParityReport
     rewrite: RewriteResult
     plugin_parity: ParityReport
+    bundle: BundleResult | None = None  # None when Triton is missing (``bundle_note`` says so)
+    bundle_note: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.parity.passed and self.plugin_parity.passed and not self.rewrite.declined
+        bundle_ok = self.bundle is None or self.bundle.passed
+        return self.parity.passed and self.plugin_parity.passed and not self.rewrite.declined and bundle_ok
 
 
 def demo(
@@ -43,9 +50,15 @@ def demo(
     started: Callable[[str, dict], None] = lambda name, overrides: None,
     done: Callable[[DemoRun], None] = lambda run: None,
 ) -> list[DemoRun]:
-    """Runs each (zoo model, routing overrides) of ``runs``; graphs and JSON parity reports go to
-    ``output_dir``. ``started`` and ``done`` are called around each model (the CLI prints there)."""
-    out = Path(output_dir)
+    """Runs each (zoo model, routing overrides) of ``runs``; graphs, JSON parity reports and the deploy
+    bundle ``<model>.bundle/`` go to ``output_dir``. ``started`` and ``done`` are called around each
+    model (the CLI prints there). Without Triton the bundles are skipped, with a note."""
+    out = check_output(output_dir, folder=True)
+    try:
+        ptx.check_triton()
+        no_triton = ""
+    except UserError as e:
+        no_triton = f"no deploy bundle: {e}"
     results = []
     for name, overrides in runs:
         started(name, overrides)
@@ -57,7 +70,8 @@ def demo(
         rewritten = rewrite_onnx(path, plugin_path, step=step)
         plugin_report = validate_onnx(plugin_path, source, step=step)
         write_json(out / f"{name}.plugins.parity.json", plugin_report.to_dict())
-        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report)
+        bundle = None if no_triton else build_bundle(source, out / f"{name}.bundle", step=step)
+        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report, bundle, no_triton)
         done(run)
         results.append(run)
     return results
