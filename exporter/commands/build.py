@@ -14,6 +14,7 @@ from exporter.commands.common import (
     folder_option,
     json_option,
     model_options,
+    output_option,
     print_bundle,
     print_notes,
     print_report,
@@ -77,7 +78,7 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
 @click.option("--opt-batch", type=COUNT, help="Batch TensorRT optimizes for (default: the max batch).")
 @click.option("--max-batch", type=COUNT, help="Largest batch of the optimization profile (default: the opt batch).")
 @click.option("--workspace", "workspace_mib", type=COUNT, metavar="MIB", help="Workspace memory pool limit in MiB.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, read and updated.")
+@output_option("--timing-cache", help="Timing cache file, read and updated.")
 @click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")
 @click.option("--portable", is_flag=True, help="Build from the portable graph (no plugins).")
 @click.option(

@@ -113,7 +113,8 @@ def test_checkpoint_prefix_directly_and_a_model_folder(tmp_path):
             "moe_export.source"
         ]
     )
-    assert header["checkpoint"] == str(SOFT) and header["config"]["bf16_dispatch"] is True
+    assert not Path(header["checkpoint"]).is_absolute()  # recorded relative to the graph
+    assert (graph.parent / header["checkpoint"]).resolve() == SOFT.resolve() and header["config"]["bf16_dispatch"]
 
 
 def test_a_zoo_model_refuses_a_checkpoint_of_another_architecture(tmp_path):
