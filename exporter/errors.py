@@ -69,6 +69,12 @@ def wrapped_user_error(e: BaseException) -> UserError | None:
     return next((c for c in _chain(e) if isinstance(c, UserError)), None)
 
 
+def environment_failure_in(text: str) -> str | None:
+    """The environment failure a subprocess's message names (``os.strerror``'s wording, e.g. "No space
+    left on device"), lower-cased; None if it names none."""
+    return next((os.strerror(n).lower() for n in sorted(_ENVIRONMENT_ERRNOS) if os.strerror(n) in text), None)
+
+
 def environment_failure(e: BaseException) -> str | None:
     """One line for a failure of the machine rather than of moe-export (a full disk, a read-only or
     forbidden path, memory), found anywhere in the exception's cause chain; None otherwise."""

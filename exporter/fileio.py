@@ -49,9 +49,7 @@ def check_output(dest: str | os.PathLike, *, folder: bool = False) -> Path:
             raise UserError(f"{dest} is a folder; give a file name")
         if not folder and not stat.S_ISREG(mode):
             raise UserError(f"{dest} is a special file (a device, pipe or socket); refusing to replace it")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_folder(path)
     if not parent.is_dir():
         raise UserError(f"cannot write the {what} {dest}: {parent} is not a folder")
     try:  # a real write tells read-only mounts, permissions and ACLs apart better than os.access
@@ -65,12 +63,18 @@ def check_output(dest: str | os.PathLike, *, folder: bool = False) -> Path:
 
 def check_space(dest: str | os.PathLike, needed: int, what: str) -> None:
     """Refuses to start when the disk ``dest`` goes on has less than ``needed`` bytes free."""
-    parent = resolve_output(dest).parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_folder(resolve_output(dest))
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise UserError(f"{what} needs about {_size(needed)} on {parent}, which has {_size(free)} free")
+
+
+def _existing_folder(path: Path) -> Path:
+    """The nearest existing ancestor of ``path``: where its missing folders will be made."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
 
 
 def _size(n: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from exporter import settings
 from exporter.errors import UserError
-from exporter.fileio import remove_stale_temporaries, write_json
+from exporter.fileio import atomic_path, write_json
 from exporter.formats.bundle import (
     ENGINE,
     MANIFEST,
@@ -86,11 +86,9 @@ def build_bundle_engine(
     require_tensorrt(f"building the engine of {bundle}")
     os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
     graph = bundle / (PORTABLE if portable else PLUGINS)
-    # built and checked beside the bundle's engine, then moved onto it with the manifest that records it:
-    # a failure on the way leaves the bundle as it was (and the next run removes the temporary)
-    remove_stale_temporaries(bundle / ENGINE)
-    new_engine = bundle / f".{ENGINE}.{os.getpid()}.new.tmp"
-    try:
+    # built and checked beside the bundle's engine, then moved onto it just before the manifest that
+    # records it: a failure on the way leaves the bundle as it was
+    with atomic_path(bundle / ENGINE) as new_engine:
         build = build_engine(
             graph,
             new_engine,
@@ -106,10 +104,7 @@ def build_bundle_engine(
             step=step,
             reference=stored_reference(bundle),
         )
-        os.replace(new_engine, bundle / ENGINE)
-        build = dataclasses.replace(build, path=bundle / ENGINE)
-    finally:
-        new_engine.unlink(missing_ok=True)
+    build = dataclasses.replace(build, path=bundle / ENGINE)
     manifest["engine"] = {
         "file": ENGINE,
         "graph": graph.name,

@@ -13,14 +13,11 @@ import onnx
 
 import plugins
 from exporter import settings
-from exporter.errors import UserError
+from exporter.errors import UserError, environment_failure_in
 from exporter.formats.bundle import PLUGINS, PTX_DIR
 from exporter.rewrite.probe import probe
 from plugins import registry
 from plugins.aot import node_recipes, target_unsupported
-
-# OSError messages of the compile subprocess that describe the machine (os.strerror's wording)
-_ENVIRONMENT_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 
 
 def default_targets() -> list[int]:
@@ -103,8 +100,8 @@ def precompile(folder: Path, arches: list[int], ptx_version: int, seed: int) -> 
         job.unlink(missing_ok=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        if environment := next((m for m in _ENVIRONMENT_MESSAGES if m in last), None):  # the disk, not Triton
-            raise UserError(f"writing the PTX kernels to {folder / PTX_DIR} failed: {environment.lower()}")
+        if environment := environment_failure_in(last):  # the disk, not Triton
+            raise UserError(f"writing the PTX kernels to {folder / PTX_DIR} failed: {environment}")
         raise UserError(f"Triton could not compile the plugin kernels to PTX: {last[:300]}")
     return len(recipes)
 

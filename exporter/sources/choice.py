@@ -7,7 +7,7 @@ graph records when there is one (validate, inspect routing on a graph).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +69,6 @@ def resolve(choice: ModelChoice, recorded: ModelSource | None = None) -> ModelSo
     from exporter.sources import loading
 
     c, overrides = choice, choice.overrides
-    if recorded is not None and not c.checkpoint and not (c.model or c.module):
-        recorded.verify_checkpoint()
     if c.model and c.module:
         raise UserError("give either --model or --module, not both")
     if c.module:
@@ -91,24 +89,27 @@ def resolve(choice: ModelChoice, recorded: ModelSource | None = None) -> ModelSo
 
 
 def _from_recorded(c: ModelChoice, recorded: ModelSource) -> ModelSource:
+    """The recorded model, changed by the options. Its own checkpoint is hashed once, here, and must
+    still be the one it was exported with; a ``--checkpoint`` given replaces it."""
     from exporter.sources import loading
     from exporter.sources.loading import ModelSource
 
+    if not c.checkpoint:
+        recorded.verify_checkpoint()
     if recorded.kind == "zoo":  # the graph's own config, then the overrides
         config = recorded.config.replace(**c.overrides)
         seed = recorded.seed if c.seed is None else c.seed
-        checkpoint = loading.checkpoint_info(c.checkpoint or recorded.checkpoint)
+        checkpoint = (
+            loading.checkpoint_info(c.checkpoint) if c.checkpoint else (recorded.checkpoint, recorded.checkpoint_sha256)
+        )
         return ModelSource("zoo", recorded.spec, config.input_shape, config, seed, *checkpoint)
     if c.overrides:
         raise UserError("--k, --capacity-factor, --batch-priority and --group-images only apply to zoo models")
-    if c.checkpoint or c.seed is not None:
+    if c.checkpoint:
         return loading.from_module(
-            recorded.spec,
-            input_shape=recorded.input_shape,
-            seed=_seed(c.seed),
-            checkpoint=c.checkpoint or recorded.checkpoint,
+            recorded.spec, input_shape=recorded.input_shape, seed=_seed(c.seed), checkpoint=c.checkpoint
         )
-    return recorded
+    return recorded if c.seed is None else replace(recorded, seed=c.seed)
 
 
 def _from_checkpoint(c: ModelChoice) -> ModelSource:
