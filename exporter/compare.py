@@ -11,7 +11,8 @@ kept/dropped (the decisions that cascade through a buffer) does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +50,50 @@ class RoutingParity:
     passed: bool
     decisions: float = 1.0  # share with the same expert and kept/dropped decision: the pass criterion
     slot_swaps: int = 0  # pairs with the same decisions in another slot of the same buffer
+    # With both runs' gates (exporter.formats.graph.router_tensors): every flipped decision explained.
+    gate_error: float | None = None  # max |gate - reference gate| over the layer
+    flip_count: int = 0  # (token, choice) pairs whose expert or kept decision differs
+    unexplained: int = 0  # flips that the two runs' gates do not explain (a routing bug): fail the check
+    causes: dict[str, int] = field(default_factory=dict)  # flips per Flip.cause
+    output_error_flipped: float | None = None  # largest output error of an image holding a flipped token ...
+    output_error_clean: float | None = None  # ... and of an image without one (each relative to the output's scale)
+    flips: list[dict] = field(default_factory=list)  # the first MAX_LISTED_FLIPS, each a Flip as a dict
+
+
+@dataclass
+class Flip:
+    """One (token, choice) whose routing decision differs from the reference's.
+
+    ``kind`` is ``expert`` (another expert) or ``kept`` (same expert, kept in one run and dropped in the
+    other). ``margin`` is how close the reference's two competing values were: for an expert flip the
+    gap between the gates of the two experts; for a kept flip under Batch Prioritized Routing the gap
+    between this token's priority and the nearest priority of a token in the same group. ``error`` is
+    how far the graph moved those values (the sum of the two gates' deviations; twice the group's largest
+    priority deviation). ``cause``: ``gates`` (margin <= error: rounding reordered them), ``cascade``
+    (an expert flip earlier in the group moved this token's buffer position) or ``unexplained``.
+    """
+
+    group: int
+    token: int
+    choice: int
+    kind: str
+    expert: int
+    actual_expert: int
+    margin: float | None
+    error: float | None
+    cause: str
+    output_error: float | None = None  # of the image holding the token, relative to the output's scale
+
+
+@dataclass
+class SoftRoutingParity:
+    """One Soft-MoE layer: the largest deviation of its dispatch and combine weights from the reference."""
+
+    layer: str
+    dispatch_max_abs: float
+    combine_max_abs: float
+    dispatch_max_rel: float  # relative to the layer's largest reference weight
+    combine_max_rel: float
 
 
 def compare_output(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float) -> OutputParity:
@@ -71,6 +116,9 @@ def max_rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
 def close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> bool:
     """Float values equal to ``expected`` within ``rtol`` of its scale."""
     return bool(np.issubdtype(actual.dtype, np.floating)) and compare_output("", expected, actual, rtol).passed
+
+
+MAX_LISTED_FLIPS = 100  # flips listed per layer in a report (all are counted)
 
 
 def compare_routing(layer: str, expected, actual: dict[str, np.ndarray], min_agreement: float) -> RoutingParity:
@@ -105,3 +153,92 @@ def compare_routing(layer: str, expected, actual: dict[str, np.ndarray], min_agr
         decisions=decisions,
         slot_swaps=swaps,
     )
+
+
+def explain_flips(
+    parity: RoutingParity,
+    expected,
+    actual: dict[str, np.ndarray],
+    gates: np.ndarray,
+    actual_gates: np.ndarray,
+    *,
+    batch_priority: bool,
+    image_errors: np.ndarray | None = None,
+) -> RoutingParity:
+    """Lists and explains every flipped decision of one layer (see :class:`Flip`), from both runs'
+    gates ``[G, S, E]``; ``image_errors`` (one output error per image) says how far each moved the
+    output. A flip the gates do not explain makes the layer fail."""
+    expert_name, kept_name, _ = routing_output_names(parity.layer)
+    e_ref, s_ref = np.asarray(expected.expert), np.asarray(expected.slot)
+    e_act, k_act = actual[expert_name], actual[kept_name].astype(bool)
+    k_ref = s_ref >= 0
+    gates, actual_gates = gates.astype(np.float64), actual_gates.astype(np.float64)
+    if gates.shape != actual_gates.shape or gates.shape[:2] != e_ref.shape[:2]:
+        return parity
+    groups, tokens, _ = gates.shape
+    delta = np.abs(actual_gates - gates)
+    priority, priority_error = gates.max(axis=-1), np.abs(actual_gates.max(axis=-1) - gates.max(axis=-1))
+    expert_flip = e_act != e_ref
+    flipped = expert_flip | (k_act != k_ref)
+    images = image_errors.shape[0] if image_errors is not None else 0
+    per_group = images // groups if images and images % groups == 0 else 0
+    flips = []
+    for g, s, c in zip(*np.nonzero(flipped)):
+        e, a = int(e_ref[g, s, c]), int(e_act[g, s, c])
+        if expert_flip[g, s, c]:
+            kind, margin, error = "expert", abs(gates[g, s, e] - gates[g, s, a]), delta[g, s, e] + delta[g, s, a]
+            cause = "gates" if margin <= error + 1e-12 else "unexplained"
+        else:
+            kind = "kept"
+            if expert_flip[g].any():
+                margin, error, cause = None, None, "cascade"
+            elif batch_priority:
+                others = np.delete(priority[g], s)
+                margin = float(np.min(np.abs(others - priority[g, s]))) if others.size else None
+                error = 2 * float(priority_error[g].max())
+                cause = "gates" if margin is not None and margin <= error + 1e-12 else "unexplained"
+            else:  # token order and the same experts: the same positions
+                margin, error, cause = None, None, "unexplained"
+        image = g * per_group + s * per_group // tokens if per_group else None
+        out_err = float(image_errors[image]) if image is not None else None
+        flips.append(Flip(int(g), int(s), int(c), kind, e, a, _num(margin), _num(error), cause, out_err))
+    parity.gate_error = float(delta.max()) if delta.size else 0.0
+    parity.flip_count = len(flips)
+    parity.unexplained = sum(f.cause == "unexplained" for f in flips)
+    parity.causes = dict(Counter(f.cause for f in flips))
+    parity.flips = [asdict(f) for f in flips[:MAX_LISTED_FLIPS]]
+    parity.passed = parity.passed and parity.unexplained == 0
+    if per_group:
+        hit = np.zeros(images, bool)
+        for f in flips:
+            hit[f.group * per_group + f.token * per_group // tokens] = True
+        parity.output_error_flipped = float(image_errors[hit].max()) if hit.any() else None
+        parity.output_error_clean = float(image_errors[~hit].max()) if (~hit).any() else None
+    return parity
+
+
+def _num(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def image_errors(expected: np.ndarray, actual: np.ndarray) -> np.ndarray | None:
+    """Each image's ``max|actual - expected|`` over the output's ``max|expected|`` (batch-first outputs)."""
+    if expected.shape != actual.shape or expected.ndim < 1 or not expected.size:
+        return None
+    e, a = expected.astype(np.float64), actual.astype(np.float64)
+    scale = float(np.max(np.abs(e))) or 1.0
+    return np.abs(a - e).reshape(e.shape[0], -1).max(axis=1) / scale
+
+
+def compare_soft_routing(
+    layer: str, expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]
+) -> SoftRoutingParity:
+    """The largest deviation of one Soft-MoE layer's dispatch and combine weights (any layout of the
+    same elements is compared as the reference's)."""
+    out = {}
+    for kind in ("dispatch", "combine"):
+        e = expected[kind].astype(np.float64)
+        a = actual[kind].astype(np.float64).reshape(e.shape)
+        diff = float(np.max(np.abs(a - e))) if e.size else 0.0
+        out[kind] = (diff, diff / (float(np.max(np.abs(e))) or 1.0))
+    return SoftRoutingParity(layer, out["dispatch"][0], out["combine"][0], out["dispatch"][1], out["combine"][1])

@@ -37,7 +37,9 @@ MAX_EXPERT_BUFFER_BYTES = 4 * 2**30  # V-MoE: FP32 expert activations [E, capaci
 DEFAULT_SEED = 0
 DEFAULT_VALIDATE_BATCH_GROUPS = 1  # V-MoE: routing groups per validation batch
 DEFAULT_VALIDATE_BATCH_IMAGES = 2  # Soft-MoE and models without routing groups
-REWRITE_CHECK_RTOL = 1e-4  # the rewrite's check by value: float tensors within this of the reference's scale
+# The rewrite's check by value: float tensors within this of the reference's scale, per graph precision
+# (about four units of the type's rounding: a k-term dot product rounded once to FP16/BF16).
+REWRITE_CHECK_RTOL = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 3e-2}
 
 
 # --- Seeing the routing (inspect routing, sweep capacity) -----------------------------------------

@@ -172,10 +172,13 @@ def kernel_for(recipe: KernelRecipe):
     return registry.kernel(recipe.kernel)
 
 
-def node_recipes(op: str, shapes, attrs: Mapping, dtypes: Iterable[str] = ("float32", "float16")) -> list[KernelRecipe]:
-    """Every kernel variant TensorRT may ask of one plugin node: one per token dtype its autotune
-    offers (those of the spec's first input among ``dtypes``), from the node's input shapes and
-    attributes (``plugin_namespace``, ``aot`` and other parser attributes are ignored)."""
+def node_recipes(
+    op: str, shapes, attrs: Mapping, dtypes: Iterable[str] = ("float32", "float16", "bfloat16")
+) -> list[KernelRecipe]:
+    """Every kernel variant TensorRT may ask of one plugin node: one per token dtype in ``dtypes`` that
+    the spec's first input takes (a strongly typed network asks for the graph's own type only), from
+    the node's input shapes and attributes (``plugin_namespace``, ``aot`` and other parser attributes
+    are ignored)."""
     from plugins import registry
 
     spec, kernels = registry.spec(op), registry.module(op, "kernels")

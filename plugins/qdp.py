@@ -13,20 +13,21 @@ from plugins.recipe import KernelRecipe
 
 
 def dtype_name(trt_dtype) -> str:
-    """``"float32"``, ``"float16"`` or ``"int32"`` for a ``tensorrt.DataType``."""
+    """``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"int32"`` for a ``tensorrt.DataType``."""
     import tensorrt as trt
 
-    names = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32"}
+    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32"}
     if trt_dtype not in names:
-        raise TypeError(f"unsupported TensorRT dtype {trt_dtype}; the plugins take float32, float16 and int32")
+        raise TypeError(f"unsupported TensorRT dtype {trt_dtype}; the plugins take float32, float16, bfloat16, int32")
     return names[trt_dtype]
 
 
 def combinations(pattern: str) -> list:
-    """One LINEAR ``AutoTuneCombination`` per token dtype: ``pattern`` has ``{T}`` where FP32|FP16 go."""
+    """One LINEAR ``AutoTuneCombination`` per token dtype: ``pattern`` has ``{T}`` where FP32|FP16|BF16 go.
+    (A strongly typed network fixes the type; the graph's own is the one used.)"""
     import tensorrt.plugin as trtp
 
-    return [trtp.AutoTuneCombination(pattern.format(T=t), "LINEAR") for t in ("FP32", "FP16")]
+    return [trtp.AutoTuneCombination(pattern.format(T=t), "LINEAR") for t in ("FP32", "FP16", "BF16")]
 
 
 def aot_result(recipe: KernelRecipe):

@@ -13,8 +13,8 @@ from typing import Any
 
 __all__ = ["KernelRecipe", "cdiv", "next_pow2", "require_static", "static_dim"]
 
-#: Triton pointer types of the tensor dtypes the kernels take. The plugins advertise float32 and float16
-#: token tensors; bfloat16 is a kernel-level extra (benchmarks, torch callers).
+#: Triton pointer types of the tensor dtypes the kernels take (the plugins' token tensors: float32,
+#: float16 and bfloat16).
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32"}
 
 

@@ -47,12 +47,20 @@ def exported(tmp_path_factory):
     cache: dict = {}
     folder = tmp_path_factory.mktemp("exported")
 
-    def export(name: str, routing_outputs: bool = True, **overrides):
-        key = (name, routing_outputs, tuple(sorted(overrides.items())))
+    def export(
+        name: str, routing_outputs: bool = True, precision: str = "fp32", routing_precision: str = "fp32", **overrides
+    ):
+        key = (name, routing_outputs, precision, routing_precision, tuple(sorted(overrides.items())))
         if key not in cache:
             source = from_zoo(name, **overrides)
             path = folder / f"model{len(cache)}.onnx"
-            result = export_onnx(load(source), path, routing_outputs=routing_outputs)
+            result = export_onnx(
+                load(source),
+                path,
+                routing_outputs=routing_outputs,
+                precision=precision,
+                routing_precision=routing_precision,
+            )
             cache[key] = (source, result)
         return cache[key]
 

@@ -316,7 +316,7 @@ def test_build_bundle_then_engine_without_tensorrt(tmp_path):
 def test_build_and_validate_bad_inputs(tmp_path):
     assert_one_line_error(run("build", "engine", "--model", "vmoe-tiny"), "-o DIR")
     assert_one_line_error(run("build", "engine"), "give a bundle folder")
-    assert_one_line_error(run("build", "engine", "--fp16", "--min-batch", 16, "--max-batch", 8, "-o", tmp_path / "x",
+    assert_one_line_error(run("build", "engine", "--min-batch", 16, "--max-batch", 8, "-o", tmp_path / "x",
                               "--model", "vmoe-tiny"), "min batch <= opt batch <= max batch")  # fmt: skip
     (tmp_path / "notes.txt").write_text("x")
     assert_one_line_error(run("build", "engine", tmp_path / "notes.txt", "-o", tmp_path / "e"), "neither a moe-export")

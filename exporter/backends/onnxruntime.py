@@ -1,8 +1,15 @@
-"""ONNX Runtime: the one place sessions are made (CPU by default), and a run on named numpy inputs."""
+"""ONNX Runtime: the one place sessions are made (CPU by default), and a run on named numpy inputs.
+
+BF16 graphs run through ``exporter.backends.emulation`` (an FP32 copy rounded to BF16 after every op):
+ONNX Runtime's CPU provider has no BFLOAT16 kernels. FP16 graphs run as they are."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +41,36 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     what = "the graph" if isinstance(model, bytes) else str(model)
+    model = _runnable(model, provider)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=[provider])
     except _errors() as e:
         raise UserError(f"ONNX Runtime cannot load {what}: {_reason(e)}") from None
+
+
+def _runnable(model: str | Path | bytes, provider: str) -> str | Path | bytes:
+    """The model, or on CPU its BF16 emulation (serialized) when it computes in BF16."""
+    import onnx
+
+    from exporter.backends.emulation import emulated, needs_emulation
+
+    if provider != CPU:
+        return model
+    try:
+        header = (
+            onnx.load_from_string(model)
+            if isinstance(model, bytes)
+            else onnx.load(str(model), load_external_data=False)
+        )
+    except Exception:  # ONNX Runtime says what is wrong with it
+        return model
+    if not needs_emulation(header):
+        return model
+    full = header if isinstance(model, bytes) else onnx.load(str(model))
+    proto = emulated(full)
+    if proto.ByteSize() >= 2**31 - 2**20:
+        raise UserError(f"{model} is too large to emulate BF16 on CPU (over 2 GB as FP32); check it on a GPU")
+    return proto.SerializeToString()
 
 
 def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[str, np.ndarray]:
@@ -50,9 +83,39 @@ def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[
     return dict(zip(names, values))
 
 
-def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One CPU run of a graph file."""
-    return run(session(path), feeds, what=str(path))
+def run_onnxruntime(
+    path: str | Path, feeds: dict[str, np.ndarray], *, expose: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """One CPU run of a graph file: every output, and the tensors named in ``expose`` too."""
+    expose = sorted(set(expose))
+    if not expose:
+        return run(session(path), feeds, what=str(path))
+    import onnx
+
+    header = onnx.load(str(path), load_external_data=False)
+    names = [o.name for o in header.graph.output]
+    return run_exposing(Path(path), header, names + [n for n in expose if n not in names], feeds)
+
+
+def run_exposing(path: Path, header, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A run of the graph at ``path`` (its weights-free ``header``) whose outputs are the tensors ``names``."""
+    import onnx
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(header)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    with contextlib.ExitStack() as stack:
+        if external:  # relative weight paths resolve from the model's folder
+            fd, tmp = tempfile.mkstemp(prefix=".exposed-", suffix=".onnx", dir=path.parent)
+            os.close(fd)
+            stack.callback(os.unlink, tmp)
+            onnx.save(exposed, tmp)
+            sess = session(tmp)
+        else:
+            sess = session(exposed.SerializeToString())
+        return run(sess, feeds, what=str(path))
 
 
 def _reason(e: BaseException) -> str:

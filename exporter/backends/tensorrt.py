@@ -26,7 +26,7 @@ import numpy as np
 from exporter import settings
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.fileio import atomic_path
-from exporter.formats.graph import image_input, input_dims, module_path, node_scopes, read_header
+from exporter.formats.graph import image_input, input_dims, read_header
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 INSTALL_HINT = (
@@ -122,8 +122,9 @@ class EngineOptions:
     """Build options, named like trtexec's.
 
     Attributes:
-        precision: ``fp32`` (strongly typed, TF32 off: exact FP32 parity), ``fp16`` or ``bf16``
-            (reduced precision with the router and routing math pinned to FP32).
+        precision: What the graph must hold: ``fp32``, ``fp16`` or ``bf16``; None takes the graph's.
+            The network is always strongly typed: the precision is the graph's own (``moe-export export
+            --precision``), never a builder flag. FP32 builds with TF32 off (exact FP32 parity).
         min_batch, opt_batch, max_batch: The optimization profile of the batch axis (images); None
             takes the graph's static batch or the model's default batch.
         workspace_mib: Workspace memory pool limit (``--memPoolSize=workspace:N``); None = TensorRT's.
@@ -131,7 +132,7 @@ class EngineOptions:
         opt_level: Builder optimization level 0-5 (``--builderOptimizationLevel``); None = TensorRT's 3.
     """
 
-    precision: str = settings.DEFAULT_PRECISION
+    precision: str | None = None
     min_batch: int | None = None
     opt_batch: int | None = None
     max_batch: int | None = None
@@ -140,7 +141,7 @@ class EngineOptions:
     opt_level: int | None = None
 
     def check(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         batches = [b for b in (self.min_batch, self.opt_batch, self.max_batch) if b is not None]
         if any(b < 1 for b in batches):
@@ -165,7 +166,6 @@ class EngineBuild:
     layers: int
     plugin_layers: dict[str, int]  # plugin op -> layers of that plugin in the engine
     expected_plugins: dict[str, int]  # plugin op -> plugin nodes in the ONNX graph
-    fp32_layers: int = 0  # routing layers pinned to FP32 in reduced-precision builds
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -185,26 +185,6 @@ def plugin_node_names(onnx_path: str | Path) -> dict[str, str]:
 def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
     """``{plugin op: count}`` of the moe:: plugin nodes in a graph."""
     return dict(Counter(plugin_node_names(onnx_path).values()))
-
-
-def routing_node_names(onnx_path: str | Path) -> set[str]:
-    """Names of the nodes that compute routing: everything in a MoE layer's ``router``/``routing`` scope
-    (logits, l2-normalisation, softmaxes, top-k, priorities, capacity bookkeeping), a softmax in the
-    layer's own scope (the V-MoE gates), and the TopKRoute/SoftRoute plugins. These stay FP32 in
-    reduced-precision builds."""
-    from plugins import registry
-
-    model = read_header(onnx_path)
-    scopes = {name: module_path(scope) for name, scope in node_scopes(model).items()}
-    routers = {p[-1] for p in scopes.values() if p and p[-1].rsplit(".", 1)[-1] in ("router", "routing")}
-    layers = {r.rsplit(".", 1)[0] for r in routers}
-    names = set()
-    for node in model.graph.node:
-        module = (scopes.get(node.name) or [""])[-1]
-        plugin = registry.is_plugin_node(node) and registry.spec(node.op_type).role == "routing"
-        if plugin or module in routers or (node.op_type == "Softmax" and module in layers):
-            names.add(node.name)
-    return names
 
 
 def _monitor(report: Callable[[str], None]):
@@ -228,49 +208,6 @@ def _monitor(report: Callable[[str], None]):
             self.steps.pop(phase_name, None)
 
     return Monitor()
-
-
-FLOAT_TYPES = ("float32", "float16", "bfloat16")
-
-
-def pinnable(input_types: list[str], output_types: list[str]) -> bool:
-    """Whether a routing layer is pinned to FP32: only layers that compute on floats and give floats.
-    Integer and boolean layers (Casts to int, TopK indices, comparisons, position arithmetic) are left
-    to TensorRT: forcing FP32 on them under OBEY_PRECISION_CONSTRAINTS can leave no implementation,
-    and their float inputs already come from pinned FP32 layers."""
-    types = list(input_types) + list(output_types)
-    return bool(output_types) and all(t in FLOAT_TYPES for t in types)
-
-
-def _type_name(trt_type) -> str:
-    return str(trt_type).rsplit(".", 1)[-1].lower()
-
-
-def _pin_fp32(names: set[str]):
-    """Network postprocessing for reduced precision: float layers made from routing nodes compute and
-    output FP32 (with OBEY_PRECISION_CONSTRAINTS). The parser names a node's layers after the node
-    (further layers of one node get suffixes), so a layer matches its node's name as a prefix."""
-    import tensorrt as trt
-
-    pinned = []
-
-    def apply(network):
-        for layer in network:
-            if any(layer.name == n or layer.name.startswith(f"{n}_") for n in names):
-                if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
-                    continue
-                inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
-                in_types = [_type_name(t.dtype) for t in inputs if t is not None]
-                out_types = [_type_name(layer.get_output_type(i)) for i in range(layer.num_outputs)]
-                if not pinnable(in_types, out_types):
-                    continue
-                layer.precision = trt.float32
-                for i in range(layer.num_outputs):
-                    layer.set_output_type(i, trt.float32)
-                pinned.append(layer.name)
-        return network
-
-    return apply, pinned
 
 
 PLUGIN_LAYER_TYPES = ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN")
@@ -379,6 +316,7 @@ def build_engine(
 
     start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    precision, routing = graph_precision(onnx_path, options.precision)
     nodes = plugin_node_names(onnx_path)
     expected = dict(Counter(nodes.values()))
     if expected:
@@ -395,25 +333,13 @@ def build_engine(
     batch = profile_batch(dims[0], options, batch_multiple)
     profile = Profile().add(name, min=(batch["min"], *image), opt=(batch["opt"], *image), max=(batch["max"], *image))
 
-    weak_types = options.precision != "fp32"
-    if weak_types and not hasattr(trt.BuilderFlag, "FP16"):
-        raise UserError(
-            f"TensorRT {trt.__version__} builds strongly typed networks only, so --{options.precision} needs a "
-            "mixed-precision ONNX graph, which moe-export does not write yet; build with --fp32, or with TensorRT 10.x"
-        )
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=not weak_types)
+    # strongly typed on 10.x and 11.x: every layer computes in the type the graph gives its tensors
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     network_plugins: dict[str, int] = {}
     network = PostprocessNetwork(network, _count_network_plugins(network_plugins, nodes), "CountPluginLayers")
-    pinned: list[str] = []
-    if weak_types:
-        apply, pinned = _pin_fp32(routing_node_names(onnx_path))
-        network = PostprocessNetwork(network, apply, "PinRoutingToFP32")
     pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20} if options.workspace_mib else None
     timing_cache = options.timing_cache
     config = CreateConfig(
-        fp16=options.precision == "fp16" or None,
-        bf16=options.precision == "bf16" or None,
-        precision_constraints="obey" if weak_types else None,
         profiles=[profile],
         load_timing_cache=timing_cache if timing_cache and os.path.exists(timing_cache) else None,
         memory_pool_limits=pools,
@@ -421,7 +347,7 @@ def build_engine(
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         progress_monitor=_monitor(progress),
     )
-    building = f"Building the TensorRT {trt.__version__} engine ({options.precision}, batch {batch})"
+    building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
     with step(building), quiet_polygraphy("WARNING"):
         try:
             engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
@@ -442,8 +368,8 @@ def build_engine(
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(engine_bytes))
     notes = []
-    if weak_types:
-        notes.append(f"{len(pinned)} routing layers pinned to FP32")
+    if precision != "fp32":
+        notes.append(f"{precision} graph with the routing in {'FP32' if routing == 'fp32' else precision}")
     if inspected != {op: n for op, n in network_plugins.items() if n}:
         notes.append(
             f"the engine inspector's JSON shows plugin layers {inspected or 'none'}, the network {network_plugins}"
@@ -453,15 +379,28 @@ def build_engine(
         onnx=onnx_path,
         seconds=time.perf_counter() - start,
         size_bytes=engine_path.stat().st_size,
-        precision=options.precision,
+        precision=precision,
         tensorrt=trt.__version__,
         batch=batch,
         layers=layers,
         plugin_layers=found,
         expected_plugins=expected,
-        fp32_layers=len(pinned),
         notes=notes,
     )
+
+
+def graph_precision(onnx_path: str | Path, wanted: str | None = None) -> tuple[str, str]:
+    """(precision, routing precision) of a graph, as its metadata records them; a user error when
+    ``wanted`` is another precision (the graph's own is what a strongly typed network builds)."""
+    from exporter.formats.graph import precision
+
+    found = precision(read_header(onnx_path))
+    if wanted is not None and wanted != found[0]:
+        raise UserError(
+            f"{onnx_path} is a {found[0]} graph and TensorRT builds it strongly typed, in the types it holds: for "
+            f"{wanted}, export it with --precision {wanted} (or build the bundle with --precision {wanted})"
+        )
+    return found
 
 
 def profile_batch(static: int | None, options: EngineOptions, multiple: int = 1) -> dict[str, int]:
@@ -529,7 +468,6 @@ __all__ = [
     "build_engine",
     "plugin_nodes",
     "require_tensorrt",
-    "routing_node_names",
     "tensorrt_available",
     "tensorrt_version",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -13,3 +15,31 @@ def run_torch(module: torch.nn.Module, images: np.ndarray) -> tuple[list[np.ndar
     """Flat outputs and per-layer routing of one CPU forward pass."""
     outputs, routing = run_with_routing(module, torch.from_numpy(images))
     return [o.numpy() for o in outputs], routing
+
+
+@contextlib.contextmanager
+def router_outputs(module: torch.nn.Module):
+    """``with router_outputs(model) as found: model(x)`` fills ``found`` with every MoE layer's router
+    outputs, as the graph's ``exporter.formats.graph.router_tensors`` names them: V-MoE ``{"gates"}``
+    (the FP32 softmax of the router logits, ``[G, S, E]``), Soft-MoE ``{"dispatch", "combine"}``."""
+    from exporter.models.soft_moe import soft_moe_layers
+    from exporter.models.vmoe import vmoe_layers
+
+    found: dict[str, dict[str, np.ndarray]] = {}
+    handles = []
+
+    def keep_gates(name):
+        return lambda _m, _in, out: found.__setitem__(name, {"gates": torch.softmax(out.float(), -1).numpy()})
+
+    def keep_weights(name):
+        return lambda _m, _in, out: found.__setitem__(name, {"dispatch": out[0].numpy(), "combine": out[1].numpy()})
+
+    for name, layer in vmoe_layers(module):
+        handles.append(layer.router.register_forward_hook(keep_gates(name)))
+    for name, layer in soft_moe_layers(module):
+        handles.append(layer.router.register_forward_hook(keep_weights(name)))
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -43,8 +43,15 @@ def build_group():
 @click.option("--target", "targets", metavar="SM_XX,...", help=TARGETS_HELP)
 @click.option("--batch", type=COUNT, help="Sample images (a multiple of the routing group). Default: one group.")
 @click.option("--input-seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=settings.DEFAULT_PRECISION,
+    show_default=True,
+    help="Both graphs in this type with the routing in FP32 (fp16 for Jetson); the engine builds strongly typed.",
+)
 @json_option("the bundle report")
-def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
+def build_bundle(choice, output_dir, targets, batch, input_seed, precision, json_out):
     """Model -> portable ONNX -> plugin ONNX -> CPU parity -> a deploy folder for an edge GPU.
 
     The folder holds both graphs, the plugin package with its kernels precompiled to PTX, sample inputs
@@ -55,11 +62,14 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
     Examples:
       moe-export build bundle --model vmoe-s32-last2-e8 -o vmoe-bundle
       moe-export build bundle --model soft-moe-tiny --target sm_87 -o soft-bundle --json -
+      moe-export build bundle --model vmoe-s32-last2-e8 --precision fp16 --target sm_87 -o vmoe-orin
     """
     from exporter.deploy.bundle import build_bundle as run_build
 
     targets = target_list(targets) if targets is not None else None
-    result = run_build(choice, output_dir, targets=targets, batch=batch, seed=input_seed, step=step)
+    result = run_build(
+        choice, output_dir, targets=targets, batch=batch, seed=input_seed, precision=precision, step=step
+    )
     emit(result, print_bundle, json_out)
 
 
@@ -71,9 +81,12 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, json_out):
     "--output-dir",
     help="The bundle folder (written first for --model/--module; default: SOURCE when it is a bundle).",
 )
-@click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32, TF32 off (default; exact parity).")
-@click.option("--fp16", "precision", flag_value="fp16", help="FP16 with the router and routing math in FP32.")
-@click.option("--bf16", "precision", flag_value="bf16", help="BF16 with the router and routing math in FP32.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="The precision of the bundle written first (default fp32). A bundle or graph builds in its own "
+    "precision, strongly typed (export/build bundle --precision); naming another is refused.",
+)
 @click.option("--min-batch", type=COUNT, help="Smallest batch of the optimization profile (default: one group).")
 @click.option("--opt-batch", type=COUNT, help="Batch TensorRT optimizes for (default: the max batch).")
 @click.option("--max-batch", type=COUNT, help="Largest batch of the optimization profile (default: the opt batch).")
@@ -102,7 +115,8 @@ def build_engine(source_path, choice, output_dir, precision, portable, targets, 
     \b
     Examples:
       moe-export build engine --model vmoe-s32-last2-e8 -o vmoe-bundle
-      moe-export build engine vmoe-bundle --fp16 --max-batch 32 --timing-cache trt.cache
+      moe-export build engine --model vmoe-s32-last2-e8 --precision fp16 -o vmoe-fp16-bundle
+      moe-export build engine vmoe-fp16-bundle --max-batch 32 --timing-cache trt.cache
       moe-export build engine vmoe-bundle --triton-repo model_repository
     """
     from exporter.backends.tensorrt import EngineOptions

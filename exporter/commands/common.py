@@ -12,10 +12,12 @@ import functools
 import json
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import click
 
+from exporter import settings
 from exporter.errors import UserError
 from exporter.sources.choice import ROUTING_FIELDS, ModelChoice
 
@@ -294,9 +296,13 @@ def print_report(report) -> None:
     from rich.table import Table
 
     out = console()
+    precision = ""
+    if report.precision != "fp32":
+        routing = "routing in FP32" if report.routing_precision == "fp32" else "routing reduced too"
+        precision = f", {report.precision} ({routing})"
     out.print(
         f"[bold]{escape(report.graph)}[/bold] vs PyTorch {escape(report.model)} "
-        f"on {report.backend}, batch {report.batch}"
+        f"on {report.backend}, batch {report.batch}{precision}"
     )
     t = Table(title="outputs", title_justify="left", box=None, pad_edge=False)
     for col in ("output", "shape", "max abs err", "max rel err", f"rel tol {report.tolerances['rtol']:g}"):
@@ -324,6 +330,44 @@ def print_report(report) -> None:
         out.print(t)
     else:
         out.print(f"routing: {report.routing_status}")
+    explained = [r for r in report.routing if r.gate_error is not None]
+    if explained:
+        t = Table(title="flipped decisions per V-MoE layer", title_justify="left", box=None, pad_edge=False)
+        cols = ("layer", "flips", "gates", "cascade", "unexplained", "max gate err", "out err: flipped / clean images")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for r in explained:
+            causes = Counter(r.causes)
+            errs = " / ".join("-" if e is None else f"{e:.3g}" for e in (r.output_error_flipped, r.output_error_clean))
+            t.add_row(
+                escape(r.layer),
+                str(r.flip_count),
+                str(causes["gates"]),
+                str(causes["cascade"]),
+                str(r.unexplained) if not r.unexplained else f"[red]{r.unexplained}[/red]",
+                f"{r.gate_error:.3g}",
+                errs,
+            )
+        out.print(t)
+        if any(r.flip_count for r in explained):
+            out.print(
+                "[yellow]note:[/yellow] a flip's cause is [bold]gates[/bold] when the reference's two competing "
+                "gates (or priorities) were closer than the graph's deviation from them, [bold]cascade[/bold] when "
+                "an expert flip earlier in the group moved its buffer position (--json lists each flip)"
+            )
+    if report.soft_routing:
+        t = Table(title="Soft-MoE weights per layer", title_justify="left", box=None, pad_edge=False)
+        for col in ("layer", "dispatch max abs err", "(rel)", "combine max abs err", "(rel)"):
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for r in report.soft_routing:
+            t.add_row(
+                escape(r.layer),
+                f"{r.dispatch_max_abs:.3g}",
+                f"{r.dispatch_max_rel:.3g}",
+                f"{r.combine_max_abs:.3g}",
+                f"{r.combine_max_rel:.3g}",
+            )
+        out.print(t)
     if any(r.slot_swaps for r in report.routing):
         out.print(
             "[yellow]note:[/yellow] slot swaps: tokens with the same expert and kept decision took each other's "
@@ -343,18 +387,47 @@ def print_notes(notes) -> None:
 # --- reports more than one command prints --------------------------------------------------------
 
 
+def precision_options(f):
+    """``--precision`` and ``--routing-precision`` (export, build bundle)."""
+    f = click.option(
+        "--routing-precision",
+        type=click.Choice(["fp32", "reduced"]),
+        default="fp32",
+        show_default=True,
+        help="fp32: the router and routing math stay FP32 (pinned); reduced: in the reduced type too (to compare).",
+    )(f)
+    return click.option(
+        "--precision",
+        type=click.Choice(["fp32", "fp16", "bf16"]),
+        default=settings.DEFAULT_PRECISION,
+        show_default=True,
+        help="The graph's float type: fp16/bf16 tokens, weights and experts, with Casts around the FP32 routing; "
+        "input and outputs stay FP32. TensorRT builds it strongly typed.",
+    )(f)
+
+
 def print_export(result) -> None:
     out = console()
-    size = sum(p.stat().st_size for p in result.path.parent.glob(result.path.name + "*"))
+    precision = ""
+    if result.precision != "fp32":
+        routing = "routing in FP32" if result.routing_precision == "fp32" else f"routing in {result.precision} too"
+        kept = sum(result.fp32_nodes.values())
+        precision = f", {result.precision} ({routing}; {kept} float nodes in FP32, {result.casts} Casts)"
     out.print(
-        f"wrote [bold]{escape(str(result.path))}[/bold] ({size / 2**20:,.1f} MiB, opset {result.opset}, "
-        f"{sum(result.op_counts.values())} nodes, export {result.seconds:.1f}s)"
+        f"wrote [bold]{escape(str(result.path))}[/bold] ({result.size_bytes / 2**20:,.1f} MiB, opset {result.opset}, "
+        f"{sum(result.op_counts.values())} nodes{precision}, export {result.seconds:.1f}s)"
     )
     for name, (dtype, dims) in {**result.inputs, **result.outputs}.items():
         kind = "input " if name in result.inputs else "output"
         out.print(escape(f"  {kind} {name}: {dtype}[{', '.join(map(str, dims))}]"))
     if not result.dynamic_batch:
         out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
+    if result.overflows:
+        names = ", ".join(result.overflows[:5]) + (" ..." if len(result.overflows) > 5 else "")
+        out.print(
+            f"[yellow]warning:[/yellow] {len(result.overflows)} weights or constants hold finite values beyond "
+            f"{result.precision}'s range, now infinite: {escape(names)}"
+        )
     if result.findings:
         out.print(f"[yellow]warning:[/yellow] {len(result.findings)} TensorRT portability findings:")
         for f in result.findings[:20]:
@@ -391,15 +464,18 @@ def print_rewrite(result) -> None:
 def print_bundle(result) -> None:
     out = console()
     size = sum(f["bytes"] for f in result.files.values())
+    typed = "" if result.precision == "fp32" else f", {result.precision} graphs with the routing in FP32"
     out.print(
-        f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB "
-        f"({result.seconds:.1f}s)"
+        f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB"
+        f"{typed} ({result.seconds:.1f}s)"
     )
     counts = ", ".join(f"{n} {p}" for p, n in result.plugins.items()) or "no plugin nodes"
     out.print(f"  plugins: {counts}; {result.ptx_kernels} kernel variants as PTX for {', '.join(result.targets)}")
     for name, p in result.parity.items():
         decisions = p["routing_decisions"]
         routing = f"routing: {p['routing']}" if decisions is None else f"routing decisions {share(decisions)}"
+        if p.get("routing_flips"):
+            routing += f" ({p['routing_flips']} flips, all within the gates' rounding)"
         out.print(
             f"  {escape(name)} vs PyTorch ({p['backend']}, batch {p['batch']}): max rel err "
             f"{p['max_rel_err']:.2g}, {routing} {mark(p['passed'])}"

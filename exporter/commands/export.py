@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import emit, json_option, model_options, output_option, print_export, step
+from exporter.commands.common import (
+    emit,
+    json_option,
+    model_options,
+    output_option,
+    precision_options,
+    print_export,
+    step,
+)
 
 
 @click.command()
@@ -19,16 +27,26 @@ from exporter.commands.common import emit, json_option, model_options, output_op
     help=f"ONNX opset ({settings.MIN_OPSET}-{settings.MAX_OPSET}).",
 )
 @click.option("--routing-outputs", is_flag=True, help="Expose each V-MoE layer's routing as graph outputs.")
+@precision_options
 @json_option("an export report")
-def export(choice, output, opset, routing_outputs, json_out):
+def export(choice, output, opset, routing_outputs, precision, routing_precision, json_out):
     """Export a model to a portable ONNX graph (standard ops only, dynamic batch).
 
     \b
     Examples:
       moe-export export --model vmoe-tiny --capacity-factor 0.5 --batch-priority --routing-outputs -o tiny.onnx
       moe-export export --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32 -o my.onnx
+      moe-export export --model vmoe-s32-last2-e8 --precision fp16 --routing-outputs -o s32.fp16.onnx
     """
     from exporter.export.export import export_model
 
-    result = export_model(choice, output, opset=opset, routing_outputs=routing_outputs, step=step)
+    result = export_model(
+        choice,
+        output,
+        opset=opset,
+        routing_outputs=routing_outputs,
+        precision=precision,
+        routing_precision=routing_precision,
+        step=step,
+    )
     emit(result, print_export, json_out)

@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 
 from exporter import settings
-from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.deploy import ptx
 from exporter.deploy.readme import render_readme
 from exporter.errors import CheckFailed, UserError
 from exporter.export.export import export_onnx, graph_bytes
+from exporter.export.precision import check_precision
 from exporter.fileio import check_output, check_space, publish_dir, temp_dir
 from exporter.formats.bundle import (
     FORMAT,
@@ -58,7 +58,13 @@ from exporter.formats.bundle import (
     read_manifest,
 )
 from exporter.formats.graph import input_dims, read_header
-from exporter.parity.parity import ParityReport, compare_to_reference, reference_run
+from exporter.parity.parity import (
+    ParityReport,
+    compare_to_reference,
+    onnxruntime_outputs,
+    ort_backend_name,
+    reference_run,
+)
 from exporter.rewrite.rewrite import rewrite_onnx
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import ModelSource, load
@@ -77,6 +83,7 @@ class BundleResult:
     plugins: dict[str, int]
     ptx_kernels: int
     targets: list[str]
+    precision: str = settings.DEFAULT_PRECISION
     declined: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -105,6 +112,7 @@ def build_bundle(
     batch: int | None = None,
     seed: int = settings.DEFAULT_SEED,
     opset: int = settings.DEFAULT_OPSET,
+    precision: str = settings.DEFAULT_PRECISION,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> BundleResult:
     """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
@@ -119,12 +127,16 @@ def build_bundle(
         batch: Images in the sample inputs (a multiple of the routing group); default one group.
         seed: Seed of the sample images.
         opset: ONNX opset of the export.
+        precision: ``fp32``, or ``fp16``/``bf16``: both graphs in that type with the routing in FP32
+            (``exporter.export.precision``), checked on CPU with that precision's tolerances; the
+            engine is built from them strongly typed.
         step: Context-manager factory the CLI uses to show progress.
 
     Raises:
         CheckFailed: a graph does not match PyTorch on CPU (nothing is written).
     """
     start = time.perf_counter()
+    check_precision(precision)
     source = as_source(source)
     dest = check_output(dest, folder=True)
     arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
@@ -142,7 +154,7 @@ def build_bundle(
     # the portable and the plugin graph (each with the weights), samples, PTX and the plugin package
     check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
     with temp_dir(dest) as tmp:
-        export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, step=step)
+        export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision, step=step)
         rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
         headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
         header = headers[PORTABLE]
@@ -155,13 +167,15 @@ def build_bundle(
         parity: dict[str, ParityReport] = {}
         for name in (PORTABLE, PLUGINS):
             with step(f"Checking {name} against PyTorch (ONNX Runtime, CPU)"):
-                actual = run_onnxruntime(tmp / name, feeds)
+                actual, routers = onnxruntime_outputs(tmp / name, headers[name], feeds)
             parity[name] = compare_to_reference(
                 reference,
                 actual,
                 headers[name],
                 graph=name,
-                backend="onnxruntime-cpu",
+                backend=ort_backend_name(headers[name]),
+                tolerances=settings.TOLERANCES[precision],
+                routers=routers,
             )
         failed = [n for n, r in parity.items() if not r.passed]
         if failed:
@@ -191,6 +205,7 @@ def build_bundle(
         plugins=rewritten.counts,
         ptx_kernels=kernels,
         targets=[f"sm_{a}" for a in arches],
+        precision=precision,
         declined=[d.to_dict() for d in rewritten.declined],
         notes=notes,
     )
@@ -273,7 +288,13 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
             "source": json.loads(source.to_json()),
         },
         "graphs": {
-            "portable": {"file": PORTABLE, "opset": export.opset, "ops": sum(export.op_counts.values())},
+            "portable": {
+                "file": PORTABLE,
+                "opset": export.opset,
+                "ops": sum(export.op_counts.values()),
+                "casts": export.casts,
+                "fp32_nodes": export.fp32_nodes,
+            },
             "plugins": {"file": PLUGINS, "plugin_nodes": rewritten.counts, "declined": len(rewritten.declined)},
         },
         "inputs": _io(list(header.graph.input), initializers),
@@ -285,9 +306,10 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
             "inputs": {"npz": INPUTS_NPZ, "polygraphy": INPUTS_JSON, "raw_float32": INPUTS_BIN},
             "reference_outputs": {"npz": REFERENCE_NPZ, "polygraphy": REFERENCE_JSON, "runner": "pytorch"},
         },
-        "precision": settings.DEFAULT_PRECISION,
+        "precision": export.precision,
+        "routing_precision": export.routing_precision,
         "tolerances": tolerances,
-        "polygraphy_atol": polygraphy_tolerances(expected, settings.FP32_TOLERANCES.rtol),
+        "polygraphy_atol": polygraphy_tolerances(expected, settings.TOLERANCES[export.precision].rtol),
         "parity_cpu": {name: r.summary() for name, r in parity.items()},
         "plugins": {
             "namespace": NAMESPACE,

@@ -69,7 +69,7 @@ def build_bundle_engine(
         TensorRTUnavailable: no TensorRT or GPU here (the bundle is left as it is).
         CheckFailed: the engine lacks its plugin layers; parity is reported, not raised.
     """
-    from exporter.backends.tensorrt import EngineOptions, build_engine, require_tensorrt
+    from exporter.backends.tensorrt import EngineOptions, build_engine, graph_precision, require_tensorrt
     from plugins.aot import PTX_DIR_ENV
 
     bundle = Path(bundle)
@@ -83,9 +83,10 @@ def build_bundle_engine(
     if not low <= sample <= high:
         raise UserError(f"the bundle's {sample} sample images are outside the batch profile {low}-{high}")
     check_files(bundle, None, manifest)  # never build on a changed file (the old engine included)
+    graph = bundle / (PORTABLE if portable else PLUGINS)
+    graph_precision(graph, options.precision)  # strongly typed: the graph's own precision, or refused
     require_tensorrt(f"building the engine of {bundle}")
     os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
-    graph = bundle / (PORTABLE if portable else PLUGINS)
     # built and checked beside the bundle's engine, then moved onto it just before the manifest that
     # records it: a failure on the way leaves the bundle as it was
     with atomic_path(bundle / ENGINE) as new_engine:
@@ -100,7 +101,7 @@ def build_bundle_engine(
         parity = validate_engine(
             new_engine,
             graph,
-            tolerances=settings.TOLERANCES[options.precision],
+            tolerances=settings.TOLERANCES[build.precision],
             step=step,
             reference=stored_reference(bundle),
         )
@@ -108,7 +109,7 @@ def build_bundle_engine(
     manifest["engine"] = {
         "file": ENGINE,
         "graph": graph.name,
-        "precision": options.precision,
+        "precision": build.precision,
         "tensorrt": build.tensorrt,
         "batch": build.batch,
         "plugin_layers": build.plugin_layers,
@@ -170,17 +171,18 @@ def build_onnx_engine(
 ) -> BundleEngine:
     """``build engine`` on an exported ONNX file: ``out_dir/<stem>.engine``, validated against the
     model the graph records (Triton compiles plugin kernels on the spot: there is no precompiled PTX)."""
-    from exporter.backends.tensorrt import EngineOptions, build_engine, require_tensorrt
+    from exporter.backends.tensorrt import EngineOptions, build_engine, graph_precision, require_tensorrt
 
     graph = Path(graph)
     header = read_header(graph)
     options = options or EngineOptions()
     options.check()
+    graph_precision(graph, options.precision)
     require_tensorrt(f"building an engine from {graph}")
     group = batch_multiple(header)
     engine = Path(out_dir) / f"{graph.stem}.engine"
     build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)
-    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[options.precision], step=step)
+    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[build.precision], step=step)
     return BundleEngine(Path(out_dir), build, parity)
 
 
@@ -238,7 +240,8 @@ def build_engine_for(
             raise UserError("give -o DIR: the bundle folder to write")
         from exporter.deploy.bundle import build_bundle
 
-        written = build_bundle(model, output_dir, targets=targets, step=step)
+        precision = options.precision or settings.DEFAULT_PRECISION
+        written = build_bundle(model, output_dir, targets=targets, precision=precision, step=step)
         bundle_written(written)
         bundle = Path(output_dir)
     elif source_path and is_bundle(source_path):

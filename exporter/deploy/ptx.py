@@ -45,8 +45,10 @@ def check_triton() -> None:
         raise UserError("precompiling the plugin kernels needs Triton: pip install 'moe-export[plugins]'")
 
 
-def plugin_node_shapes(path: Path, seed: int) -> list[tuple[str, dict, list[tuple[int, ...]]]]:
-    """(op, attributes, input shapes) of every moe:: plugin node, measured in one ONNX Runtime run."""
+def plugin_node_shapes(path: Path, seed: int) -> list[tuple[str, dict, list[tuple[int, ...]], str]]:
+    """(op, attributes, input shapes, first input's dtype) of every moe:: plugin node, the shapes
+    measured in one ONNX Runtime run, the dtype as the graph types it (a strongly typed network runs
+    the plugin in exactly that type)."""
     proto = onnx.load(str(path), load_external_data=False)
     nodes = [n for n in proto.graph.node if registry.is_plugin_node(n)]
     names = {t for n in nodes for t in n.input}
@@ -54,10 +56,13 @@ def plugin_node_shapes(path: Path, seed: int) -> list[tuple[str, dict, list[tupl
         return []
     full = onnx.load(str(path)) if not _external(proto) else proto
     values = probe(path, full, names, seed)
+    typed = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input]}
     out = []
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        out.append((node.op_type, attrs, [tuple(values[t].shape) for t in node.input]))
+        first = node.input[0]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(typed[first]).name if first in typed else values[first].dtype.name
+        out.append((node.op_type, attrs, [tuple(values[t].shape) for t in node.input], dtype))
     return out
 
 
@@ -82,8 +87,8 @@ def precompile(folder: Path, arches: list[int], ptx_version: int, seed: int) -> 
     import pickle
 
     recipes = {}
-    for op, attrs, shapes in plugin_node_shapes(folder / PLUGINS, seed):
-        for recipe in node_recipes(op, shapes, attrs):
+    for op, attrs, shapes, dtype in plugin_node_shapes(folder / PLUGINS, seed):
+        for recipe in node_recipes(op, shapes, attrs, dtypes=[dtype]):
             recipes[recipe.key()] = recipe
     if not recipes:
         return 0

@@ -37,6 +37,24 @@ def render_readme(manifest: dict) -> str:
     plugins = manifest["plugins"]
     counts = ", ".join(f"{n} {op}" for op, n in plugins["nodes"].items()) or "none"
     targets = ", ".join(plugins["ptx_targets"])
+    precision = manifest.get("precision", "fp32")
+    rtol = settings.TOLERANCES[precision].rtol
+    if precision == "fp32":
+        typed = "Precision: FP32 graphs."
+        routing_rule = "and 0 for routing decisions (expert, kept, slot), which must be identical."
+    else:
+        portable = manifest["graphs"]["portable"]
+        typed = (
+            f"Precision: **{precision}** graphs: tokens, weights and experts in {precision}, the router and the "
+            f"routing math in FP32 ({sum(portable.get('fp32_nodes', {}).values())} float nodes, "
+            f"{portable.get('casts', 0)} Casts at the boundaries); input and outputs FP32. TensorRT builds them "
+            "strongly typed (no precision flags)."
+        )
+        routing_rule = (
+            "and 0 for routing decisions. In reduced precision a token whose two best gates lie within the "
+            "rounding may take the other expert, and Polygraphy reports that routing output as a mismatch: "
+            "`moe-export validate .` counts such flips per layer, allows the precision's share and explains each."
+        )
     return f"""# Deploy bundle: {model["name"]}
 
 Made by moe-export {manifest["versions"]["moe-export"]} on {manifest["created"]}. Family: {model["family"]},
@@ -44,6 +62,7 @@ MoE layers: {", ".join(model["moe_layers"]) or "none"}.{
         f" The batch must be a multiple of {group} images (one V-MoE routing group)." if group > 1 else ""
     }
 Inputs: {manifest["preprocessing"]}.
+{typed}
 
 | file | what |
 |---|---|
@@ -95,26 +114,26 @@ moe-export validate .        # TensorRT vs PyTorch: outputs and routing per laye
 PYTHONPATH=. MOE_PLUGINS_PTX_DIR={PTX_DIR} polygraphy run {NETWORK_SCRIPT} --trt {trt_shapes} \\
     --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
 # portable graph
-polygraphy run {PORTABLE} --trt {trt_shapes} \\
+polygraphy run {PORTABLE} --trt --strongly-typed {trt_shapes} \\
     --load-inputs {INPUTS_JSON} --load-outputs {REFERENCE_JSON} --rtol 0 --atol {atol}
 ```
 
 The `--trt-*-shapes` give the profile the sample batch (without them Polygraphy sets every dynamic
 dimension to 1); Polygraphy leaves TF32 off unless `--tf32` is given.
 
-The `--atol` values are the FP32 parity rule (max |TensorRT - PyTorch| <= {
-        settings.FP32_TOLERANCES.rtol:g} x max |PyTorch|
-per output), and 0 for routing decisions (expert, kept, slot), which must be identical.
+The `--atol` values are the {precision} parity rule (max |TensorRT - PyTorch| <= {rtol:g} x max |PyTorch|
+per output), {routing_rule}
 
 ## With plain trtexec (portable graph, no plugins)
 
 ```bash
-trtexec --onnx={PORTABLE} {shapes} --noTF32 --saveEngine=model.portable.engine
+trtexec --onnx={PORTABLE} {shapes} --stronglyTyped --noTF32 --saveEngine=model.portable.engine
 trtexec --loadEngine=model.portable.engine --shapes={_shape(inp["name"], batch, image)} \\
     --loadInputs={inp["name"]}:{INPUTS_BIN} --exportOutput=outputs.json
 ```
 
-`--noTF32`: trtexec allows TF32 by default, which misses the FP32 parity rule. trtexec cannot build
+`--stronglyTyped`: every layer in the type the graph gives it; `--noTF32`: trtexec allows TF32 by
+default, which misses the FP32 parity rule. trtexec cannot build
 `{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
 or Polygraphy built: `trtexec --loadEngine={ENGINE} --shapes={_shape(inp["name"], batch, image)}`.
 """

@@ -23,6 +23,7 @@ PREPROCESSING_KEY = "moe_export.preprocessing"  # text: what the images input ex
 ROUTING_LAYERS_KEY = "moe_export.routing_layers"  # V-MoE layers whose routing the graph outputs
 VMOE_LAYERS_KEY = "moe_export.vmoe_layers"  # {layer: routing settings}, for the plugin rewrite
 REWRITE_KEY = "moe_export.rewrite"  # {plugin: count}, set by the rewrite
+PRECISION_KEY = "moe_export.precision"  # {"precision": fp32|fp16|bf16, "routing": fp32|reduced}
 
 # Routing outputs: three per V-MoE layer, ``routing.<layer>.<field>``.
 ROUTING_PREFIX = "routing."
@@ -71,6 +72,12 @@ def vmoe_layers(model: onnx.ModelProto) -> dict[str, dict]:
     return metadata_json(model, VMOE_LAYERS_KEY, {})
 
 
+def precision(model: onnx.ModelProto) -> tuple[str, str]:
+    """``(precision, routing precision)`` the graph was exported in; ``("fp32", "fp32")`` when unrecorded."""
+    recorded = metadata_json(model, PRECISION_KEY, {})
+    return recorded.get("precision", "fp32"), recorded.get("routing", "fp32")
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The inputs that are not initializers."""
     initializers = {i.name for i in model.graph.initializer}
@@ -114,3 +121,46 @@ def module_path(scope: str) -> list[str]:
 def op_histogram(model: onnx.ModelProto) -> Counter:
     """How many nodes of each op type the main graph has (``domain::Op`` outside the standard domain)."""
     return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def router_tensors(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
+    """The router's outputs of every MoE layer, by layer: ``{"gates": name}`` for a V-MoE layer (the
+    probabilities its routing reads: ArgMax inputs made outside the ``<layer>.routing`` scope) and
+    ``{"dispatch": name, "combine": name}`` for a Soft-MoE layer whose router is a module (two
+    Softmax nodes in one ``...router`` scope: over the tokens, axis 1, and over the slots, the last)."""
+    scopes = {n.name: module_path(s) for n, s in zip(model.graph.node, _scope_values(model))}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    found: dict[str, dict[str, str]] = {}
+    for layer in vmoe_layers(model):
+        routing = f"{layer}.routing"
+        inside = {n.name for n in model.graph.node if routing in scopes.get(n.name, [])}
+        gates = {
+            n.input[0]
+            for n in model.graph.node
+            if n.name in inside
+            and n.op_type == "ArgMax"
+            and made_by.get(n.input[0]) is not None
+            and made_by[n.input[0]].name not in inside
+        }
+        if len(gates) == 1:
+            found[layer] = {"gates": gates.pop()}
+    softmaxes: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        path = scopes.get(node.name, [])
+        if node.op_type == "Softmax" and path and path[-1].endswith(".router"):
+            softmaxes.setdefault(path[-1].rsplit(".", 1)[0], []).append(node)
+    for layer, nodes in softmaxes.items():
+        axes = {next((a.i for a in n.attribute if a.name == "axis"), -1): n.output[0] for n in nodes}
+        if len(nodes) == 2 and 1 in axes and (-1 in axes or 2 in axes):
+            found[layer] = {"dispatch": axes[1], "combine": axes.get(-1, axes.get(2))}
+    for node in model.graph.node:  # after the rewrite: the route plugins (named <layer>.moe.route)
+        layer = node.name.removesuffix(".moe.route")
+        if node.domain == "moe" and node.op_type == "TopKRoute" and layer != node.name:
+            found[layer] = {"gates": node.input[0]}
+        elif node.domain == "moe" and node.op_type == "SoftRoute" and layer != node.name:
+            found[layer] = {"dispatch": node.output[0], "combine": node.output[1]}
+    return found
+
+
+def _scope_values(model: onnx.ModelProto) -> list[str]:
+    return [next((p.value for p in n.metadata_props if p.key == SCOPE_KEY), "") for n in model.graph.node]

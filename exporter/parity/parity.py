@@ -20,8 +20,18 @@ import numpy as np
 import onnx
 
 from exporter import settings
-from exporter.backends.torch import run_torch
-from exporter.compare import OutputParity, RoutingArrays, RoutingParity, compare_output, compare_routing
+from exporter.backends.torch import router_outputs, run_torch
+from exporter.compare import (
+    OutputParity,
+    RoutingArrays,
+    RoutingParity,
+    SoftRoutingParity,
+    compare_output,
+    compare_routing,
+    compare_soft_routing,
+    explain_flips,
+    image_errors,
+)
 from exporter.errors import UserError, one_line
 from exporter.formats.bundle import read_stored_outputs
 from exporter.formats.graph import (
@@ -30,8 +40,11 @@ from exporter.formats.graph import (
     image_input,
     input_dims,
     metadata,
+    precision,
+    router_tensors,
     routing_layers,
     routing_output_names,
+    vmoe_layers,
 )
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 
@@ -51,6 +64,9 @@ class ParityReport:
     routing_status: str
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # of the graph (or engine): fp32, fp16, bf16
+    routing_precision: str = "fp32"  # fp32 (pinned) or reduced
+    soft_routing: list[SoftRoutingParity] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -74,6 +90,8 @@ class ParityReport:
             "routing": self.routing_status,
             "routing_decisions": min((r.decisions for r in self.routing), default=None),
             "slot_swaps": sum(r.slot_swaps for r in self.routing),
+            "precision": self.precision,
+            "routing_flips": sum(r.flip_count for r in self.routing),
         }
 
 
@@ -161,6 +179,7 @@ class Reference:
     routing: dict[str, RoutingArrays]
     seed: int | None  # None when the images came from a file
     stored: str | None = None  # where stored outputs came from, when PyTorch did not run now
+    routers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # router outputs per MoE layer
 
     def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
@@ -189,12 +208,30 @@ def reference_run(
         with step(f"Building {source.name} in PyTorch"):
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
-    with step(f"Running PyTorch on {images.shape[0]} images"):
+    with step(f"Running PyTorch on {images.shape[0]} images"), router_outputs(loaded.module) as routers:
         expected, routing = run_torch(loaded.module, images)
     routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
-    return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed)
+    return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed, routers=routers)
+
+
+def onnxruntime_outputs(
+    path: str | Path, header: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(outputs, router tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
+    (``router_tensors``) are exposed too, for ``compare_to_reference(routers=...)``. BF16 graphs run
+    emulated (``exporter.backends.emulation``)."""
+    from exporter.backends.onnxruntime import run_onnxruntime
+
+    internals = sorted({n for names in router_tensors(header).values() for n in names.values()})
+    values = run_onnxruntime(path, feeds, expose=internals)
+    names = [o.name for o in header.graph.output]
+    return {n: values[n] for n in names if n in values}, {n: values[n] for n in internals if n in values}
+
+
+def ort_backend_name(header: onnx.ModelProto) -> str:
+    return "onnxruntime-cpu" + (" (bf16 emulated)" if precision(header)[0] == "bf16" else "")
 
 
 def stored_reference(bundle: str | Path) -> Reference:
@@ -221,8 +258,13 @@ def compare_to_reference(
     backend: str,
     tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
     start: float | None = None,
+    routers: dict[str, np.ndarray] | None = None,
 ) -> ParityReport:
-    """Outputs within tolerance and, for every V-MoE layer the graph exposes, the same routing decisions."""
+    """Outputs within tolerance and, for every V-MoE layer the graph exposes, the same routing decisions.
+
+    ``routers`` holds the backend's values of the graph's router tensors (``router_tensors``): with the
+    reference's, every flipped V-MoE decision is listed and explained, and each Soft-MoE layer's
+    dispatch and combine weights are compared."""
     expected, routing, source = reference.outputs, reference.routing, reference.model
     plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
     if len(plain) != len(expected):
@@ -243,6 +285,33 @@ def compare_to_reference(
         if missing:
             raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source}?")
         checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    soft: list[SoftRoutingParity] = []
+    if routers:
+        named = router_tensors(header)
+        settings_of = vmoe_layers(header)
+        errors = image_errors(expected[0], actual[plain[0]]) if expected else None
+        for r in checked:
+            names, ref = named.get(r.layer, {}), reference.routers.get(r.layer, {})
+            if "gates" in names and names["gates"] in routers and "gates" in ref:
+                bpr = bool(settings_of.get(r.layer, {}).get("batch_priority"))
+                explain_flips(
+                    r,
+                    routing[r.layer],
+                    actual,
+                    ref["gates"],
+                    routers[names["gates"]],
+                    batch_priority=bpr,
+                    image_errors=errors,
+                )
+        for layer, names in named.items():
+            ref = reference.routers.get(layer, {})
+            if (
+                "dispatch" in names
+                and {"dispatch", "combine"} <= set(ref)
+                and all(n in routers for n in names.values())
+            ):
+                soft.append(compare_soft_routing(layer, ref, {k: routers[n] for k, n in names.items()}))
+    graph_precision, routing_precision = precision(header)
     return ParityReport(
         model=source,
         graph=graph,
@@ -255,6 +324,9 @@ def compare_to_reference(
         routing_status=status,
         seconds=time.perf_counter() - start if start is not None else 0.0,
         notes=notes,
+        precision=graph_precision,
+        routing_precision=routing_precision,
+        soft_routing=soft,
     )
 
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import onnx
 
 from exporter import settings
-from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.errors import UserError
 from exporter.formats.bundle import resolve_engine
-from exporter.formats.graph import read_header
+from exporter.formats.graph import precision, read_header
 from exporter.parity.parity import (
     ParityReport,
     Reference,
     compare_to_reference,
+    onnxruntime_outputs,
+    ort_backend_name,
     recorded_source,
     reference_run,
     stored_reference,
@@ -49,8 +50,8 @@ def validate(
     the ONNX graph it was built from, or beside a bundle manifest) or a bundle folder (its engine on
     its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
     is the one the graph records, changed by whatever ``choice`` gives. ``rtol`` and
-    ``routing_agreement`` override the tolerances of the precision (FP32 for ONNX graphs; an engine's
-    own precision as its bundle records it).
+    ``routing_agreement`` override the tolerances of the precision (an ONNX graph's as its metadata
+    records it; an engine's as its bundle records it).
     """
     target = Path(target)
     batch = choice.batch if batch is None else batch
@@ -59,7 +60,7 @@ def validate(
             raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
         header = read_header(target)
         source = _source(choice, target, header)
-        tolerances = _tolerances("fp32", rtol, routing_agreement)
+        tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         return validate_onnx(
             target,
             source,
@@ -70,7 +71,7 @@ def validate(
             step=step,
             header=header,
         )
-    engine, graph, sample, precision = resolve_engine(target, engine_graph)
+    engine, graph, sample, engine_precision = resolve_engine(target, engine_graph)
     use_sample = sample is not None and batch is None and inputs_npz is None
     # A bundle's own samples and stored PyTorch outputs need no model (nor its checkpoint) on the target
     reference = stored_reference(sample.parent) if use_sample and not choice.given else None
@@ -82,7 +83,7 @@ def validate(
         batch=batch,
         seed=seed,
         inputs_npz=str(sample) if use_sample else inputs_npz,
-        tolerances=_tolerances(precision or "fp32", rtol, routing_agreement),
+        tolerances=_tolerances(engine_precision or "fp32", rtol, routing_agreement),
         step=step,
         reference=reference,
     )
@@ -127,10 +128,18 @@ def validate_onnx(
     header = header if header is not None else read_header(graph_path)
     source = source or recorded_source(graph_path, header)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    with step("Running ONNX Runtime (CPU)"):
-        actual = run_onnxruntime(graph_path, {reference.input_name: reference.images})
+    emulated = ", BF16 emulated: FP32 ops rounded to BF16" if precision(header)[0] == "bf16" else ""
+    with step(f"Running ONNX Runtime (CPU{emulated})"):
+        actual, routers = onnxruntime_outputs(graph_path, header, {reference.input_name: reference.images})
     return compare_to_reference(
-        reference, actual, header, graph=str(graph_path), backend="onnxruntime-cpu", tolerances=tolerances, start=start
+        reference,
+        actual,
+        header,
+        graph=str(graph_path),
+        backend=ort_backend_name(header),
+        tolerances=tolerances,
+        start=start,
+        routers=routers,
     )
 
 

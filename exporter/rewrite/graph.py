@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -15,7 +16,24 @@ from plugins import registry
 from plugins.onnx_function import PARSER_ATTRIBUTES
 
 SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+# what a softmax output may pass through on its way to the mix: reshapes, and in a reduced-precision
+# graph the Cast from the FP32 routing to the reduced type (exporter.export.precision)
+TO_MIX_OPS = SHAPE_OPS | {"Cast"}
 MIX_OPS = {"MatMul", "Einsum"}
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon warns on stdout, e.g. that BFLOAT16 has no NumPy type (it keeps the ONNX type,
+    which is all the rewrite needs): only its errors get through, without colours."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    saved = G_LOGGER.severity, G_LOGGER.colors
+    G_LOGGER.severity, G_LOGGER.colors = G_LOGGER.ERROR, False
+    try:
+        yield
+    finally:
+        G_LOGGER.severity, G_LOGGER.colors = saved
 
 
 def is_var(t) -> bool:
@@ -59,7 +77,7 @@ def mix_consumer(t: gs.Tensor) -> tuple[gs.Node, gs.Tensor]:
             seen.add(id(node))
             if node.op in MIX_OPS:
                 found.append((node, tensor))
-            elif node.op in SHAPE_OPS and node.inputs[0] is tensor:
+            elif node.op in TO_MIX_OPS and node.inputs[0] is tensor:
                 frontier.extend(node.outputs)
     if len(found) != 1:
         raise Decline(f"softmax output {t.name} feeds {len(found)} MatMul/Einsum nodes, expected 1")
@@ -73,7 +91,7 @@ def detach(t: gs.Variable) -> None:
         node.outputs[node.outputs.index(t)] = gs.Variable(f"{t.name}.replaced", dtype=t.dtype, shape=t.shape)
 
 
-def close(actual: np.ndarray, expected: np.ndarray, rtol: float = settings.REWRITE_CHECK_RTOL) -> bool:
+def close(actual: np.ndarray, expected: np.ndarray, rtol: float = settings.REWRITE_CHECK_RTOL["fp32"]) -> bool:
     """Float values equal to ``expected`` within ``rtol`` of its scale (the parity check's measure)."""
     return _close_to(actual, expected, rtol)
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +31,4 @@ def probe(path: Path, proto: onnx.ModelProto, names: set[str], seed: int) -> dic
     """Values of the tensors ``names`` for random images (the graph's own batch rule)."""
     input_name, shape = probe_batch(proto)
     images = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(proto)
-    del exposed.graph.output[:]
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(names))
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    with contextlib.ExitStack() as stack:
-        if external:  # relative weight paths resolve from the model's folder
-            fd, tmp = tempfile.mkstemp(prefix=".probe-", suffix=".onnx", dir=path.parent)
-            os.close(fd)
-            stack.callback(os.unlink, tmp)
-            onnx.save(exposed, tmp)
-            session = ort_backend.session(tmp)
-        else:
-            session = ort_backend.session(exposed.SerializeToString())
-        return ort_backend.run(session, {input_name: images})
+    return ort_backend.run_exposing(path, proto, sorted(names), {input_name: images})

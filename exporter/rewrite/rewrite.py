@@ -37,7 +37,16 @@ import onnx_graphsurgeon as gs
 from exporter import settings
 from exporter.errors import UserError
 from exporter.fileio import atomic_dir, check_output, check_space
-from exporter.formats.graph import REWRITE_KEY, metadata, node_scopes, op_histogram, read_header, vmoe_layers
+from exporter.formats.graph import (
+    REWRITE_KEY,
+    metadata,
+    node_scopes,
+    op_histogram,
+    precision,
+    read_header,
+    vmoe_layers,
+)
+from exporter.rewrite.graph import quiet_graphsurgeon
 from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
 from exporter.rewrite.probe import probe
 from exporter.rewrite.soft_moe import soft_candidates
@@ -54,7 +63,14 @@ def plan_rewrite(
     held = sorted({n.domain for n in proto.graph.node if registry.is_plugin_node(n)})
     if held:
         raise UserError(f"{path} already holds {held[0]}:: plugin nodes (it was rewritten before)")
-    graph = gs.import_onnx(proto)
+    graph_precision, routing_precision = precision(proto)
+    if routing_precision != "fp32":
+        raise UserError(
+            f"{path} computes its routing in {graph_precision}: the moe:: route plugins take FP32 router outputs; "
+            "export with --routing-precision fp32 (the default) to rewrite it"
+        )
+    with quiet_graphsurgeon():
+        graph = gs.import_onnx(proto)
     scopes = node_scopes(proto)
 
     plans: list[LayerPlan] = []
@@ -76,9 +92,10 @@ def plan_rewrite(
     plans += declined
 
     values = probe(path, proto, set().union(*(m.names() for m in matches)), seed) if matches else {}
+    rtol = settings.REWRITE_CHECK_RTOL[graph_precision]
     for match in matches:
         try:
-            plan, apply = match.check(values)
+            plan, apply = match.check(values, rtol)
             plan.apply = apply
         except Decline as e:
             plan = LayerPlan(match.layer, "vmoe" if isinstance(match, VMoEMatch) else "soft_moe", reason=str(e))
@@ -120,7 +137,8 @@ def rewrite_onnx(
                 plan.apply(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         graph.functions = []
-        out = gs.export_onnx(graph, do_type_check=False)
+        with quiet_graphsurgeon():
+            out = gs.export_onnx(graph, do_type_check=False)
         out.functions.extend(plugin_functions(out))
         out.ir_version = max(proto.ir_version, 10)
         out.producer_name, out.producer_version = proto.producer_name, proto.producer_version

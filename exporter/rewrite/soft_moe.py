@@ -50,7 +50,7 @@ class SoftMatch:
     def names(self) -> set[str]:
         return {t.name for t in [self.logits, *self.xs, *self.slots, *self.us, *self.ys]}
 
-    def check(self, values: dict[str, np.ndarray]) -> tuple[LayerPlan, Callable]:
+    def check(self, values: dict[str, np.ndarray], rtol: float) -> tuple[LayerPlan, Callable]:
         logits = values[self.logits.name].astype(np.float64)
         images, tokens, slots = logits.shape
         dispatch, combine = softmax(logits, 1), softmax(logits, 2)
@@ -61,7 +61,7 @@ class SoftMatch:
             if xv.size % (images * tokens) or xv.shape[0] != images:
                 continue
             mixed = np.einsum("bms,bmd->bsd", dispatch, xv.reshape(images, tokens, -1).astype(np.float64))
-            found = self._layout(self.slots, values, mixed, prefer_last=True)
+            found = self._layout(self.slots, values, mixed, rtol, prefer_last=True)
             if found:
                 slots_t, slots_layout = found
                 break
@@ -77,7 +77,7 @@ class SoftMatch:
             for layout in self._layouts(uv, images, slots, prefer=slots_layout[1]):
                 canonical = to_canonical(uv, layout, images, slots, dim)
                 y = np.einsum("bms,bsd->bmd", combine, canonical)
-                found = self._layout(self.ys, values, y, prefer_last=True, image_major_only=True)
+                found = self._layout(self.ys, values, y, rtol, prefer_last=True, image_major_only=True)
                 if found:
                     y_t, u_layout = found[0], layout
                     break
@@ -136,7 +136,7 @@ class SoftMatch:
         elif prefer and value.shape[0] == prefer:
             yield (True, prefer)
 
-    def _layout(self, chain, values, expected, *, prefer_last: bool, image_major_only: bool = False):
+    def _layout(self, chain, values, expected, rtol: float, *, prefer_last: bool, image_major_only: bool = False):
         images, slots, dim = expected.shape
         for t in reversed(chain) if prefer_last else chain:
             v = values[t.name]
@@ -144,7 +144,7 @@ class SoftMatch:
                 continue
             layouts = [(False, None)] if image_major_only else list(self._layouts(v, images, slots, None))
             for layout in layouts:
-                if close(to_canonical(v.astype(np.float64), layout, images, slots, dim), expected):
+                if close(to_canonical(v.astype(np.float64), layout, images, slots, dim), expected, rtol):
                     return t, layout
         return None
 
@@ -171,11 +171,11 @@ class Either:
     def names(self) -> set[str]:
         return set().union(*(o.names() for o in self.options))
 
-    def check(self, values):
+    def check(self, values, rtol: float):
         reasons = []
         for option in self.options:
             try:
-                return option.check(values)
+                return option.check(values, rtol)
             except Decline as e:
                 reasons.append(str(e))
         raise Decline("; ".join(dict.fromkeys(reasons)))

@@ -56,7 +56,7 @@ class VMoEMatch:
             names |= {t.name for t in ins + outs if producer(t) is not None}
         return names
 
-    def check(self, values: dict[str, np.ndarray]) -> tuple[LayerPlan, Callable]:
+    def check(self, values: dict[str, np.ndarray], rtol: float) -> tuple[LayerPlan, Callable]:
         import torch
 
         from exporter.models.routing import compute_capacity, route_top_k
@@ -79,7 +79,7 @@ class VMoEMatch:
                 if v is None or (v.shape != expected.shape if exact else v.size != expected.size):
                     continue
                 if (exact and np.array_equal(v, expected)) or (
-                    not exact and close(v.reshape(expected.shape), expected)
+                    not exact and close(v.reshape(expected.shape), expected, rtol)
                 ):
                     return t
             raise Decline(f"no tensor leaving {self.layer} matches the reference {what} (capacity {capacity})")

@@ -20,5 +20,6 @@ def function() -> onnx.FunctionProto:
     # expert_major=1: [n, B*p, D] -> [B, n, p, D]; expert_major=0: [1, B, S, D] -> [B, 1, S, D] (no move).
     outputs = b.op("Transpose", b.op("Reshape", "slot_out", b.shape(n_, images, p_, dim)), perm=[1, 0, 2, 3])
     outputs = b.op("Reshape", outputs, b.shape(images, slots, dim))
-    b.op("MatMul", b.op("CastLike", "combine", outputs), outputs, outputs=["y"])
+    # as the kernel: accumulated in float32, the result in the slot outputs' type
+    b.op("CastLike", b.op("MatMul", "combine", b.op("CastLike", outputs, "combine")), "slot_out", outputs=["y"])
     return b.build()

@@ -9,7 +9,7 @@ SPEC = PluginSpec(
     inputs=(
         TensorSpec(
             "slot_out",
-            ("float32", "float16"),
+            ("float32", "float16", "bfloat16"),
             "[B, S, D] (expert_major=0) or [n, B*p, D] (expert_major=1)",
             "slot outputs",
         ),
@@ -17,7 +17,10 @@ SPEC = PluginSpec(
     ),
     outputs=(
         TensorSpec(
-            "y", ("float32", "float16"), "[B, m, D]", "y[b, m] = sum_s combine[b, m, s] * slot_out[slot (b, s)]"
+            "y",
+            ("float32", "float16", "bfloat16"),
+            "[B, m, D]",
+            "y[b, m] = sum_s combine[b, m, s] * slot_out[slot (b, s)]",
         ),
     ),
     attributes=(

@@ -14,8 +14,9 @@ def function() -> onnx.FunctionProto:
     experts, major = b.attr_int("num_experts"), b.attr_int("expert_major")
     images, dim = b.dim("x", 0), b.dim("x", 2)
     slots = b.dim("dispatch", 2)
-    weights = b.op("Transpose", b.op("CastLike", "dispatch", "x"), perm=[0, 2, 1])
-    mixed = b.op("MatMul", weights, "x")  # [B, S, D]
+    # as the kernel: the tokens' products accumulated in float32, the result in the tokens' type
+    weights = b.op("Transpose", "dispatch", perm=[0, 2, 1])
+    mixed = b.op("CastLike", b.op("MatMul", weights, b.op("CastLike", "x", "dispatch")), "x")  # [B, S, D]
     # expert_major=1: [B, n, p, D] -> [n, B*p, D]; expert_major=0: [B, 1, S, D] -> [B, S, D] (no move).
     minor = b.op("Sub", b.scalar(1), major)
     pick = lambda when_major, otherwise: b.op("Add", b.op("Mul", major, when_major), b.op("Mul", minor, otherwise))  # noqa: E731

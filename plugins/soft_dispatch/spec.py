@@ -7,13 +7,13 @@ SPEC = PluginSpec(
     namespace=NAMESPACE,
     role="dispatch",
     inputs=(
-        TensorSpec("x", ("float32", "float16"), "[B, m, D]", "tokens per image"),
+        TensorSpec("x", ("float32", "float16", "bfloat16"), "[B, m, D]", "tokens per image"),
         TensorSpec("dispatch", ("float32",), "[B, m, S]", "SoftRoute's dispatch weights"),
     ),
     outputs=(
         TensorSpec(
             "slots",
-            ("float32", "float16"),
+            ("float32", "float16", "bfloat16"),
             "[B, S, D] (expert_major=0) or [n, B*p, D] (expert_major=1)",
             "slots[b, s] = sum_m dispatch[b, m, s] * x[b, m]; slot s = e*p + q of image b is row b*p + q of expert e",
         ),

@@ -27,7 +27,8 @@ def function() -> onnx.FunctionProto:
     )
     rows = b.op("Mul", groups, tokens)
     picked = b.op("Reshape", picked, b.shape(rows, k, dim))
-    weight = b.op("CastLike", b.op("Where", kept, "weight", b.scalar(0.0)), "expert_out")
-    weight = b.op("Reshape", weight, b.shape(rows, one, k))
-    b.op("Reshape", b.op("MatMul", weight, picked), b.shape(groups, tokens, dim), outputs=["y"])
+    weight = b.op("Reshape", b.op("Where", kept, "weight", b.scalar(0.0)), b.shape(rows, one, k))
+    # as the kernel: accumulated in float32, the result in the expert outputs' type
+    mixed = b.op("CastLike", b.op("MatMul", weight, b.op("CastLike", picked, "weight")), "expert_out")
+    b.op("Reshape", mixed, b.shape(groups, tokens, dim), outputs=["y"])
     return b.build()

@@ -7,13 +7,16 @@ SPEC = PluginSpec(
     namespace=NAMESPACE,
     role="combine",
     inputs=(
-        TensorSpec("expert_out", ("float32", "float16"), "[E, G*C, D]", "expert outputs per buffer slot"),
+        TensorSpec("expert_out", ("float32", "float16", "bfloat16"), "[E, G*C, D]", "expert outputs per buffer slot"),
         TensorSpec("slot", ("int32",), "[G, S, K]", "TopKRoute's flat slots e*C + c, -1 when dropped"),
         TensorSpec("weight", ("float32",), "[G, S, K]", "TopKRoute's weights, 0 when dropped"),
     ),
     outputs=(
         TensorSpec(
-            "y", ("float32", "float16"), "[G, S, D]", "sum over kept choices of weight * expert_out[e, g*C + c]"
+            "y",
+            ("float32", "float16", "bfloat16"),
+            "[G, S, D]",
+            "sum over kept choices of weight * expert_out[e, g*C + c]",
         ),
     ),
     attributes=(AttrSpec("capacity", "int", "buffer slots C per expert and group"),),

@@ -7,13 +7,13 @@ SPEC = PluginSpec(
     namespace=NAMESPACE,
     role="dispatch",
     inputs=(
-        TensorSpec("x", ("float32", "float16"), "[G, S, D]", "tokens per routing group"),
+        TensorSpec("x", ("float32", "float16", "bfloat16"), "[G, S, D]", "tokens per routing group"),
         TensorSpec("slot_token", ("int32",), "[G, E*C]", "TopKRoute's slot table, -1 for an empty slot"),
     ),
     outputs=(
         TensorSpec(
             "expert_in",
-            ("float32", "float16"),
+            ("float32", "float16", "bfloat16"),
             "[E, G*C, D]",
             "out[e, g*C + c] = x[g, slot_token[g, e*C + c]], 0 if empty",
         ),

@@ -263,7 +263,7 @@ def test_node_recipes_are_what_aot_impl_asks_for(op):
     variants = aot.node_recipes(op, shapes, {**attrs, "plugin_namespace": "moe", "aot": 1})
     assert RECIPES[op].key() in {r.key() for r in variants}
     assert {r.key() for r in variants} == {r.key() for r in aot.node_recipes(op, shapes, attrs)}
-    token_dtypes = {"TopKRoute": 1, "SoftRoute": 1}.get(op, 2)  # routers take float32 only
+    token_dtypes = {"TopKRoute": 1, "SoftRoute": 1}.get(op, 3)  # routers take float32 only
     assert len(variants) == token_dtypes
     chosen = next(r for r in variants if r.key() == RECIPES[op].key())
     assert chosen.grid == RECIPES[op].grid and chosen.scalar_values == RECIPES[op].scalar_values

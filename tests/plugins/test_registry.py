@@ -55,7 +55,7 @@ def test_contract_order_and_dtypes(name, inputs, outputs, attributes):
         elif tensor.name in {"expert", "slot", "slot_token"}:
             assert tensor.dtypes == ("int32",), tensor
         else:  # token tensors
-            assert tensor.dtypes == ("float32", "float16"), tensor
+            assert tensor.dtypes == ("float32", "float16", "bfloat16"), tensor
 
 
 def test_attribute_types_are_what_the_onnx_parser_passes():
@@ -121,8 +121,8 @@ def test_a_seventh_plugin_is_seen_by_the_rewrite_the_engine_check_and_aot(sevent
     assert plugin_nodes(path) == {"Scale": 1}
 
     # AOT: the bundle's shape probe and kernel list include it, and its kernel is found by name
-    ((op, attrs, shapes),) = plugin_node_shapes(path, seed=0)
-    assert (op, attrs["factor"], shapes) == ("Scale", 3, [(2, 4, 8)])
+    ((op, attrs, shapes, dtype),) = plugin_node_shapes(path, seed=0)
+    assert (op, attrs["factor"], shapes, dtype) == ("Scale", 3, [(2, 4, 8)], "float32")
     recipes = aot.node_recipes(op, shapes, attrs)
     assert [r.inputs[0][1] for r in recipes] == ["float32", "float16"]
     assert recipes[0].scalar_values == (64, 3)

@@ -1,13 +1,13 @@
 """TensorRT engines. On CPU: the one-line refusal without TensorRT, option checks, the batch profile,
-and the graph facts the build relies on (plugin nodes, the routing layers kept in FP32). With TensorRT
+and the graph facts the build relies on (plugin nodes, the graph's own precision). With TensorRT
 and a GPU (``gpu`` marker): bundle engines built, inspected and validated, FP32 and reduced precision,
 portable and plugin graphs, and the Triton Inference Server entry."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-import onnx
 import pytest
 
 from exporter import settings
@@ -18,11 +18,9 @@ from exporter.backends.tensorrt import (
     plugin_nodes,
     profile_batch,
     require_tensorrt,
-    routing_node_names,
     tensorrt_available,
 )
 from exporter.errors import UserError
-from exporter.formats.graph import node_scopes
 from exporter.rewrite.rewrite import rewrite_onnx
 
 no_tensorrt = pytest.mark.skipif(tensorrt_available() is None, reason="TensorRT and a GPU are present here")
@@ -92,19 +90,19 @@ def test_plugin_nodes_counts_each_plugin(graphs):
 
 
 @pytest.mark.parametrize("name", ["vmoe-tiny", "soft-moe-tiny"])
-def test_routing_nodes_kept_in_fp32_are_the_routers(graphs, name):
+def test_the_build_takes_the_graphs_own_precision(graphs, name, tmp_path):
+    """Strongly typed: the precision is the graph's; asking for another is refused before TensorRT is
+    looked for, naming the export option that makes it."""
+    from exporter.backends.tensorrt import graph_precision
+    from exporter.deploy.engines import build_onnx_engine
+
     portable, plugins = graphs[name]
-    model = onnx.load(str(portable), load_external_data=False)
-    scopes, ops = node_scopes(model), {n.name: n.op_type for n in model.graph.node}
-    names = routing_node_names(portable)
-    assert names and all(".router" in scopes[n] or ".routing" in scopes[n] or ops[n] == "Softmax" for n in names)
-    assert not any(".experts" in scopes[n] for n in names)  # the experts' matmuls get the reduced precision
-    assert "Softmax" in {ops[n] for n in names}
-    if name == "vmoe-tiny":
-        assert "ArgMax" in {ops[n] for n in names}  # top-k as k ArgMax steps
-    plugin_model = onnx.load(str(plugins), load_external_data=False)
-    routers = {n.name for n in plugin_model.graph.node if n.op_type in ("TopKRoute", "SoftRoute")}
-    assert len(routers) == 2 and routers <= routing_node_names(plugins)
+    assert graph_precision(portable) == graph_precision(plugins) == ("fp32", "fp32")
+    assert graph_precision(portable, "fp32") == ("fp32", "fp32")
+    with pytest.raises(UserError, match="fp32 graph .* strongly typed.* --precision fp16"):
+        graph_precision(plugins, "fp16")
+    with pytest.raises(UserError, match="--precision bf16"):
+        build_onnx_engine(plugins, tmp_path, EngineOptions(precision="bf16"))
 
 
 # --- with TensorRT and a GPU ---------------------------------------------------------------------------
@@ -157,18 +155,33 @@ def test_portable_engine_and_validate_cli(built_bundles, tmp_path):
     assert report["backend"] == "tensorrt" and report["passed"] and len(report["routing"]) == 2
 
 
+@pytest.fixture(scope="module")
+def reduced_bundles(tmp_path_factory):
+    from exporter.deploy.bundle import build_bundle
+    from exporter.sources.loading import from_zoo
+
+    folder = tmp_path_factory.mktemp("reduced-bundles")
+    source = from_zoo("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    return {p: build_bundle(source, folder / p, targets=[90], precision=p).path for p in ("fp16", "bf16")}
+
+
 @pytest.mark.gpu
-def test_fp16_keeps_routing(built_bundles):
-    import tensorrt as trt
-
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_bundle_builds_strongly_typed(reduced_bundles, precision):
+    """The FP16/BF16 bundle's plugin graph builds as it is typed (no precision flags), keeps every
+    plugin layer, and matches PyTorch within the precision's tolerances with every flip explained."""
     from exporter.deploy.engines import build_bundle_engine
+    from exporter.formats.bundle import read_manifest
 
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        pytest.skip(f"TensorRT {trt.__version__} builds strongly typed networks only (no --fp16 flag)")
-    built = build_bundle_engine(built_bundles["vmoe-tiny"], EngineOptions(precision="fp16"))
-    assert built.build.fp32_layers > 0
-    assert built.parity.tolerances == {"rtol": settings.FP16_TOLERANCES.rtol, "routing_agreement": 0.99}
+    bundle = reduced_bundles[precision]
+    built = build_bundle_engine(bundle, EngineOptions(max_batch=16))
+    assert built.build.precision == precision and sum(built.build.plugin_layers.values()) == 6
+    assert built.parity.tolerances == dataclasses.asdict(settings.TOLERANCES[precision])
     assert built.passed, built.parity.to_dict()
+    assert all(r.unexplained == 0 for r in built.parity.routing)
+    assert read_manifest(bundle)["engine"]["precision"] == precision
+    with pytest.raises(UserError, match=f"{precision} graph"):
+        build_bundle_engine(bundle, EngineOptions(precision="fp32"))
 
 
 @pytest.mark.gpu
@@ -216,18 +229,6 @@ def test_numpy_and_tensorrt_versions_that_cannot_create_plugins():
         assert message and "numpy<2.4" in message and "11.2" in message and trt_v in message
     for trt_v, np_v in (("10.9.0", "2.3.5"), ("11.2.0", "2.5.0"), ("10.3.0", "2.5.0"), ("12.0", "3.0")):
         assert numpy_plugin_conflict(trt_v, np_v) is None
-
-
-def test_only_float_routing_layers_are_pinned_to_fp32():
-    from exporter.backends.tensorrt import pinnable
-
-    assert pinnable(["float16", "float32"], ["float32"])  # router MatMul, softmax, normalisation
-    assert pinnable(["float32"], ["float16"])
-    assert not pinnable(["float32"], ["int32"])  # Cast to int, ArgMax indices
-    assert not pinnable(["float32", "float32"], ["bool"])  # comparisons
-    assert not pinnable(["int32", "int32"], ["int32"])  # position arithmetic
-    assert not pinnable(["int64"], ["float32"])  # Cast from int
-    assert not pinnable(["float32"], [])
 
 
 @pytest.mark.gpu

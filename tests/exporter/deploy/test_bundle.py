@@ -139,8 +139,9 @@ def test_precompiled_ptx_covers_every_plugin_node(bundles, key):
     manifest = read_manifest(folder)
     assert manifest["plugins"]["ptx_targets"] == [f"sm_{a}" for a in targets]
     assert manifest["plugins"]["ptx_version"] == {f"sm_{a}": int(v.replace(".", "")) for a, (_, v) in targets.items()}
-    for op, attrs, shapes in nodes:
-        for recipe in node_recipes(op, shapes, attrs):
+    assert {dtype for *_, dtype in nodes} == {"float32"}  # strongly typed: the graph's type only
+    for op, attrs, shapes, dtype in nodes:
+        for recipe in node_recipes(op, shapes, attrs, dtypes=[dtype]):
             for arch, (target, isa) in targets.items():
                 found = load_precompiled(recipe, arch, PER_ARCH, folder / "ptx")  # the TensorRT build's lookup
                 assert found is not None, (op, recipe.key(), arch)

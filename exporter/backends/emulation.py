@@ -1,0 +1,69 @@
+"""Running BF16 graphs on a CPU: ONNX Runtime's CPU provider has no BFLOAT16 kernels (MatMul, Add,
+Tanh and Softmax are refused), so ``emulated`` makes an FP32 copy of the graph in which every tensor
+the graph stores in BFLOAT16 is rounded to BFLOAT16 where it is made.
+
+How faithful that is: each op computes in FP32 on BF16-representable inputs and its result is rounded
+to BF16 (round to nearest even, the Cast's own rounding) before anything reads it. That is what a GPU's
+BF16 kernels do (FP32 accumulation, BF16 storage); what it cannot model is a fused kernel that skips
+the rounding of an intermediate tensor, and the order of the FP32 accumulation. The same emulation of
+an FP16 graph, compared with ONNX Runtime's own FP16 run, measures it (``benchmarks/precision.py``).
+Weights are stored BF16 and converted to FP32 exactly; the graph's input and outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+EMULATED = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+
+
+def needs_emulation(model: onnx.ModelProto, dtype: int = onnx.TensorProto.BFLOAT16) -> bool:
+    """Whether a node other than a Cast computes on ``dtype`` tensors (read from the graph's value
+    types and initializers, without the weights)."""
+    typed = {v.name for v in [*model.graph.value_info, *model.graph.input] if v.type.tensor_type.elem_type == dtype}
+    typed |= {t.name for t in model.graph.initializer if t.data_type == dtype}
+    return any(n.op_type not in ("Cast", "Shape") and any(i in typed for i in n.input) for n in model.graph.node)
+
+
+def emulated(model: onnx.ModelProto, dtype: ir.DataType = ir.DataType.BFLOAT16) -> onnx.ModelProto:
+    """An FP32 copy of ``model`` (weights loaded) whose ``dtype`` tensors are FP32 tensors rounded to
+    ``dtype`` after the node that makes them; value names are kept, so any tensor can be read."""
+    m = ir.from_proto(model)
+    graph = m.graph
+    for value in graph.initializers.values():
+        if value.dtype == dtype and value.const_value is not None:
+            value.const_value = ir.tensor(value.const_value.numpy().astype("float32"), name=value.name)
+            value.dtype = ir.DataType.FLOAT
+    for node in list(graph):
+        if node.op_type == "Cast" and node.attributes["to"].value == dtype:
+            node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
+        for attr in ("value",):
+            if node.op_type in ("Constant", "ConstantOfShape") and attr in node.attributes:
+                tensor = node.attributes[attr].value
+                if tensor.dtype == dtype:
+                    node.attributes[attr] = ir.AttrTensor(attr, ir.tensor(tensor.numpy().astype("float32")))
+        for out in node.outputs:
+            if out.dtype != dtype:
+                continue
+            out.dtype = ir.DataType.FLOAT
+            if node.op_type == "Constant":  # exactly representable already
+                continue
+            uses, name = list(out.uses()), out.name
+            out.name = f"{name}.unrounded"
+            mid = ir.Value(name=f"{name}.rounding", type=ir.TensorType(dtype), shape=out.shape)
+            rounded = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=out.shape)
+            pair = [
+                ir.Node("", "Cast", [out], [ir.AttrInt64("to", dtype)], outputs=[mid], name=f"{name}.round"),
+                ir.Node("", "Cast", [mid], [ir.AttrInt64("to", ir.DataType.FLOAT)], outputs=[rounded]),
+            ]
+            graph.insert_after(node, pair)
+            for user, index in uses:
+                user.replace_input_with(index, rounded)
+            for i, value in enumerate(graph.outputs):
+                if value is out:
+                    graph.outputs[i] = rounded
+    for value in graph.inputs:
+        if value.dtype == dtype:
+            raise ValueError(f"input {value.name} is {dtype.name}; emulation keeps the graph's inputs")
+    return ir.to_proto(m)

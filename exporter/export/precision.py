@@ -1,0 +1,330 @@
+"""Reduced-precision graphs: FP16 or BF16 tokens, weights and expert MatMuls, with the routing in FP32.
+
+TensorRT 11 builds strongly typed networks only, so a reduced-precision engine needs the precision in
+the ONNX graph itself. ``reduce_precision`` rewrites an exported FP32 graph (an ``onnx_ir`` model, in
+place) so that every float tensor is FP16 or BF16 except those of the nodes kept in FP32, with one Cast
+wherever a tensor crosses between the two:
+
+* **Kept in FP32** (``routing="fp32"``, the default): the router of every MoE layer.
+  V-MoE: the router MatMul (scope ``<layer>.router``), the softmax giving the gates (in the layer's own
+  scope) and all routing math (scope ``<layer>.routing``: top-k, priorities, buffer positions,
+  capacity). Soft-MoE, found by op pattern whoever wrote it (two Softmax nodes over one logits tensor,
+  each feeding a MatMul/Einsum): everything between the token tensor and the two softmaxes, i.e. the
+  l2-normalisations, the scale, the logits MatMul and both softmaxes. ``routing="reduced"`` keeps none
+  of them: what a converter without a block list gives, for comparison.
+* Also kept: any node whose op does not take the reduced type at the graph's opset
+  (``onnx.defs`` type constraints, e.g. Conv has no BFLOAT16 before opset 22, Range none at all).
+* **Reduced**: everything else, LayerNormalization included. Its ``stash_type`` stays 1, so the mean
+  and variance are computed in FP32 (ONNX semantics, and TensorRT's INormalizationLayer computes in
+  FP32 for FP16 inputs); the residual stream is FP16/BF16, as in TensorRT's own mixed-precision
+  builds. The graph's input and outputs stay FP32 (one Cast each), so every caller feeds and reads
+  what it fed and read before.
+
+Constants and weights are converted where their consumers are reduced; a weight that both sides read
+is kept once per type. Values are rounded to nearest (``numpy``/``ml_dtypes``), so infinities stay
+infinite: the routing masks use ``-inf`` (onnxconverter-common's float16 conversion clamps it to
+-10000, one reason this pass is written here; the others: it cannot write BFLOAT16, and it leaves the
+value types of the Casts torch.onnx emits stale, which onnx.checker refuses).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from exporter.errors import UserError
+from exporter.formats.graph import SCOPE_KEY, module_path
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+ROUTING_PRECISIONS = ("fp32", "reduced")
+DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+ONNX_TYPE_NAMES = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
+
+SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+MIX_OPS = {"MatMul", "Einsum"}
+# Ops that read a float tensor without computing on it: they take either type, no Cast is needed
+# in front of them, and a reduced one whose ``to`` is FLOAT casts to the reduced type instead.
+TYPE_FREE_OPS = {"Cast", "Shape", "Size"}
+
+
+@dataclass
+class PrecisionResult:
+    """What ``reduce_precision`` did.
+
+    Attributes:
+        precision: ``fp16`` or ``bf16``.
+        routing: ``fp32`` (routing pinned) or ``reduced``.
+        casts: Cast nodes inserted at the boundaries between FP32 and reduced tensors.
+        fp32_nodes: Nodes that compute on floats in FP32, by reason (``routing``, ``Conv lacks bfloat16
+            at opset 18``, ...).
+        reduced_nodes: Nodes that compute on floats in the reduced type.
+        weights: Initializers converted to the reduced type.
+        shared_weights: Initializers both sides read: kept in FP32, with a reduced copy.
+        overflows: Weights and constants with finite values beyond the reduced type's range (they
+            became infinite): a graph that needs them cannot run in this precision as it is.
+    """
+
+    precision: str
+    routing: str
+    casts: int = 0
+    fp32_nodes: dict[str, int] = field(default_factory=dict)
+    reduced_nodes: int = 0
+    weights: int = 0
+    shared_weights: int = 0
+    overflows: list[str] = field(default_factory=list)
+
+
+def check_precision(precision: str, routing: str = "fp32") -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if routing not in ROUTING_PRECISIONS:
+        raise UserError(f"routing precision must be one of {', '.join(ROUTING_PRECISIONS)}, got {routing!r}")
+    if precision == "fp32" and routing != "fp32":
+        raise UserError("--routing-precision reduced needs --precision fp16 or bf16")
+
+
+# --- which nodes stay FP32 ------------------------------------------------------------------------
+
+
+def _scope(node: ir.Node) -> list[str]:
+    return module_path(node.metadata_props.get(SCOPE_KEY, ""))
+
+
+def vmoe_routing_nodes(graph: ir.Graph, layers) -> set[ir.Node]:
+    """The router MatMul, the gates' softmax and the routing math of each V-MoE layer, by scope."""
+    layers = set(layers)
+    kept = set()
+    for node in graph:
+        path = _scope(node)
+        module = path[-1] if path else ""
+        owner, _, part = module.rpartition(".")
+        if (owner in layers and part in ("router", "routing")) or (node.op_type == "Softmax" and module in layers):
+            kept.add(node)
+    return kept
+
+
+def _back_chain(value: ir.Value) -> ir.Value:
+    while (node := value.producer()) is not None and node.op_type in SHAPE_OPS and node.inputs[0] is not None:
+        value = node.inputs[0]
+    return value
+
+
+def _mix_inputs(value: ir.Value) -> list[ir.Value]:
+    """The other inputs of the MatMul/Einsum nodes ``value`` feeds (through reshapes/transposes)."""
+    found, frontier, seen = [], [value], set()
+    while frontier:
+        v = frontier.pop()
+        for node, index in v.uses():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in MIX_OPS:
+                found += [x for i, x in enumerate(node.inputs) if i != index and x is not None]
+            elif node.op_type in SHAPE_OPS and index == 0:
+                frontier.extend(node.outputs)
+    return found
+
+
+def _ancestors(values) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    frontier = [v.producer() for v in values if v is not None and v.producer() is not None]
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        frontier += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+    return seen
+
+
+def soft_routing_nodes(graph: ir.Graph) -> set[ir.Node]:
+    """Of every Soft-MoE layer (two Softmax nodes over one logits tensor, each feeding a mix): the
+    nodes between its token tensor and the two softmaxes, the softmaxes included."""
+    by_root: dict[int, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "Softmax" and node.inputs[0] is not None:
+            by_root.setdefault(id(_back_chain(node.inputs[0])), []).append(node)
+    kept = set()
+    for pair in by_root.values():
+        mixes = [_mix_inputs(n.outputs[0]) for n in pair]
+        if len(pair) != 2 or not all(mixes):
+            continue
+        # the tokens the layer mixes (not the expert outputs, which come after the softmaxes)
+        tokens = [t for xs in mixes for x in xs if not (_ancestors([t := _back_chain(x)]) & set(pair))]
+        upstream = _ancestors(tokens)
+        kept |= (_ancestors(n.outputs[0] for n in pair) - upstream) | set(pair)
+    return kept
+
+
+@functools.cache
+def _constraints(op_type: str, domain: str, opset: int) -> tuple[list[str], list[str], dict[str, set[str]]] | None:
+    """(type symbol per formal input, per formal output, {symbol: allowed types}) of an op's schema."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, domain)
+    except onnx.defs.SchemaError:
+        return None
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    return [p.type_str for p in schema.inputs], [p.type_str for p in schema.outputs], allowed
+
+
+def _takes(node: ir.Node, opset: int, type_name: str) -> bool:
+    """Whether the op admits ``type_name`` at each of the node's float inputs and outputs."""
+    found = _constraints(node.op_type, node.domain, opset)
+    if found is None:
+        return False
+    formal_in, formal_out, allowed = found
+    for formal, values in ((formal_in, node.inputs), (formal_out, node.outputs)):
+        for i, value in enumerate(values):
+            if not _is_float(value) or not formal:
+                continue
+            symbol = formal[min(i, len(formal) - 1)]  # the last formal parameter may be variadic
+            if type_name not in allowed.get(symbol, {type_name}):
+                return False
+    return True
+
+
+# --- the pass -------------------------------------------------------------------------------------
+
+
+def _convert(tensor, dtype: ir.DataType, overflows: list[str] | None = None) -> ir.Tensor:
+    """The tensor rounded to ``dtype`` (nearest); a finite value that becomes infinite is recorded."""
+    array = tensor.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(dtype.numpy())
+    floating = overflows is not None and np.issubdtype(array.dtype, np.floating)
+    if floating and np.any(np.isfinite(array) & ~np.isfinite(converted.astype(np.float32))):
+        overflows.append(tensor.name or "a constant")
+    return ir.tensor(converted, name=tensor.name)
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def reduce_precision(model: ir.Model, precision: str, *, routing: str = "fp32", vmoe_layers=()) -> PrecisionResult:
+    """Rewrites ``model`` (in place) to ``precision`` with the routing kept in FP32 (see the module).
+
+    Args:
+        model: An exported FP32 graph (onnx_ir).
+        precision: ``fp16`` or ``bf16``.
+        routing: ``fp32`` keeps every MoE router and the routing math in FP32; ``reduced`` does not.
+        vmoe_layers: The V-MoE layers' module names (their scopes name the routing nodes).
+    """
+    check_precision(precision, routing)
+    if precision == "fp32":
+        return PrecisionResult(precision, routing)
+    if model.functions:
+        raise UserError("graphs with local functions cannot be converted to reduced precision (export it again)")
+    graph = model.graph
+    if any(v.type is None for node in graph for v in node.outputs):  # torch.onnx types every value; others may not
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass()(model)
+    low = DTYPES[precision]
+    opset = graph.opset_imports.get("", 1)
+    result = PrecisionResult(precision, routing)
+    reasons: Counter = Counter()
+
+    kept: set[ir.Node] = set()
+    if routing == "fp32":
+        kept = vmoe_routing_nodes(graph, vmoe_layers) | soft_routing_nodes(graph)
+    low_nodes: set[ir.Node] = set()
+    for node in graph:
+        floats = [v for v in (*node.inputs, *node.outputs) if _is_float(v)]
+        if node.op_type == "Constant" or not floats:
+            continue
+        if node in kept:
+            reasons["routing"] += 1
+        elif node.op_type in TYPE_FREE_OPS:
+            low_nodes.add(node)
+        elif not _takes(node, opset, ONNX_TYPE_NAMES[low]):
+            reasons[f"{node.op_type} takes no {low.name.lower()} at opset {opset}"] += 1
+        else:
+            low_nodes.add(node)
+    result.fp32_nodes, result.reduced_nodes = dict(reasons), len(low_nodes)
+
+    def wants_low(node: ir.Node) -> bool:
+        return node in low_nodes
+
+    # Constants and weights: one copy per type their consumers want.
+    for node in [n for n in graph if n.op_type == "Constant" and _is_float(n.outputs[0])]:
+        value = node.outputs[0]
+        users = {wants_low(n) for n, _ in value.uses()}
+        if users == {True} and not value.is_graph_output():
+            converted = _convert(node.attributes["value"].value, low, result.overflows)
+            node.attributes["value"] = ir.AttrTensor("value", converted)
+            value.dtype = low
+    for name, value in list(graph.initializers.items()):
+        if not _is_float(value) or value.const_value is None:
+            continue
+        users = {wants_low(n) for n, _ in value.uses()}
+        if True not in users:
+            continue
+        if users == {True} and not value.is_graph_input():
+            value.const_value = _convert(value.const_value, low, result.overflows)
+            value.dtype = low
+            result.weights += 1
+            continue
+        copy = ir.Value(name=f"{name}.{precision}", type=ir.TensorType(low), shape=value.shape)
+        copy.const_value = _convert(value.const_value, low, result.overflows)
+        graph.register_initializer(copy)
+        for n, i in list(value.uses()):
+            if wants_low(n):
+                n.replace_input_with(i, copy)
+        result.shared_weights += 1
+
+    # Every float tensor a reduced node makes is reduced; a Cast to FLOAT there casts to the reduced type.
+    for node in low_nodes:
+        if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
+            node.attributes["to"] = ir.AttrInt64("to", low)
+        for out in node.outputs:
+            if _is_float(out):
+                out.dtype = low
+        if node.op_type == "ConstantOfShape" and "value" in node.attributes:
+            attr = node.attributes["value"].value
+            if attr.dtype == ir.DataType.FLOAT:
+                node.attributes["value"] = ir.AttrTensor("value", _convert(attr, low, result.overflows))
+
+    # Casts where a tensor's type is not the one its consumer computes in.
+    casts: dict[tuple[int, ir.DataType], ir.Value] = {}
+
+    def cast(value: ir.Value, to: ir.DataType, scope_of: ir.Node) -> ir.Value:
+        key = (id(value), to)
+        if key not in casts:
+            suffix = "fp32" if to == ir.DataType.FLOAT else precision
+            out = ir.Value(name=f"{value.name}.{suffix}", type=ir.TensorType(to), shape=value.shape)
+            node = ir.Node(
+                "", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out], name=f"{value.name}.cast_{suffix}"
+            )
+            if SCOPE_KEY in scope_of.metadata_props:
+                node.metadata_props[SCOPE_KEY] = scope_of.metadata_props[SCOPE_KEY]
+            producer = value.producer()
+            if producer is None:
+                graph.insert_before(scope_of, node)
+            else:
+                graph.insert_after(producer, node)
+            casts[key] = out
+        return casts[key]
+
+    for node in list(graph):
+        if node.op_type in TYPE_FREE_OPS or node.name.endswith((".cast_fp32", f".cast_{precision}")):
+            continue
+        want = low if wants_low(node) else ir.DataType.FLOAT
+        for i, value in enumerate(node.inputs):
+            if value is not None and value.dtype in (ir.DataType.FLOAT, low) and value.dtype != want:
+                node.replace_input_with(i, cast(value, want, node))
+    for i, value in enumerate(list(graph.outputs)):
+        if value.dtype == low:  # the outputs stay FP32
+            name = value.name
+            value.name = f"{name}.{precision}"
+            out = cast(value, ir.DataType.FLOAT, value.producer())
+            out.name = name
+            graph.outputs[i] = out
+    result.casts = len(casts)
+    graph.sort()
+    return result
