@@ -343,3 +343,15 @@ def test_commands_are_listed_in_pipeline_order():
     listing = run("--help").output
     order = [listing.index(f"  {name} ") for name in ("models", "import", "export", "rewrite", "validate", "build")]
     assert order == sorted(order)
+
+
+def test_export_in_fp16_reports_its_casts_and_validates(tmp_path):
+    out = tmp_path / "h.onnx"
+    result = run("export", "--model", "soft-moe-tiny", "--precision", "fp16", "-o", out, "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["precision"] == "fp16" and report["routing_precision"] == "fp32"
+    assert report["casts"] == 8 and report["fp32_nodes"]["routing"] > 0 and report["size_bytes"] > 0
+    table = run("validate", out)
+    assert table.exit_code == 0, table.output
+    assert "fp16 (routing in FP32)" in table.output and "Soft-MoE weights per layer" in table.output

@@ -81,6 +81,19 @@ def scene(tmp_path, graph):
 
 # (case, arguments with {d} for the scene folder, exit code, fragment of the one line)
 CATALOGUE = [
+    (
+        "--routing-precision reduced of an fp32 graph",
+        "export --model vmoe-tiny --routing-precision reduced -o {d}/x.onnx",
+        2,
+        "--routing-precision reduced needs --precision fp16 or bf16",
+    ),
+    ("--precision int8", "export --model vmoe-tiny --precision int8 -o {d}/x.onnx", 2, "'int8' is not one of"),
+    (
+        "an engine in another precision than its graph",
+        "build engine {d}/v.onnx --precision fp16 -o {d}/engine",
+        2,
+        "is typed fp32 and TensorRT builds it strongly typed",
+    ),
     ("-o onto a special file", "export --model vmoe-tiny -o {d}/fifo", 2, "is a special file"),
     ("-o onto a folder", "export --model vmoe-tiny -o {d}/dir", 2, "is a directory"),
     ("--json onto a folder", "export --model vmoe-tiny -o {d}/x.onnx --json {d}/dir", 2, "is a directory"),

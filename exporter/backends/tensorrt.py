@@ -397,7 +397,7 @@ def graph_precision(onnx_path: str | Path, wanted: str | None = None) -> tuple[s
     found = precision(read_header(onnx_path))
     if wanted is not None and wanted != found[0]:
         raise UserError(
-            f"{onnx_path} is a {found[0]} graph and TensorRT builds it strongly typed, in the types it holds: for "
+            f"{onnx_path} is typed {found[0]} and TensorRT builds it strongly typed, in the types it holds: for "
             f"{wanted}, export it with --precision {wanted} (or build the bundle with --precision {wanted})"
         )
     return found

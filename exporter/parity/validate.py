@@ -108,7 +108,7 @@ def validate_onnx(
     batch: int | None = None,
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
-    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    tolerances: settings.Tolerances | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     header: onnx.ModelProto | None = None,
 ) -> ParityReport:
@@ -120,12 +120,13 @@ def validate_onnx(
         batch: Images per run (a multiple of the routing group); default one group.
         seed: Seed of the random inputs (ignored with ``inputs_npz``).
         inputs_npz: A .npz with the input array (named after the graph input, or alone).
-        tolerances: Pass criteria.
+        tolerances: Pass criteria; by default those of the graph's precision (``settings.TOLERANCES``).
         step: Context-manager factory the CLI uses to show progress.
         header: The graph without weights, if the caller has already read it (``read_header``).
     """
     start = time.perf_counter()
     header = header if header is not None else read_header(graph_path)
+    tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
     emulated = ", BF16 emulated: FP32 ops rounded to BF16" if precision(header)[0] == "bf16" else ""
@@ -151,7 +152,7 @@ def validate_engine(
     batch: int | None = None,
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
-    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    tolerances: settings.Tolerances | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     reference: Reference | None = None,
 ) -> ParityReport:
@@ -166,6 +167,7 @@ def validate_engine(
     require_tensorrt("validating an engine")
     start = time.perf_counter()
     header = read_header(graph_path)
+    tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]  # the engine is typed as its graph
     if reference is None:
         source = source or recorded_source(graph_path, header)
         reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)

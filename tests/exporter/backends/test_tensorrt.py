@@ -99,7 +99,7 @@ def test_the_build_takes_the_graphs_own_precision(graphs, name, tmp_path):
     portable, plugins = graphs[name]
     assert graph_precision(portable) == graph_precision(plugins) == ("fp32", "fp32")
     assert graph_precision(portable, "fp32") == ("fp32", "fp32")
-    with pytest.raises(UserError, match="fp32 graph .* strongly typed.* --precision fp16"):
+    with pytest.raises(UserError, match="is typed fp32 and TensorRT builds it strongly typed.* --precision fp16"):
         graph_precision(plugins, "fp16")
     with pytest.raises(UserError, match="--precision bf16"):
         build_onnx_engine(plugins, tmp_path, EngineOptions(precision="bf16"))
@@ -180,7 +180,7 @@ def test_reduced_precision_bundle_builds_strongly_typed(reduced_bundles, precisi
     assert built.passed, built.parity.to_dict()
     assert all(r.unexplained == 0 for r in built.parity.routing)
     assert read_manifest(bundle)["engine"]["precision"] == precision
-    with pytest.raises(UserError, match=f"{precision} graph"):
+    with pytest.raises(UserError, match=f"is typed {precision}"):
         build_bundle_engine(bundle, EngineOptions(precision="fp32"))
 
 

@@ -296,3 +296,30 @@ def test_engine_profile_must_cover_the_sample_batch(bundles):
     _, _, folder = bundles["vmoe"]
     with pytest.raises(UserError, match="8 sample images are outside the batch profile 16-32"):
         build_bundle_engine(folder, EngineOptions(min_batch=16, max_batch=32))
+
+
+def test_an_fp16_bundle_holds_fp16_graphs_and_says_so(tmp_path):
+    """--precision fp16: both graphs FP16 with the routing in FP32, checked on CPU with FP16's
+    tolerances; only the FP16 token kernels are precompiled (a strongly typed build asks for no
+    other); the manifest and the README say so."""
+    import onnx
+
+    from exporter.formats.graph import precision
+
+    source = from_zoo("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    result = build_bundle(source, tmp_path / "b", targets=[87], precision="fp16")
+    assert result.passed and result.precision == "fp16"
+    folder = result.path
+    for name in ("model.onnx", "model.plugins.onnx"):
+        assert precision(onnx.load(str(folder / name), load_external_data=False)) == ("fp16", "fp32")
+    manifest = read_manifest(folder)
+    assert manifest["precision"] == "fp16" and manifest["routing_precision"] == "fp32"
+    assert manifest["graphs"]["portable"]["casts"] == 6 and manifest["graphs"]["portable"]["fp32_nodes"]["routing"] > 0
+    assert all(p["precision"] == "fp16" and p["passed"] for p in manifest["parity_cpu"].values())
+    dtypes = {dtype for *_, dtype in plugin_node_shapes(folder / "model.plugins.onnx", seed=0)}
+    assert dtypes == {"float32", "float16"}  # FP32 router inputs, FP16 tokens
+    kernels = [f for f in (folder / "ptx").rglob("*.ptx")]
+    assert len(kernels) == result.ptx_kernels == 3  # route (FP32 gates), dispatch and combine (FP16)
+    readme = (folder / "README.md").read_text()
+    assert "Precision: **fp16** graphs" in readme and "strongly typed" in readme
+    assert f"<= {settings.TOLERANCES['fp16'].rtol:g} x max" in readme

@@ -3,6 +3,7 @@ graph, an engine file and a bundle (the TensorRT runs themselves are GPU-marked 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -68,3 +69,52 @@ def test_an_engine_needs_tensorrt_and_says_so(bundled, tmp_path):
     alone.write_bytes(b"x")
     with pytest.raises(UserError, match="give --onnx GRAPH"):
         validate(alone)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_graphs_validate_with_every_flip_listed_and_explained(exported, precision):
+    """FP16 (ONNX Runtime) and BF16 (emulated) graphs against the FP32 model, with the precision's
+    tolerances: every flipped decision is counted, listed with its gate margin, and explained."""
+    _, result = exported("vmoe-tiny", precision=precision, capacity_factor=0.5, batch_priority=True)
+    report = validate(result.path, batch=32)
+    assert report.passed, report.to_json()
+    assert report.precision == precision and report.routing_precision == "fp32"
+    assert report.tolerances == dataclasses.asdict(settings.TOLERANCES[precision])
+    assert report.backend == ("onnxruntime-cpu (bf16 emulated)" if precision == "bf16" else "onnxruntime-cpu")
+    for layer in report.routing:
+        differing = round((1 - layer.decisions) * layer.pairs)
+        assert layer.flip_count == differing == sum(layer.causes.values()) == len(layer.flips)
+        assert layer.unexplained == 0 and 0 < layer.gate_error < 0.5
+        for flip in layer.flips:
+            if flip["kind"] == "expert":  # the two experts' gates were closer than the graph moved them
+                assert flip["cause"] == "gates" and flip["margin"] <= flip["error"]
+            assert flip["output_error"] is not None
+    assert report.summary()["routing_flips"] == sum(r.flip_count for r in report.routing)
+
+
+def test_an_fp32_graph_has_no_flips_and_exact_gates(exported):
+    _, result = exported("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    report = validate(result.path, batch=32)
+    assert report.passed and report.precision == "fp32"
+    assert all(r.flip_count == 0 and r.gate_error < 1e-6 for r in report.routing)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_soft_moe_dispatch_and_combine_weights_are_compared_per_layer(exported, precision):
+    _, fp32 = exported("soft-moe-tiny")
+    _, reduced = exported("soft-moe-tiny", precision=precision)
+    exact, report = validate(fp32.path), validate(reduced.path)
+    assert report.passed and [s.layer for s in report.soft_routing] == ["blocks.2.mlp", "blocks.3.mlp"]
+    assert all(s.dispatch_max_abs < 1e-6 and s.combine_max_abs < 1e-6 for s in exact.soft_routing)
+    bound = {"fp16": 1e-3, "bf16": 1e-2}[precision]  # of weights up to 1, from tokens rounded upstream
+    assert all(0 < s.dispatch_max_abs < bound and 0 < s.combine_max_abs < bound for s in report.soft_routing)
+
+
+def test_pinning_the_routing_to_fp32_is_what_keeps_the_gates_close(exported):
+    """The same BF16 graph with the router and routing math in BF16 too: its gates move further."""
+    _, pinned = exported("vmoe-tiny", precision="bf16", capacity_factor=0.5, batch_priority=True)
+    _, reduced = exported("vmoe-tiny", precision="bf16", routing_precision="reduced", capacity_factor=0.5,
+                          batch_priority=True)  # fmt: skip
+    first, second = validate(pinned.path, batch=32), validate(reduced.path, batch=32)
+    assert second.routing_precision == "reduced"
+    assert second.routing[0].gate_error > first.routing[0].gate_error

@@ -157,3 +157,32 @@ def test_external_weights_shared_when_the_output_is_beside_the_source(exported, 
     rewrite_onnx(tmp_path / "m.onnx", tmp_path / "m.plugins.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx", "m.plugins.onnx"]
     assert validate_onnx(tmp_path / "m.plugins.onnx", source).passed
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["vmoe-tiny", "soft-moe-tiny"])
+def test_reduced_precision_graphs_rewrite_and_validate(exported, tmp_path, name, precision):
+    """The FP16/BF16 graphs: every layer replaced (checked by value with the precision's tolerance),
+    the plugins read FP32 router outputs and reduced tokens, and the result validates on CPU."""
+    overrides = dict(capacity_factor=0.5, batch_priority=True) if name == "vmoe-tiny" else {}
+    source, result = exported(name, precision=precision, **overrides)
+    rewritten = rewrite_onnx(result.path, tmp_path / "plugins.onnx")
+    assert not rewritten.declined and len(rewritten.layers) == len(load(source).moe_layers)
+    model = onnx.load(str(tmp_path / "plugins.onnx"), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    reduced = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+    for node in _plugin_nodes(tmp_path / "plugins.onnx"):
+        if node.op_type in ("TopKRoute", "SoftRoute"):
+            assert types[node.input[0]] == onnx.TensorProto.FLOAT
+        else:  # dispatch and combine: the tokens in the reduced type, the router's weights in FP32
+            assert types[node.input[0]] == reduced and types[node.output[0]] == reduced
+    report = validate_onnx(tmp_path / "plugins.onnx", source, batch=16 if name == "vmoe-tiny" else 4)
+    assert report.passed, report.to_json()
+    assert report.precision == precision and all(r.unexplained == 0 for r in report.routing)
+
+
+def test_a_graph_with_reduced_routing_is_not_rewritten(exported, tmp_path):
+    _, result = exported("soft-moe-tiny", precision="fp16", routing_precision="reduced")
+    with pytest.raises(UserError, match="route plugins take FP32 router outputs"):
+        rewrite_onnx(result.path, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
