@@ -66,11 +66,14 @@ class Flip:
 
     ``kind`` is ``expert`` (another expert) or ``kept`` (same expert, kept in one run and dropped in the
     other). ``margin`` is how close the reference's two competing values were: for an expert flip the
-    gap between the gates of the two experts; for a kept flip under Batch Prioritized Routing the gap
-    between this token's priority and the nearest priority of a token in the same group. ``error`` is
-    how far the graph moved those values (the sum of the two gates' deviations; twice the group's largest
-    priority deviation). ``cause``: ``gates`` (margin <= error: rounding reordered them), ``cascade``
-    (an expert flip earlier in the group moved this token's buffer position) or ``unexplained``.
+    smallest gap between two of the token's candidate experts (its choices in either run) that the two
+    runs rank in opposite order; for a kept flip under Batch Prioritized Routing the gap between this
+    token's priority and the nearest priority of a token in the same group. ``error`` is how far the
+    graph moved those values (the two gates' deviations summed; twice the group's largest priority
+    deviation). ``cause``: ``gates`` (the graph's choices are the top-k of its own gates, which rank
+    two candidates in the other order, no further apart than it moved them: rounding reordered them),
+    ``cascade`` (an expert flip earlier in the group moved this token's buffer position) or
+    ``unexplained`` (the routing math disagrees with its own gates).
     """
 
     group: int
@@ -186,8 +189,10 @@ def explain_flips(
     for g, s, c in zip(*np.nonzero(flipped)):
         e, a = int(e_ref[g, s, c]), int(e_act[g, s, c])
         if expert_flip[g, s, c]:
-            kind, margin, error = "expert", abs(gates[g, s, e] - gates[g, s, a]), delta[g, s, e] + delta[g, s, a]
-            cause = "gates" if margin <= error + 1e-12 else "unexplained"
+            kind = "expert"
+            margin, error = _inverted_pair(gates[g, s], actual_gates[g, s], {*e_ref[g, s], *e_act[g, s]})
+            own = np.array_equal(_top_k(actual_gates[g, s], e_act.shape[-1]), e_act[g, s])
+            cause = "gates" if own and margin is not None and margin <= error + 1e-12 else "unexplained"
         else:
             kind = "kept"
             if expert_flip[g].any():
@@ -215,6 +220,26 @@ def explain_flips(
         parity.output_error_flipped = float(image_errors[hit].max()) if hit.any() else None
         parity.output_error_clean = float(image_errors[~hit].max()) if (~hit).any() else None
     return parity
+
+
+def _top_k(row: np.ndarray, k: int) -> np.ndarray:
+    """The k best experts of one token's gates, ties to the lower index (as the routing's ArgMax steps)."""
+    order = sorted(range(row.shape[0]), key=lambda i: (-row[i], i))
+    return np.asarray(order[:k])
+
+
+def _inverted_pair(ref: np.ndarray, act: np.ndarray, experts) -> tuple[float | None, float | None]:
+    """(margin, error) of the closest pair of ``experts`` the two gate rows rank in opposite order."""
+    rank = lambda row, i: (-row[i], i)  # noqa: E731
+    best = (None, None)
+    experts = sorted(int(x) for x in experts)
+    for i, u in enumerate(experts):
+        for v in experts[i + 1 :]:
+            if (rank(ref, u) < rank(ref, v)) != (rank(act, u) < rank(act, v)):
+                margin, error = abs(ref[u] - ref[v]), abs(act[u] - ref[u]) + abs(act[v] - ref[v])
+                if best[0] is None or margin < best[0]:
+                    best = (margin, error)
+    return best
 
 
 def _num(value) -> float | None:

@@ -29,6 +29,14 @@ def needs_emulation(model: onnx.ModelProto, dtype: int = onnx.TensorProto.BFLOAT
 def emulated(model: onnx.ModelProto, dtype: ir.DataType = ir.DataType.BFLOAT16) -> onnx.ModelProto:
     """An FP32 copy of ``model`` (weights loaded) whose ``dtype`` tensors are FP32 tensors rounded to
     ``dtype`` after the node that makes them; value names are kept, so any tensor can be read."""
+    known = {v.name: v for v in model.graph.value_info if v.type.HasField("tensor_type")}
+    untyped = [i for i, v in enumerate(model.graph.output) if not v.type.HasField("tensor_type") and v.name in known]
+    if untyped:  # an output declared without a type (a tensor exposed for reading) takes its value's type
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for i in untyped:
+            copy.graph.output[i].CopyFrom(known[copy.graph.output[i].name])
+        model = copy
     m = ir.from_proto(model)
     graph = m.graph
     for value in graph.initializers.values():

@@ -103,8 +103,9 @@ def run_exposing(path: Path, header, names: list[str], feeds: dict[str, np.ndarr
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(header)
+    known = {v.name: v for v in [*header.graph.value_info, *header.graph.output]}
     del exposed.graph.output[:]
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    exposed.graph.output.extend(known.get(n, onnx.ValueInfoProto(name=n)) for n in names)  # typed where known
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
     with contextlib.ExitStack() as stack:
         if external:  # relative weight paths resolve from the model's folder

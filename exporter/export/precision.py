@@ -14,11 +14,14 @@ wherever a tensor crosses between the two:
   of them: what a converter without a block list gives, for comparison.
 * Also kept: any node whose op does not take the reduced type at the graph's opset
   (``onnx.defs`` type constraints, e.g. Conv has no BFLOAT16 before opset 22, Range none at all).
-* **Reduced**: everything else, LayerNormalization included. Its ``stash_type`` stays 1, so the mean
-  and variance are computed in FP32 (ONNX semantics, and TensorRT's INormalizationLayer computes in
-  FP32 for FP16 inputs); the residual stream is FP16/BF16, as in TensorRT's own mixed-precision
-  builds. The graph's input and outputs stay FP32 (one Cast each), so every caller feeds and reads
-  what it fed and read before.
+* **Reduced**: everything else, LayerNormalization and the residual stream included. The opset-17
+  LayerNormalization keeps ``stash_type`` 1: the graph asks for its mean and variance in FP32 (ONNX
+  Runtime computes them so; TensorRT parses the op into one INormalizationLayer rather than the
+  overflow-prone FP16 Pow/ReduceMean chain behind the "layernorm nodes in FP16" reports). Keeping
+  LayerNorm, or LayerNorm and the residual Adds, in FP32 as well changes the output error by little and
+  adds two Casts per LayerNorm: ``benchmarks/precision.py`` measures both (README, "Reduced precision").
+  The graph's input and outputs stay FP32 (one Cast each), so every caller feeds and reads what it fed
+  and read before.
 
 Constants and weights are converted where their consumers are reduced; a weight that both sides read
 is kept once per type. Values are rounded to nearest (``numpy``/``ml_dtypes``), so infinities stay
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -206,7 +210,14 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
 
-def reduce_precision(model: ir.Model, precision: str, *, routing: str = "fp32", vmoe_layers=()) -> PrecisionResult:
+def reduce_precision(
+    model: ir.Model,
+    precision: str,
+    *,
+    routing: str = "fp32",
+    vmoe_layers=(),
+    keep: Callable[[ir.Node], bool] | None = None,
+) -> PrecisionResult:
     """Rewrites ``model`` (in place) to ``precision`` with the routing kept in FP32 (see the module).
 
     Args:
@@ -214,6 +225,8 @@ def reduce_precision(model: ir.Model, precision: str, *, routing: str = "fp32", 
         precision: ``fp16`` or ``bf16``.
         routing: ``fp32`` keeps every MoE router and the routing math in FP32; ``reduced`` does not.
         vmoe_layers: The V-MoE layers' module names (their scopes name the routing nodes).
+        keep: Further nodes to keep in FP32 (``benchmarks/precision.py`` measures LayerNorm and the
+            residual stream in FP32 with it).
     """
     check_precision(precision, routing)
     if precision == "fp32":
@@ -240,6 +253,8 @@ def reduce_precision(model: ir.Model, precision: str, *, routing: str = "fp32", 
             continue
         if node in kept:
             reasons["routing"] += 1
+        elif keep is not None and keep(node):
+            reasons["kept by the caller"] += 1
         elif node.op_type in TYPE_FREE_OPS:
             low_nodes.add(node)
         elif not _takes(node, opset, ONNX_TYPE_NAMES[low]):

@@ -73,3 +73,15 @@ def test_bf16_inputs_are_refused():
     model = _graph("y = Relu(x)", inputs="bfloat16[4] x", outputs="bfloat16[4] y")
     with pytest.raises(ValueError, match="emulation keeps the graph's inputs"):
         emulated(model)
+
+
+def test_a_tensor_exposed_as_an_output_is_rounded_too():
+    """A tensor read by name (declared as an output without a type, as validate and the rewrite's
+    probe do) is the rounded one, and so is what its consumers read."""
+    model = _graph("b = Cast<to = 16>(x)\n p = Mul(b, b)\n y = Cast<to = 1>(p)")
+    model.graph.output.append(onnx.ValueInfoProto(name="p"))
+    x = np.array([1.0 + 2**-8 + 2**-9, 2.7182817, 0.3333, -7.77], np.float32)
+    out = run(session(model.SerializeToString()), {"x": x})
+    expected = bf16(bf16(x) * bf16(x))
+    np.testing.assert_array_equal(out["p"], expected)
+    np.testing.assert_array_equal(out["y"], expected)
