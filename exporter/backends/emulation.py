@@ -18,6 +18,23 @@ import onnx_ir as ir
 EMULATED = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 
 
+def emulation_type(model: onnx.ModelProto) -> ir.DataType | None:
+    """The type a CPU run must emulate, or None to run the graph as it is.
+
+    BFLOAT16 when a node other than a Cast computes on it (ONNX Runtime has no kernels for it).
+    FLOAT16 when the routing itself is FP16 (``export --routing-precision reduced``): ONNX Runtime
+    computes ops that lack FP16 kernels (ArgMax, the masking Where, ...) in FP32 and can skip the
+    rounding of their FP16 inputs, so its routing would read other gates than the graph's own; the
+    emulation makes every reader see the rounded tensor. FP16 graphs with FP32 routing run natively."""
+    from exporter.formats.graph import precision
+
+    if needs_emulation(model):
+        return ir.DataType.BFLOAT16
+    if precision(model) == ("fp16", "reduced") and needs_emulation(model, onnx.TensorProto.FLOAT16):
+        return ir.DataType.FLOAT16
+    return None
+
+
 def needs_emulation(model: onnx.ModelProto, dtype: int = onnx.TensorProto.BFLOAT16) -> bool:
     """Whether a node other than a Cast computes on ``dtype`` tensors (read from the graph's value
     types and initializers, without the weights)."""

@@ -1,7 +1,8 @@
 """ONNX Runtime: the one place sessions are made (CPU by default), and a run on named numpy inputs.
 
 BF16 graphs run through ``exporter.backends.emulation`` (an FP32 copy rounded to BF16 after every op):
-ONNX Runtime's CPU provider has no BFLOAT16 kernels. FP16 graphs run as they are."""
+ONNX Runtime's CPU provider has no BFLOAT16 kernels. FP16 graphs run as they are, except those whose
+routing is FP16 too (see ``emulation_type``)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,10 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
 
 
 def _runnable(model: str | Path | bytes, provider: str) -> str | Path | bytes:
-    """The model, or on CPU its BF16 emulation (serialized) when it computes in BF16."""
+    """The model, or on CPU its emulation (serialized) where ``emulation_type`` asks for one."""
     import onnx
 
-    from exporter.backends.emulation import emulated, needs_emulation
+    from exporter.backends.emulation import emulated, emulation_type
 
     if provider != CPU:
         return model
@@ -64,10 +65,11 @@ def _runnable(model: str | Path | bytes, provider: str) -> str | Path | bytes:
         )
     except Exception:  # ONNX Runtime says what is wrong with it
         return model
-    if not needs_emulation(header):
+    dtype = emulation_type(header)
+    if dtype is None:
         return model
     full = header if isinstance(model, bytes) else onnx.load(str(model))
-    proto = emulated(full)
+    proto = emulated(full, dtype)
     if proto.ByteSize() >= 2**31 - 2**20:
         raise UserError(f"{model} is too large to emulate BF16 on CPU (over 2 GB as FP32); check it on a GPU")
     return proto.SerializeToString()

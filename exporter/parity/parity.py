@@ -231,7 +231,12 @@ def onnxruntime_outputs(
 
 
 def ort_backend_name(header: onnx.ModelProto) -> str:
-    return "onnxruntime-cpu" + (" (bf16 emulated)" if precision(header)[0] == "bf16" else "")
+    from exporter.backends.emulation import emulation_type
+
+    dtype = emulation_type(header)
+    return "onnxruntime-cpu" + (
+        "" if dtype is None else f" ({'bf16' if dtype.name == 'BFLOAT16' else 'fp16'} emulated)"
+    )
 
 
 def stored_reference(bundle: str | Path) -> Reference:

@@ -129,15 +129,15 @@ def validate_onnx(
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    emulated = ", BF16 emulated: FP32 ops rounded to BF16" if precision(header)[0] == "bf16" else ""
-    with step(f"Running ONNX Runtime (CPU{emulated})"):
+    backend = ort_backend_name(header)
+    with step(f"Running ONNX Runtime ({backend})"):
         actual, routers = onnxruntime_outputs(graph_path, header, {reference.input_name: reference.images})
     return compare_to_reference(
         reference,
         actual,
         header,
         graph=str(graph_path),
-        backend=ort_backend_name(header),
+        backend=backend,
         tolerances=tolerances,
         start=start,
         routers=routers,
