@@ -4,6 +4,11 @@ and plugin replacements.
 
     python benchmarks/zoo_parity.py                    # all zoo models (about 12 minutes, 16 GB peak)
     python benchmarks/zoo_parity.py vmoe-tiny soft-moe-tiny
+    python benchmarks/zoo_parity.py --precision fp16   # the FP16 graphs (export --precision fp16), idem bf16
+
+The routing column is the lowest share of agreeing routing decisions in any layer (expert and kept;
+FP32 also needs the same buffer slots); "flips" counts the flipped decisions of both graphs' reports and
+"unexplained" those their gates do not explain (exporter.compare.explain_flips).
 """
 
 from __future__ import annotations
@@ -36,14 +41,22 @@ def run(args: list[str]) -> tuple[int, float, float]:
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(ZOO)
+    args = sys.argv[1:]
+    precision = "fp32"
+    if "--precision" in args:
+        i = args.index("--precision")
+        precision = args[i + 1]
+        del args[i : i + 2]
+    names = args or list(ZOO)
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         for name in names:
             graph, report = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.json"
             plugins, plan = Path(tmp) / f"{name}.plugins.onnx", Path(tmp) / f"{name}.rewrite.json"
             plugin_report = Path(tmp) / f"{name}.plugins.json"
-            rc_e, t_e, m_e = run(["export", "--model", name, "--routing-outputs", "-o", str(graph)])
+            rc_e, t_e, m_e = run(
+                ["export", "--model", name, "--routing-outputs", "--precision", precision, "-o", str(graph)]
+            )
             rc_v, t_v, m_v = run(["validate", str(graph), "--json", str(report)]) if rc_e == 0 else (rc_e, 0, 0)
             rc_r, t_r, m_r = (
                 run(["rewrite", str(graph), "-o", str(plugins), "--json", str(plan)]) if rc_e == 0 else (rc_e, 0, 0)
@@ -54,10 +67,14 @@ def main() -> None:
             row = dict(name=name, export=(t_e, m_e), validate=(t_v, m_v), rewrite=(t_r, m_r), plugins=(t_p, m_p))
             for key, path in (("portable", report), ("plugin", plugin_report)):
                 data = json.loads(path.read_text()) if path.exists() else {}
+                share = "agreement" if precision == "fp32" else "decisions"
                 row[key] = (
                     max((o["max_rel"] for o in data.get("outputs", [])), default=float("nan")),
-                    min((r["agreement"] for r in data.get("routing", [])), default=None),
+                    min((r[share] for r in data.get("routing", [])), default=None),
                 )
+                row.setdefault("flips", [0, 0])
+                row["flips"][0] += sum(r.get("flip_count", 0) for r in data.get("routing", []))
+                row["flips"][1] += sum(r.get("unexplained", 0) for r in data.get("routing", []))
                 row["batch"] = data.get("batch", row.get("batch", 0))
             rewrite = json.loads(plan.read_text()) if plan.exists() else {"counts": {}, "layers": []}
             layers = len(rewrite["layers"])
@@ -67,9 +84,11 @@ def main() -> None:
             for f in Path(tmp).glob(f"{name}.*onnx*"):
                 f.unlink()
             print(f"  done {name}", file=sys.stderr)
+    print(f"precision: {precision}")
     print(
         f"{'model':<20} {'export s':>9} {'validate s':>11} {'rewrite s':>10} {'validate s':>11} {'peak GiB':>9} "
-        f"{'batch':>6} {'portable err':>13} {'plugin err':>11} {'routing':>8} {'plugins':>8} {'result':>7}"
+        f"{'batch':>6} {'portable err':>13} {'plugin err':>11} {'routing':>8} {'flips':>6} {'unexpl.':>7} "
+        f"{'plugins':>8} {'result':>7}"
     )
     for r in rows:
         agreement = [a for _, a in (r["portable"], r["plugin"]) if a is not None]
@@ -79,7 +98,7 @@ def main() -> None:
         print(
             f"{r['name']:<20} {r['export'][0]:>9.1f} {r['validate'][0]:>11.1f} {r['rewrite'][0]:>10.1f} "
             f"{r['plugins'][0]:>11.1f} {peak:>9.1f} {r['batch']:>6} {r['portable'][0]:>13.1e} "
-            f"{r['plugin'][0]:>11.1e} {routing:>8} {r['replaced']:>8} {result:>7}"
+            f"{r['plugin'][0]:>11.1e} {routing:>8} {r['flips'][0]:>6} {r['flips'][1]:>7} {r['replaced']:>8} {result:>7}"
         )
 
 

@@ -42,15 +42,20 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     what = "the graph" if isinstance(model, bytes) else str(model)
-    model = _runnable(model, provider)
-    try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=[provider])
-    except _errors() as e:
-        raise UserError(f"ONNX Runtime cannot load {what}: {_reason(e)}") from None
+    with contextlib.ExitStack() as stack:
+        model = _runnable(model, provider, stack)
+        try:
+            return ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), options, providers=[provider]
+            )
+        except _errors() as e:
+            raise UserError(f"ONNX Runtime cannot load {what}: {_reason(e)}") from None
 
 
-def _runnable(model: str | Path | bytes, provider: str) -> str | Path | bytes:
-    """The model, or on CPU its emulation (serialized) where ``emulation_type`` asks for one."""
+def _runnable(model: str | Path | bytes, provider: str, stack: contextlib.ExitStack) -> str | Path | bytes:
+    """The model, or on CPU its emulation where ``emulation_type`` asks for one: serialized, or over
+    2 GB a file with its weights beside it in a temporary folder (removed by ``stack`` once the session
+    has read it)."""
     import onnx
 
     from exporter.backends.emulation import emulated, emulation_type
@@ -70,9 +75,12 @@ def _runnable(model: str | Path | bytes, provider: str) -> str | Path | bytes:
         return model
     full = header if isinstance(model, bytes) else onnx.load(str(model))
     proto = emulated(full, dtype)
-    if proto.ByteSize() >= 2**31 - 2**20:
-        raise UserError(f"{model} is too large to emulate BF16 on CPU (over 2 GB as FP32); check it on a GPU")
-    return proto.SerializeToString()
+    del full
+    if proto.ByteSize() < 2**31 - 2**20:
+        return proto.SerializeToString()
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-export-emulated-")))
+    onnx.save(proto, str(folder / "emulated.onnx"), save_as_external_data=True, location="emulated.onnx.data")
+    return folder / "emulated.onnx"
 
 
 def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[str, np.ndarray]:
