@@ -12,8 +12,11 @@ Weights are stored BF16 and converted to FP32 exactly; the graph's input and out
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import onnx_ir as ir
+from onnx_ir.external_data import set_base_dir
 
 EMULATED = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 
@@ -46,28 +49,64 @@ def needs_emulation(model: onnx.ModelProto, dtype: int = onnx.TensorProto.BFLOAT
 def emulated(model: onnx.ModelProto, dtype: ir.DataType = ir.DataType.BFLOAT16) -> onnx.ModelProto:
     """An FP32 copy of ``model`` (weights loaded) whose ``dtype`` tensors are FP32 tensors rounded to
     ``dtype`` after the node that makes them; value names are kept, so any tensor can be read."""
+    m = ir.from_proto(_typed_outputs(model))
+    _emulate(m, dtype)
+    return ir.to_proto(m)
+
+
+def emulated_file(path: str | Path, folder: Path, dtype: ir.DataType = ir.DataType.BFLOAT16) -> Path:
+    """``emulated`` for a graph file whose weights lie beside it (a big model): its weights are read
+    and converted one at a time as ``folder/emulated.onnx`` and its weights file are written."""
+    path = Path(path)
+    header = _typed_outputs(onnx.load(str(path), load_external_data=False))
+    m = ir.from_proto(header)
+    set_base_dir(m.graph, path.parent)
+    _emulate(m, dtype)
+    dest = folder / "emulated.onnx"
+    ir.save(m, str(dest), external_data="emulated.onnx.data")
+    return dest
+
+
+def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An output declared without a type (a tensor exposed for reading) takes its value's type, so
+    that it is emulated like the rest."""
     known = {v.name: v for v in model.graph.value_info if v.type.HasField("tensor_type")}
     untyped = [i for i, v in enumerate(model.graph.output) if not v.type.HasField("tensor_type") and v.name in known]
-    if untyped:  # an output declared without a type (a tensor exposed for reading) takes its value's type
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        for i in untyped:
-            copy.graph.output[i].CopyFrom(known[copy.graph.output[i].name])
-        model = copy
-    m = ir.from_proto(model)
+    if not untyped:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for i in untyped:
+        copy.graph.output[i].CopyFrom(known[copy.graph.output[i].name])
+    return copy
+
+
+def _as_float(tensor) -> ir.LazyTensor:
+    """The tensor as FP32, converted when it is read (exactly: every BF16/FP16 value is an FP32 one)."""
+    return ir.LazyTensor(
+        lambda: ir.tensor(tensor.numpy().astype("float32"), name=tensor.name),
+        ir.DataType.FLOAT,
+        tensor.shape,
+        name=tensor.name,
+    )
+
+
+def _emulate(m: ir.Model, dtype: ir.DataType) -> None:
     graph = m.graph
+    for value in graph.inputs:
+        if value.dtype == dtype:
+            raise ValueError(f"input {value.name} is {dtype.name}; emulation keeps the graph's inputs")
     for value in graph.initializers.values():
         if value.dtype == dtype and value.const_value is not None:
-            value.const_value = ir.tensor(value.const_value.numpy().astype("float32"), name=value.name)
+            value.const_value = _as_float(value.const_value)
             value.dtype = ir.DataType.FLOAT
     for node in list(graph):
         if node.op_type == "Cast" and node.attributes["to"].value == dtype:
             node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
-        for attr in ("value",):
-            if node.op_type in ("Constant", "ConstantOfShape") and attr in node.attributes:
-                tensor = node.attributes[attr].value
-                if tensor.dtype == dtype:
-                    node.attributes[attr] = ir.AttrTensor(attr, ir.tensor(tensor.numpy().astype("float32")))
+        if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            if tensor.dtype == dtype:
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype("float32")))
         for out in node.outputs:
             if out.dtype != dtype:
                 continue
@@ -88,7 +127,3 @@ def emulated(model: onnx.ModelProto, dtype: ir.DataType = ir.DataType.BFLOAT16) 
             for i, value in enumerate(graph.outputs):
                 if value is out:
                     graph.outputs[i] = rounded
-    for value in graph.inputs:
-        if value.dtype == dtype:
-            raise ValueError(f"input {value.name} is {dtype.name}; emulation keeps the graph's inputs")
-    return ir.to_proto(m)

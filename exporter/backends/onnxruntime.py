@@ -58,7 +58,7 @@ def _runnable(model: str | Path | bytes, provider: str, stack: contextlib.ExitSt
     has read it)."""
     import onnx
 
-    from exporter.backends.emulation import emulated, emulation_type
+    from exporter.backends.emulation import emulated, emulated_file, emulation_type
 
     if provider != CPU:
         return model
@@ -73,14 +73,21 @@ def _runnable(model: str | Path | bytes, provider: str, stack: contextlib.ExitSt
     dtype = emulation_type(header)
     if dtype is None:
         return model
-    full = header if isinstance(model, bytes) else onnx.load(str(model))
-    proto = emulated(full, dtype)
-    del full
-    if proto.ByteSize() < 2**31 - 2**20:
-        return proto.SerializeToString()
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-export-emulated-")))
-    onnx.save(proto, str(folder / "emulated.onnx"), save_as_external_data=True, location="emulated.onnx.data")
-    return folder / "emulated.onnx"
+
+    def folder() -> Path:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-export-emulated-")))
+
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    if isinstance(model, bytes) or not external:
+        proto = header if isinstance(model, bytes) else onnx.load(str(model))
+        if proto.ByteSize() < 2**30 - 2**20:  # its FP32 copy stays under protobuf's 2 GB
+            return emulated(proto, dtype).SerializeToString()
+        if isinstance(model, bytes):
+            model = folder() / "model.onnx"
+            onnx.save(proto, str(model))
+        del proto
+    # converted weight by weight into a temporary folder, which the session reads once
+    return emulated_file(model, folder(), dtype)
 
 
 def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[str, np.ndarray]:

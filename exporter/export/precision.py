@@ -70,7 +70,8 @@ class PrecisionResult:
         weights: Initializers converted to the reduced type.
         shared_weights: Initializers both sides read: kept in FP32, with a reduced copy.
         overflows: Weights and constants with finite values beyond the reduced type's range (they
-            became infinite): a graph that needs them cannot run in this precision as it is.
+            became infinite): a graph that needs them cannot run in this precision as it is. Weights
+            are converted when the model is saved, so theirs are listed from then on.
     """
 
     precision: str
@@ -202,8 +203,16 @@ def _convert(tensor, dtype: ir.DataType, overflows: list[str] | None = None) -> 
         converted = array.astype(dtype.numpy())
     floating = overflows is not None and np.issubdtype(array.dtype, np.floating)
     if floating and np.any(np.isfinite(array) & ~np.isfinite(converted.astype(np.float32))):
-        overflows.append(tensor.name or "a constant")
+        name = tensor.name or "a constant"
+        if name not in overflows:
+            overflows.append(name)
     return ir.tensor(converted, name=tensor.name)
+
+
+def _convert_lazily(tensor, dtype: ir.DataType, overflows: list[str]) -> ir.LazyTensor:
+    """A weight converted when it is written, not now: saving streams one weight at a time, so a
+    model whose FP32 weights fill the memory converts without a second copy of them."""
+    return ir.LazyTensor(lambda: _convert(tensor, dtype, overflows), dtype, tensor.shape, name=tensor.name)
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -281,12 +290,12 @@ def reduce_precision(
         if True not in users:
             continue
         if users == {True} and not value.is_graph_input():
-            value.const_value = _convert(value.const_value, low, result.overflows)
+            value.const_value = _convert_lazily(value.const_value, low, result.overflows)
             value.dtype = low
             result.weights += 1
             continue
         copy = ir.Value(name=f"{name}.{precision}", type=ir.TensorType(low), shape=value.shape)
-        copy.const_value = _convert(value.const_value, low, result.overflows)
+        copy.const_value = _convert_lazily(value.const_value, low, result.overflows)
         graph.register_initializer(copy)
         for n, i in list(value.uses()):
             if wants_low(n):

@@ -220,8 +220,8 @@ def onnxruntime_outputs(
     path: str | Path, header: onnx.ModelProto, feeds: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(outputs, router tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
-    (``router_tensors``) are exposed too, for ``compare_to_reference(routers=...)``. BF16 graphs run
-    emulated (``exporter.backends.emulation``)."""
+    (``router_tensors``) are exposed too, for ``compare_to_reference(routers=...)``. BF16 graphs, and
+    FP16 graphs whose routing is FP16, run emulated (``exporter.backends.emulation.emulation_type``)."""
     from exporter.backends.onnxruntime import run_onnxruntime
 
     internals = sorted({n for names in router_tensors(header).values() for n in names.values()})

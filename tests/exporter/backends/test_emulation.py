@@ -85,3 +85,18 @@ def test_a_tensor_exposed_as_an_output_is_rounded_too():
     expected = bf16(bf16(x) * bf16(x))
     np.testing.assert_array_equal(out["p"], expected)
     np.testing.assert_array_equal(out["y"], expected)
+
+
+def test_a_graph_with_its_weights_beside_it_is_emulated_weight_by_weight(tmp_path):
+    """The big-model path (weights in a .data file): converted into a temporary folder one weight at
+    a time, with the same result as the in-memory emulation."""
+    from exporter.backends.onnxruntime import run_onnxruntime
+
+    w = np.linspace(-3, 3, 4, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    model = _graph("b = Cast<to = 16>(x)\n p = Mul(b, w)\n y = Cast<to = 1>(p)", weights={"w": w})
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.initializer[0].data_location == 1
+    x = np.array([1.0 + 2**-8 + 2**-9, 2.7182817, 0.3333, -7.77], np.float32)
+    (y,) = run_onnxruntime(tmp_path / "m.onnx", {"x": x}).values()
+    np.testing.assert_array_equal(y, bf16(bf16(x) * w.astype(np.float32)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing left behind
