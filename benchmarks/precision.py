@@ -106,7 +106,7 @@ def row(label, path, casts, kept, report, labels=None, predictions=None) -> dict
     }
 
 
-def run_model(title: str, name: str, checkpoint: Path | None, work: Path) -> list[dict]:
+def run_model(name: str, checkpoint: Path | None, work: Path) -> list[dict]:
     source = from_zoo(name, checkpoint=str(checkpoint) if checkpoint else None)
     loaded = load(source)
     inputs, labels, batch = None, None, None
@@ -151,13 +151,12 @@ def run_model(title: str, name: str, checkpoint: Path | None, work: Path) -> lis
         measure(label, result.path, result.casts, sum(result.fp32_nodes.values()))
     if checkpoint is None:  # what LayerNorm and the residual stream in the reduced type cost
         for precision in ("fp16", "bf16"):
-            for label, keep in (
-                ("LayerNorm FP32", keep_layernorm),
-                ("LayerNorm + residual FP32", keep_layernorm_and_residual),
+            for label, slug, keep in (
+                ("LayerNorm FP32", "ln", keep_layernorm),
+                ("LayerNorm + residual FP32", "ln-residual", keep_layernorm_and_residual),
             ):
-                path, casts, kept = converted(
-                    fp32.path, work / f"{name}.{precision}.{len(label)}.onnx", precision, keep
-                )
+                dest = work / f"{name}.{precision}.{slug}.onnx"
+                path, casts, kept = converted(fp32.path, dest, precision, keep)
                 measure(f"{precision}, routing FP32, {label}", path, casts, kept)
     if labels is not None:  # PyTorch's own accuracy on the split
         import torch
@@ -202,7 +201,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for title, (name, checkpoint) in models.items():
             print(f"{title}", file=sys.stderr, flush=True)
-            out[title] = run_model(title, name, checkpoint, Path(tmp))
+            out[title] = run_model(name, checkpoint, Path(tmp))
             print(table(title, out[title]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

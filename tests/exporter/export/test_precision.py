@@ -22,11 +22,13 @@ VMOE = dict(capacity_factor=0.5, batch_priority=True)  # drops tokens, prioritie
 
 def typed(path) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The graph and the element type of every tensor in it."""
-    model = onnx.load(str(path))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
-    types |= {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
-    types |= {t.name: t.data_type for t in model.graph.initializer}
-    return model, types
+    return typed_proto(onnx.load(str(path)))
+
+
+def typed_proto(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    return model, types | {t.name: t.data_type for t in model.graph.initializer}
 
 
 def float_types(node: onnx.NodeProto, types: dict[str, int]) -> set[int]:
@@ -168,9 +170,3 @@ def test_every_zoo_graph_converts_and_passes_the_checker(reduced):
         routing = [n for n in model.graph.node if scopes[n.name].endswith((".router", ".routing"))]
         routing = [n for n in routing if ".cast_" not in n.name]
         assert routing and all(float_types(n, types) <= {FLOAT} for n in routing), name
-
-
-def typed_proto(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
-    types |= {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
-    return model, types
