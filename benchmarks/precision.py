@@ -38,11 +38,18 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 
+from exporter import settings  # noqa: E402
 from exporter.backends.emulation import emulated  # noqa: E402
 from exporter.export.export import export_onnx  # noqa: E402
 from exporter.export.precision import reduce_precision  # noqa: E402
-from exporter.formats.graph import PRECISION_KEY, module_path, vmoe_layers  # noqa: E402
-from exporter.parity.validate import validate_onnx  # noqa: E402
+from exporter.formats.graph import PRECISION_KEY, module_path, read_header, vmoe_layers  # noqa: E402
+from exporter.formats.graph import precision as graph_precision  # noqa: E402
+from exporter.parity.parity import (  # noqa: E402
+    compare_to_reference,
+    onnxruntime_outputs,
+    ort_backend_name,
+    reference_run,
+)
 from exporter.sources.digits import load_split  # noqa: E402
 from exporter.sources.loading import from_zoo, load  # noqa: E402
 
@@ -118,20 +125,26 @@ def run_model(name: str, checkpoint: Path | None, work: Path) -> list[dict]:
     else:
         batch = 16
     rows = []
-
-    def measure(label, path, casts, kept, **extra):
-        report = validate_onnx(path, source, batch=batch, inputs_npz=str(inputs) if inputs else None, **extra)
-        logits = None
-        if labels is not None:  # the graph's predictions on the test split, from the compared output
-            from exporter.backends.onnxruntime import run_onnxruntime
-
-            images = np.load(inputs)["images"]
-            logits = next(iter(run_onnxruntime(path, {"images": images}).values()))
-        rows.append(row(label, path, casts, kept, report, labels, None if logits is None else logits.argmax(-1)))
-        print(f"  {label}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
-
     start = time.perf_counter()
     fp32 = export_onnx(loaded, work / f"{name}.fp32.onnx", routing_outputs=True)
+    # PyTorch once per model; each graph then runs once (what validate does, without rerunning PyTorch)
+    reference = reference_run(
+        source, read_header(fp32.path), batch=batch, inputs_npz=str(inputs) if inputs else None, loaded=loaded
+    )
+    feeds = {reference.input_name: reference.images}
+
+    def measure(label, path, casts, kept):
+        header = read_header(path)
+        actual, routers = onnxruntime_outputs(path, header, feeds)
+        tolerances = settings.TOLERANCES[graph_precision(header)[0]]
+        report = compare_to_reference(
+            reference, actual, header, graph=str(path), backend=ort_backend_name(header), tolerances=tolerances,
+            routers=routers,
+        )  # fmt: skip
+        predictions = next(iter(actual.values())).argmax(-1) if labels is not None else None
+        rows.append(row(label, path, casts, kept, report, labels, predictions))
+        print(f"  {label}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+
     measure("fp32", fp32.path, 0, None)
     for label, precision, routing in VARIANTS:
         if routing == "emulated":
@@ -159,11 +172,7 @@ def run_model(name: str, checkpoint: Path | None, work: Path) -> list[dict]:
                 path, casts, kept = converted(fp32.path, dest, precision, keep)
                 measure(f"{precision}, routing FP32, {label}", path, casts, kept)
     if labels is not None:  # PyTorch's own accuracy on the split
-        import torch
-
-        with torch.no_grad():
-            reference = loaded.module(torch.from_numpy(np.load(inputs)["images"])).argmax(-1).numpy()
-        rows[0]["accuracy"] = float(np.mean(reference == labels))
+        rows[0]["accuracy"] = float(np.mean(reference.outputs[0].argmax(-1) == labels))
     return rows
 
 

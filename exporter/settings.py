@@ -98,6 +98,8 @@ TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its
 
 # --- TensorRT engines and deploy bundles -----------------------------------------------------------
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl: engines that run without Python
+PRECISIONS = ("fp32", "fp16", "bf16")  # of a graph (export --precision), and so of its strongly typed engine
+ROUTING_PRECISIONS = ("fp32", "reduced")  # the routing pinned to FP32, or in the graph's reduced type too
 DEFAULT_PRECISION = "fp32"
 # Jetson Orin (sm_87), Hopper H100/H200 (sm_90) and Jetson Thor (sm_110, PTX ISA 9.0; where the
 # installed Triton can compile it: >= 3.9, see plugins.aot.MIN_TRITON)

@@ -18,6 +18,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.external_data import set_base_dir
 
+from exporter.formats.graph import precision
+
 EMULATED = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 
 
@@ -29,8 +31,6 @@ def emulation_type(model: onnx.ModelProto) -> ir.DataType | None:
     computes ops that lack FP16 kernels (ArgMax, the masking Where, ...) in FP32 and can skip the
     rounding of their FP16 inputs, so its routing would read other gates than the graph's own; the
     emulation makes every reader see the rounded tensor. FP16 graphs with FP32 routing run natively."""
-    from exporter.formats.graph import precision
-
     if needs_emulation(model):
         return ir.DataType.BFLOAT16
     if precision(model) == ("fp16", "reduced") and needs_emulation(model, onnx.TensorProto.FLOAT16):

@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,9 @@ def _errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names + ("RuntimeException", "EPFail") if hasattr(state, n))
 
 
-def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | None = None):
-    """An ``InferenceSession`` for a model file (or serialized bytes), quiet, on one provider.
+def session(model, *, provider: str = CPU, threads: int | None = None):
+    """An ``InferenceSession`` for a model file (or serialized bytes, or an ``onnx.ModelProto``),
+    quiet, on one provider.
 
     ``threads`` sets the intra-op threads (and one inter-op thread), as the benchmarks want.
     A graph ONNX Runtime refuses is a user error naming the file.
@@ -41,7 +41,7 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    what = "the graph" if isinstance(model, bytes) else str(model)
+    what = str(model) if isinstance(model, (str, Path)) else "the graph"
     with contextlib.ExitStack() as stack:
         model = _runnable(model, provider, stack)
         try:
@@ -52,37 +52,39 @@ def session(model: str | Path | bytes, *, provider: str = CPU, threads: int | No
             raise UserError(f"ONNX Runtime cannot load {what}: {_reason(e)}") from None
 
 
-def _runnable(model: str | Path | bytes, provider: str, stack: contextlib.ExitStack) -> str | Path | bytes:
-    """The model, or on CPU its emulation where ``emulation_type`` asks for one: serialized, or over
-    2 GB a file with its weights beside it in a temporary folder (removed by ``stack`` once the session
-    has read it)."""
+def _runnable(model, provider: str, stack: contextlib.ExitStack) -> str | Path | bytes:
+    """What ``InferenceSession`` takes: the model as a path or serialized, or on CPU its emulation where
+    ``emulation_type`` asks for one: serialized, or over 2 GB a file with its weights beside it in a
+    temporary folder (removed by ``stack`` once the session has read it)."""
     import onnx
 
     from exporter.backends.emulation import emulated, emulated_file, emulation_type
 
+    in_memory = isinstance(model, (bytes, onnx.ModelProto))
     if provider != CPU:
-        return model
+        return model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        header = (
-            onnx.load_from_string(model)
-            if isinstance(model, bytes)
-            else onnx.load(str(model), load_external_data=False)
-        )
+        if isinstance(model, onnx.ModelProto):
+            header = model
+        elif isinstance(model, bytes):
+            header = onnx.load_from_string(model)
+        else:
+            header = onnx.load(str(model), load_external_data=False)
     except Exception:  # ONNX Runtime says what is wrong with it
         return model
     dtype = emulation_type(header)
     if dtype is None:
-        return model
+        return header.SerializeToString() if isinstance(model, onnx.ModelProto) else model
 
     def folder() -> Path:
         return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-export-emulated-")))
 
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
-    if isinstance(model, bytes) or not external:
-        proto = header if isinstance(model, bytes) else onnx.load(str(model))
+    if in_memory or not external:
+        proto = header if in_memory else onnx.load(str(model))
         if proto.ByteSize() < 2**30 - 2**20:  # its FP32 copy stays under protobuf's 2 GB
             return emulated(proto, dtype).SerializeToString()
-        if isinstance(model, bytes):
+        if in_memory:
             model = folder() / "model.onnx"
             onnx.save(proto, str(model))
         del proto
@@ -100,18 +102,9 @@ def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[
     return dict(zip(names, values))
 
 
-def run_onnxruntime(
-    path: str | Path, feeds: dict[str, np.ndarray], *, expose: Iterable[str] = ()
-) -> dict[str, np.ndarray]:
-    """One CPU run of a graph file: every output, and the tensors named in ``expose`` too."""
-    expose = sorted(set(expose))
-    if not expose:
-        return run(session(path), feeds, what=str(path))
-    import onnx
-
-    header = onnx.load(str(path), load_external_data=False)
-    names = [o.name for o in header.graph.output]
-    return run_exposing(Path(path), header, names + [n for n in expose if n not in names], feeds)
+def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One CPU run of a graph file."""
+    return run(session(path), feeds, what=str(path))
 
 
 def run_exposing(path: Path, header, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,7 +125,7 @@ def run_exposing(path: Path, header, names: list[str], feeds: dict[str, np.ndarr
             onnx.save(exposed, tmp)
             sess = session(tmp)
         else:
-            sess = session(exposed.SerializeToString())
+            sess = session(exposed)
         return run(sess, feeds, what=str(path))
 
 

@@ -26,9 +26,9 @@ import numpy as np
 from exporter import settings
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.fileio import atomic_path
-from exporter.formats.graph import image_input, input_dims, read_header
+from exporter.formats.graph import image_input, input_dims, precision, read_header
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = settings.PRECISIONS
 INSTALL_HINT = (
     "install TensorRT >= 10.9 on a machine with an NVIDIA GPU (`pip install tensorrt` on x86_64 or SBSA; "
     "JetPack's TensorRT on Jetson)"
@@ -392,8 +392,6 @@ def build_engine(
 def graph_precision(onnx_path: str | Path, wanted: str | None = None) -> tuple[str, str]:
     """(precision, routing precision) of a graph, as its metadata records them; a user error when
     ``wanted`` is another precision (the graph's own is what a strongly typed network builds)."""
-    from exporter.formats.graph import precision
-
     found = precision(read_header(onnx_path))
     if wanted is not None and wanted != found[0]:
         raise UserError(

@@ -45,7 +45,7 @@ def build_group():
 @click.option("--input-seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True, help="Seed of the samples.")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(settings.PRECISIONS),
     default=settings.DEFAULT_PRECISION,
     show_default=True,
     help="Both graphs in this type with the routing in FP32 (fp16 for Jetson); the engine builds strongly typed.",
@@ -83,7 +83,7 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, json
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(settings.PRECISIONS),
     help="The precision of the bundle written first (default fp32). A bundle or graph builds in its own "
     "precision, strongly typed (export/build bundle --precision); naming another is refused.",
 )

@@ -391,14 +391,14 @@ def precision_options(f):
     """``--precision`` and ``--routing-precision`` (export, build bundle)."""
     f = click.option(
         "--routing-precision",
-        type=click.Choice(["fp32", "reduced"]),
+        type=click.Choice(settings.ROUTING_PRECISIONS),
         default="fp32",
         show_default=True,
         help="fp32: the router and routing math stay FP32 (pinned); reduced: in the reduced type too (to compare).",
     )(f)
     return click.option(
         "--precision",
-        type=click.Choice(["fp32", "fp16", "bf16"]),
+        type=click.Choice(settings.PRECISIONS),
         default=settings.DEFAULT_PRECISION,
         show_default=True,
         help="The graph's float type: fp16/bf16 tokens, weights and experts, with Casts around the FP32 routing; "

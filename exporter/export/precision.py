@@ -41,16 +41,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from exporter import settings
 from exporter.errors import UserError
-from exporter.formats.graph import SCOPE_KEY, module_path
+from exporter.formats.graph import MIX_OPS, SCOPE_KEY, SHAPE_OPS, module_path
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-ROUTING_PRECISIONS = ("fp32", "reduced")
+PRECISIONS, ROUTING_PRECISIONS = settings.PRECISIONS, settings.ROUTING_PRECISIONS
 DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 ONNX_TYPE_NAMES = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
 
-SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
-MIX_OPS = {"MatMul", "Einsum"}
 # Ops that read a float tensor without computing on it: they take either type, no Cast is needed
 # in front of them, and a reduced one whose ``to`` is FLOAT casts to the reduced type instead.
 TYPE_FREE_OPS = {"Cast", "Shape", "Size"}
@@ -336,7 +334,7 @@ def reduce_precision(
         return casts[key]
 
     for node in list(graph):
-        if node.op_type in TYPE_FREE_OPS or node.name.endswith((".cast_fp32", f".cast_{precision}")):
+        if node.op_type in TYPE_FREE_OPS:  # (the snapshot holds no inserted Cast)
             continue
         want = low if wants_low(node) else ir.DataType.FLOAT
         for i, value in enumerate(node.inputs):

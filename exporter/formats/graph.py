@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from exporter.errors import UserError
+from plugins.spec import NAMESPACE
 
 INPUT_NAME = "images"
 
@@ -30,6 +31,17 @@ ROUTING_PREFIX = "routing."
 ROUTING_FIELDS = ("expert_index", "kept", "buffer_slot")
 
 SCOPE_KEY = "namespace"  # node metadata torch.onnx writes: the module path of each node
+
+# Ops that only reshape or reorder a tensor, and the ops that mix tokens: the patterns the rewrite
+# and the reduced-precision pass walk to find a Soft-MoE layer.
+SHAPE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+MIX_OPS = frozenset({"MatMul", "Einsum"})
+
+
+def plugin_stem(layer: str) -> str:
+    """The prefix of the names the rewrite gives one MoE layer's plugin nodes and tensors
+    (its route node is ``<stem>.route``)."""
+    return f"{layer}.moe"
 
 
 def routing_output_names(layer: str) -> list[str]:
@@ -128,7 +140,7 @@ def router_tensors(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
     probabilities its routing reads: ArgMax inputs made outside the ``<layer>.routing`` scope) and
     ``{"dispatch": name, "combine": name}`` for a Soft-MoE layer whose router is a module (two
     Softmax nodes in one ``...router`` scope: over the tokens, axis 1, and over the slots, the last)."""
-    scopes = {n.name: module_path(s) for n, s in zip(model.graph.node, _scope_values(model))}
+    scopes = {name: module_path(scope) for name, scope in node_scopes(model).items()}
     made_by = {o: n for n in model.graph.node for o in n.output}
     found: dict[str, dict[str, str]] = {}
     for layer in vmoe_layers(model):
@@ -153,14 +165,13 @@ def router_tensors(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
         axes = {next((a.i for a in n.attribute if a.name == "axis"), -1): n.output[0] for n in nodes}
         if len(nodes) == 2 and 1 in axes and (-1 in axes or 2 in axes):
             found[layer] = {"dispatch": axes[1], "combine": axes.get(-1, axes.get(2))}
-    for node in model.graph.node:  # after the rewrite: the route plugins (named <layer>.moe.route)
-        layer = node.name.removesuffix(".moe.route")
-        if node.domain == "moe" and node.op_type == "TopKRoute" and layer != node.name:
+    route = plugin_stem("") + ".route"
+    for node in model.graph.node:  # after the rewrite: the route plugins, named <stem>.route
+        layer = node.name.removesuffix(route)
+        if node.domain != NAMESPACE or layer == node.name:
+            continue
+        if node.op_type == "TopKRoute":
             found[layer] = {"gates": node.input[0]}
-        elif node.domain == "moe" and node.op_type == "SoftRoute" and layer != node.name:
+        elif node.op_type == "SoftRoute":
             found[layer] = {"dispatch": node.output[0], "combine": node.output[1]}
     return found
-
-
-def _scope_values(model: onnx.ModelProto) -> list[str]:
-    return [next((p.value for p in n.metadata_props if p.key == SCOPE_KEY), "") for n in model.graph.node]

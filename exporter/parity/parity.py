@@ -222,12 +222,12 @@ def onnxruntime_outputs(
     """(outputs, router tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
     (``router_tensors``) are exposed too, for ``compare_to_reference(routers=...)``. BF16 graphs, and
     FP16 graphs whose routing is FP16, run emulated (``exporter.backends.emulation.emulation_type``)."""
-    from exporter.backends.onnxruntime import run_onnxruntime
+    from exporter.backends.onnxruntime import run_exposing
 
-    internals = sorted({n for names in router_tensors(header).values() for n in names.values()})
-    values = run_onnxruntime(path, feeds, expose=internals)
     names = [o.name for o in header.graph.output]
-    return {n: values[n] for n in names if n in values}, {n: values[n] for n in internals if n in values}
+    internals = sorted({n for layer in router_tensors(header).values() for n in layer.values()})
+    values = run_exposing(Path(path), header, names + [n for n in internals if n not in names], feeds)
+    return {n: values[n] for n in names}, {n: values[n] for n in internals}
 
 
 def ort_backend_name(header: onnx.ModelProto) -> str:

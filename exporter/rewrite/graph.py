@@ -11,15 +11,14 @@ import onnx_graphsurgeon as gs
 
 from exporter import settings
 from exporter.compare import close as _close_to
+from exporter.formats.graph import MIX_OPS, SHAPE_OPS
 from exporter.rewrite.plan import Decline, PluginNode
 from plugins import registry
 from plugins.onnx_function import PARSER_ATTRIBUTES
 
-SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 # what a softmax output may pass through on its way to the mix: reshapes, and in a reduced-precision
 # graph the Cast from the FP32 routing to the reduced type (exporter.export.precision)
 TO_MIX_OPS = SHAPE_OPS | {"Cast"}
-MIX_OPS = {"MatMul", "Einsum"}
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from exporter.formats.graph import module_path
+from exporter.formats.graph import module_path, plugin_stem
 from exporter.rewrite.graph import (
     back_chain,
     batch_free,
@@ -101,7 +101,7 @@ class SoftMatch:
         slots_shape, y_shape = values[slots_t.name].shape, values[y_t.name].shape
 
         def apply(graph: gs.Graph) -> None:
-            stem = f"{self.layer}.moe"
+            stem = plugin_stem(self.layer)
             combine_t = self.combine_sm.outputs[0]
             d32 = gs.Variable(f"{stem}.dispatch", dtype=np.float32, shape=self.logits.shape)
             detach(combine_t)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from exporter.formats.graph import plugin_stem
 from exporter.rewrite.graph import batch_free, close, detach, emit_plugin, is_var, onnx_dtype, producer
 from exporter.rewrite.plan import Decline, LayerPlan, PluginNode
 from plugins import registry
@@ -117,7 +118,7 @@ class VMoEMatch:
         ]
 
         def apply(graph: gs.Graph) -> None:
-            stem = f"{self.layer}.moe"
+            stem = plugin_stem(self.layer)
             e32 = gs.Variable(f"{stem}.expert", dtype=np.int32, shape=expert.shape)
             s32 = gs.Variable(f"{stem}.slot", dtype=np.int32, shape=expert.shape)
             table = gs.Variable(f"{stem}.slot_token", dtype=np.int32)
