@@ -182,7 +182,7 @@ def node_recipes(
     from plugins import registry
 
     spec, kernels = registry.spec(op), registry.module(op, "kernels")
-    args = {name: attrs[name] for name in spec.attribute_names}
+    args = spec.attribute_values(attrs)
     variants = [d for d in spec.inputs[0].dtypes if d in tuple(dtypes)]
     return [kernels.node_recipe(shapes, dtype, **args) for dtype in variants]
 

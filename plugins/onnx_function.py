@@ -54,6 +54,14 @@ class FunctionBuilder:
         self.nodes.append(node)
         return out
 
+    def attr_float(self, attribute: str) -> str:
+        """A scalar float32 tensor holding the value of one of the function's float attributes."""
+        out = self._fresh(attribute)
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(AttributeProto(name="value_float", ref_attr_name=attribute, type=AttributeProto.FLOAT))
+        self.nodes.append(node)
+        return out
+
     def dim(self, tensor: str, axis: int) -> str:
         """A scalar int64: ``tensor.shape[axis]``."""
         return self.op("Squeeze", self.op("Shape", tensor, start=axis, end=axis + 1), self.ints([0]))

@@ -21,11 +21,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class AttrSpec:
-    """One attribute; ``type`` is ``"int"``, ``"float"`` or ``"str"`` (what the ONNX parser can pass on)."""
+    """One attribute; ``type`` is ``"int"``, ``"float"`` or ``"str"`` (what the ONNX parser can pass on).
+    ``default``: the value a node without it means (None: the attribute is required)."""
 
     name: str
     type: str
     doc: str = ""
+    default: object = None
 
     def __post_init__(self):
         if self.type not in ("int", "float", "str"):
@@ -51,3 +53,16 @@ class PluginSpec:
     @property
     def attribute_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.attributes)
+
+    def attribute_values(self, attrs) -> dict:
+        """Every attribute's value from a node's ``attrs`` (a mapping), defaults filled in; a KeyError
+        names a required attribute the node lacks."""
+        values = {}
+        for a in self.attributes:
+            if a.name in attrs:
+                values[a.name] = attrs[a.name]
+            elif a.default is not None:
+                values[a.name] = a.default
+            else:
+                raise KeyError(f"{self.id} node lacks its attribute {a.name!r}")
+        return values

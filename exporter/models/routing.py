@@ -110,7 +110,16 @@ def _goes_before(priority: torch.Tensor | None, group_size: int, device) -> torc
     return ((p_j > p_i) | ((p_j == p_i) & earlier)).float()  # [G, S, S]
 
 
-def route_top_k(gates: torch.Tensor, k: int, capacity: int, batch_priority: bool) -> TopKRouting:
+def route_top_k(
+    gates: torch.Tensor,
+    k: int,
+    capacity: int,
+    batch_priority: bool,
+    *,
+    by_token: bool = False,
+    normalize: int = 0,
+    eps: float = 0.0,
+) -> TopKRouting:
     """Top-k routing with a fixed capacity per expert, vanilla or Batch Prioritized.
 
     Reproduces ``vmoe.moe._get_top_experts_per_item_common`` without its cumsum and argsort: the
@@ -119,11 +128,19 @@ def route_top_k(gates: torch.Tensor, k: int, capacity: int, batch_priority: bool
     before i. Those counts are matmuls of 0/1 matrices, exact in float32 for groups below 2**24
     tokens.
 
+    Other authors' layers differ in two ways, both covered: ``by_token`` places a token's choices
+    together, in token (or priority) order, as loop-style layers do (there are no passes: a token
+    never chooses an expert twice, so its position in e counts the tokens before it that chose e in
+    any pass); ``normalize`` renormalises the combine weights (``plugins.topk_route.spec.NORMALIZE``).
+
     Args:
         gates: ``[G, S, E]`` router probabilities.
         k: Experts per token.
         capacity: Buffer slots per expert and group.
         batch_priority: Batch Prioritized Routing (priority = top-1 gate) instead of token order.
+        by_token: A token's choices together instead of pass by pass.
+        normalize: 0 raw gates; 1 over the chosen gates + eps; 2 over max(chosen, eps); 3 over max(kept, eps).
+        eps: The epsilon of ``normalize``.
     """
     gates = gates.float()
     num_groups, group_size, num_experts = gates.shape
@@ -131,22 +148,41 @@ def route_top_k(gates: torch.Tensor, k: int, capacity: int, batch_priority: bool
     expert_ids = torch.arange(num_experts, device=gates.device)
     choice = torch.stack([(i.unsqueeze(-1) == expert_ids) for i in indices], dim=2).float()  # [G,S,K,E]
     before = _goes_before(values[0] if batch_priority else None, group_size, gates.device)
-    same_pass = torch.matmul(before, choice.reshape(num_groups, group_size, k * num_experts))
-    same_pass = same_pass.reshape(num_groups, group_size, k, num_experts)
-    per_pass = choice.sum(dim=1)  # [G, K, E]: how many tokens chose e in pass c
-    earlier_passes = [torch.zeros_like(per_pass[:, 0])]
-    for c in range(1, k):
-        earlier_passes.append(earlier_passes[-1] + per_pass[:, c - 1])
-    position = same_pass + torch.stack(earlier_passes, dim=1).unsqueeze(1)  # [G,S,K,E]
+    if by_token:
+        earlier_tokens = torch.matmul(before, choice.sum(dim=2))  # [G,S,E]: tokens before i that chose e
+        position = earlier_tokens.unsqueeze(2)
+    else:
+        same_pass = torch.matmul(before, choice.reshape(num_groups, group_size, k * num_experts))
+        same_pass = same_pass.reshape(num_groups, group_size, k, num_experts)
+        per_pass = choice.sum(dim=1)  # [G, K, E]: how many tokens chose e in pass c
+        earlier_passes = [torch.zeros_like(per_pass[:, 0])]
+        for c in range(1, k):
+            earlier_passes.append(earlier_passes[-1] + per_pass[:, c - 1])
+        position = same_pass + torch.stack(earlier_passes, dim=1).unsqueeze(1)  # [G,S,K,E]
     position = (position * choice).sum(dim=-1).to(torch.int64)  # [G,S,K]
     kept = position < capacity
     expert = torch.stack(indices, dim=-1)
-    weight = torch.stack(values, dim=-1)
+    weight = _normalized(torch.stack(values, dim=-1), kept, normalize, eps)
     return TopKRouting(
         expert=expert,
         slot=torch.where(kept, position, torch.full_like(position, -1)),
         weight=torch.where(kept, weight, torch.zeros_like(weight)),
     )
+
+
+def _normalized(gate: torch.Tensor, kept: torch.Tensor, normalize: int, eps: float) -> torch.Tensor:
+    """Combine weights of the chosen gates ``[G, S, K]`` before dropping (``route_top_k``'s ``normalize``);
+    the k gates are added in choice order, one at a time, as the plugin kernel adds them."""
+    if normalize == 0:
+        return gate
+    if normalize not in (1, 2, 3):
+        raise UserError(f"normalize must be 0, 1, 2 or 3, got {normalize}")
+    summed = torch.where(kept, gate, torch.zeros_like(gate)) if normalize == 3 else gate
+    total = summed[..., :1]
+    for c in range(1, gate.shape[-1]):
+        total = total + summed[..., c : c + 1]
+    eps_t = torch.tensor(eps, dtype=gate.dtype, device=gate.device)
+    return gate / (total + eps_t if normalize == 1 else torch.maximum(total, eps_t))
 
 
 def vmoe_combine_weights(

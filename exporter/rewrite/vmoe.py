@@ -114,7 +114,7 @@ class VMoEMatch:
         nodes = [
             PluginNode("TopKRoute", dict(k=k, capacity=capacity, batch_priority=int(bpr))),
             PluginNode("TopKDispatch", dict(num_experts=experts)),
-            PluginNode("TopKCombine", dict(capacity=capacity)),
+            PluginNode("TopKCombine", {}),
         ]
 
         def apply(graph: gs.Graph) -> None:

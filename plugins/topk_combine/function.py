@@ -10,11 +10,11 @@ NAME = "TopKCombine"
 
 
 def function() -> onnx.FunctionProto:
-    b = FunctionBuilder(NAME, ["expert_out", "slot", "weight"], ["y"], {"capacity": 1})
-    capacity = b.attr_int("capacity")
+    b = FunctionBuilder(NAME, ["expert_out", "slot", "weight"], ["y"], {})
     zero, one = b.scalar(0), b.scalar(1)
     rows_per_expert, dim = b.dim("expert_out", 1), b.dim("expert_out", 2)
     groups, tokens, k = (b.dim("slot", axis) for axis in range(3))
+    capacity = b.op("Div", rows_per_expert, groups)  # the expert buffers hold G*C rows
 
     slot = b.op("Cast", "slot", to=INT64)
     kept = b.op("GreaterOrEqual", slot, zero)

@@ -66,9 +66,10 @@ def blocks(dim) -> tuple[int, int]:
     return max(1, 2048 // block_d), block_d
 
 
-def recipe(dtype: str, groups, tokens, k, dim, capacity: int) -> KernelRecipe:
-    """Launch plan for expert_out of ``dtype`` with ``dim`` columns and slot/weight ``[groups, tokens, k]``."""
-    if capacity < 1:
+def recipe(dtype: str, groups, tokens, k, dim, capacity) -> KernelRecipe:
+    """Launch plan for expert_out of ``dtype`` with ``dim`` columns and slot/weight ``[groups, tokens, k]``;
+    ``capacity`` (an int or a symbolic dimension) is the rows per expert and group."""
+    if isinstance(capacity, int) and capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     block_t, block_d = blocks(dim)
     return KernelRecipe(
@@ -82,25 +83,27 @@ def recipe(dtype: str, groups, tokens, k, dim, capacity: int) -> KernelRecipe:
     )
 
 
-def node_recipe(shapes, dtype: str, capacity: int) -> KernelRecipe:
-    """The recipe of a ``TopKCombine`` node from its input shapes (expert_out, slot, weight), token
-    dtype and attribute: what ``aot_impl`` compiles and what a deploy bundle precompiles."""
+def node_recipe(shapes, dtype: str) -> KernelRecipe:
+    """The recipe of a ``TopKCombine`` node from its input shapes (expert_out, slot, weight) and token
+    dtype: what ``aot_impl`` compiles and what a deploy bundle precompiles. The capacity is expert_out's
+    rows per group (``[E, G*C, D]``), so it follows a capacity that follows the batch."""
     groups, tokens, k = shapes[1]
-    return recipe(dtype, groups, tokens, k, shapes[0][2], capacity)
+    return recipe(dtype, groups, tokens, k, shapes[0][2], shapes[0][1] // groups)
 
 
 def kernel(name: str = "topk_combine_kernel"):
     return _kernels()[name]
 
 
-def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, capacity: int, out=None) -> torch.Tensor:
+def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
     """Tokens ``[G, S, D]`` in the dtype of ``expert_out`` (written to ``out`` when given)."""
     num_experts, rows, dim = expert_out.shape
     groups, tokens, k = slot.shape
-    if rows != groups * capacity or weight.shape != slot.shape:
+    capacity = rows // groups
+    if capacity < 1 or rows != groups * capacity or weight.shape != slot.shape:
         raise ValueError(
-            f"expert_out {tuple(expert_out.shape)}, slot {tuple(slot.shape)}, weight {tuple(weight.shape)} and "
-            f"capacity {capacity} do not fit"
+            f"expert_out {tuple(expert_out.shape)}, slot {tuple(slot.shape)} and weight {tuple(weight.shape)} "
+            "do not fit (expert_out holds G*C rows per expert)"
         )
     plan = recipe(dtype_name(expert_out), groups, tokens, k, dim, capacity)
     y = torch.empty((groups, tokens, dim), dtype=expert_out.dtype, device=expert_out.device) if out is None else out

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def topk_combine(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, capacity: int) -> torch.Tensor:
+def topk_combine(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Tokens ``[G, S, D]`` from expert outputs ``[E, G*C, D]`` and the flat slots ``e*C + c`` of each
-    (token, choice) (``-1`` when dropped).
+    (token, choice) (``-1`` when dropped); C is the rows per group of ``expert_out``.
 
     Accumulates in float32 (the plugin's contract) and returns the dtype of ``expert_out``.
     """
     experts, rows, dim = expert_out.shape
     groups, tokens, k = slot.shape
+    capacity = rows // groups
     slot = slot.long()
     kept = slot >= 0
     expert, position = slot.clamp(min=0) // capacity, slot.clamp(min=0) % capacity

@@ -1,6 +1,6 @@
 """Contract of ``moe::TopKCombine``."""
 
-from plugins.spec import NAMESPACE, AttrSpec, PluginSpec, TensorSpec
+from plugins.spec import NAMESPACE, PluginSpec, TensorSpec
 
 SPEC = PluginSpec(
     name="TopKCombine",
@@ -19,6 +19,6 @@ SPEC = PluginSpec(
             "sum over kept choices of weight * expert_out[e, g*C + c]",
         ),
     ),
-    attributes=(AttrSpec("capacity", "int", "buffer slots C per expert and group"),),
-    doc="As exporter.models.vmoe.Combine, accumulated in float32; dtype of expert_out; deterministic.",
+    doc="As exporter.models.vmoe.Combine, accumulated in float32; dtype of expert_out; deterministic. "
+    "C, the slots per expert and group, is expert_out's rows over G (it may follow the batch).",
 )

@@ -15,7 +15,7 @@ def register() -> None:
 
     @trtp.register(SPEC.id)
     def topk_combine_desc(
-        expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc, capacity: int
+        expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc
     ) -> trtp.TensorDesc:
         groups, tokens, _ = slot.shape_expr
         return trtp.from_shape_expr((groups, tokens, expert_out.shape_expr[2]), dtype=expert_out.dtype)
@@ -31,22 +31,20 @@ def register() -> None:
         expert_out: trtp.TensorDesc,
         slot: trtp.TensorDesc,
         weight: trtp.TensorDesc,
-        capacity: int,
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         shapes = (expert_out.shape_expr, slot.shape_expr, weight.shape_expr)
-        return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(expert_out.dtype), capacity))
+        return qdp.aot_result(kernels.node_recipe(shapes, qdp.dtype_name(expert_out.dtype)))
 
     @trtp.impl(SPEC.id)
     def topk_combine_impl(
         expert_out: trtp.Tensor,
         slot: trtp.Tensor,
         weight: trtp.Tensor,
-        capacity: int,
         outputs: tuple[trtp.Tensor],
         stream: int,
     ) -> None:
         with qdp.on_stream(stream):
             views = [qdp.torch_view(t) for t in (expert_out, slot, weight)]
-            kernels.launch(*views, capacity, out=qdp.torch_view(outputs[0]))
+            kernels.launch(*views, out=qdp.torch_view(outputs[0]))

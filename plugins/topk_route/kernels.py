@@ -7,9 +7,12 @@ gates are the smallest tensor here). Per pass ``c`` in order, the buffer positio
 is the number of earlier-pass choices of the same expert in the whole group plus the same-pass
 choices of that expert by tokens that go before i, "before" being token order (vanilla) or
 descending top-1 gate with ties to the lower token (Batch Prioritized Routing), counted exactly by
-blocked pairwise comparison: equal gates and equal experts need no sort. Kept choices write ``slot``,
-``weight`` and the slot table; each program also empties its share of the table's unfilled slots
-(slot p of expert e is filled exactly when p < the group's choices of e), so no write races another.
+blocked pairwise comparison: equal gates and equal experts need no sort. With ``BY_TOKEN`` a token's
+choices go together (loop-style layers): the position counts the earlier tokens that chose the expert
+in any pass, and passes add no offset. Kept choices write ``slot``, ``weight`` (the raw gate, or
+renormalised over the chosen or kept gates: ``NORM``) and the slot table; each program also empties
+its share of the table's unfilled slots (slot p of expert e is filled exactly when p < the group's
+choices of e), so no write races another.
 
 Work per group is k·S² comparisons, as before, spread over cdiv(S, BLOCK_S) programs instead of one:
 at V-MoE B/16 (S = 1,576) 25 programs per group, at 384 px (S = 4,616) 73. Exactly
@@ -24,6 +27,8 @@ import torch
 
 from plugins.launch import run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, require_static
+from plugins.topk_route.capacity import capacity as capacity_of
+from plugins.topk_route.spec import DEFAULTS, NORMALIZE
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 _top_k = _column = None  # the kernel's @triton.jit helpers, bound there too
@@ -67,6 +72,9 @@ def _kernels() -> dict:
         slot_token_ptr,
         K: tl.constexpr,
         BPR: tl.constexpr,
+        BY_TOKEN: tl.constexpr,
+        NORM: tl.constexpr,
+        EPS: tl.constexpr,
         BLOCK_E: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -89,7 +97,8 @@ def _kernels() -> dict:
         xi = tl.load(gates + i[:, None] * E + cols[None, :], mask=mi[:, None] & ce[None, :], other=float("-inf"))
         mine, pi = _top_k(xi, K, BLOCK_K, cols)
 
-        # every token of the group, tile by tile: same-pass choices before mine, and per-pass counts
+        # every token of the group, tile by tile: the choices of the same expert that go before mine
+        # (same pass, or with BY_TOKEN any pass of an earlier token), and per-pass counts
         same = tl.zeros([BLOCK_S, BLOCK_K], tl.int32)  # [token, pass]
         counts = tl.zeros([BLOCK_K, BLOCK_E], tl.int32)  # [pass, expert] over the whole group
         for j0 in range(0, S, BLOCK_S):
@@ -104,25 +113,50 @@ def _kernels() -> dict:
             for c in tl.static_range(K):
                 ei = _column(mine, c)
                 ej = _column(theirs, c)
-                hits = tl.sum((before & (ej[None, :] == ei[:, None])).to(tl.int32), axis=1)
+                if BY_TOKEN:
+                    hits = tl.zeros([BLOCK_S], tl.int32)
+                    for c2 in tl.static_range(K):
+                        ej2 = _column(theirs, c2)
+                        hits += tl.sum((before & (ej2[None, :] == ei[:, None])).to(tl.int32), axis=1)
+                else:
+                    hits = tl.sum((before & (ej[None, :] == ei[:, None])).to(tl.int32), axis=1)
                 same += tl.where(ks[None, :] == c, hits[:, None], 0)
                 chose = tl.sum(((cols[None, :] == ej[:, None]) & mj[:, None]).to(tl.int32), axis=0)
                 counts += tl.where(ks[:, None] == c, chose[None, :], 0)
 
-        # positions pass by pass: earlier passes' choices of the expert, then this pass's before mine
+        # positions pass by pass: earlier passes' choices of the expert (none with BY_TOKEN), then
+        # the ones before mine
         offset = tl.zeros([BLOCK_E], tl.int32)
+        chosen = tl.zeros([BLOCK_S, BLOCK_K], tl.float32)  # my chosen gates, and which are kept
+        kept_all = tl.zeros([BLOCK_S, BLOCK_K], tl.int32)
         for c in tl.static_range(K):
             ei = _column(mine, c)
             onehot = (cols[None, :] == ei[:, None]) & mi[:, None]
-            position = tl.sum(tl.where(onehot, offset[None, :], 0), axis=1) + _column(same, c)
+            position = _column(same, c)
+            if not BY_TOKEN:
+                position += tl.sum(tl.where(onehot, offset[None, :], 0), axis=1)
             kept = (position < C) & mi
             flat = ei * C + position
             gate = tl.load(gates + i * E + ei, mask=mi, other=0.0)
             tl.store(expert + i * K + c, ei, mask=mi)
             tl.store(slot + i * K + c, tl.where(kept, flat, -1), mask=mi)
-            tl.store(weight + i * K + c, tl.where(kept, gate, 0.0), mask=mi)
             tl.store(table + flat, i, mask=kept)
+            chosen = tl.where(ks[None, :] == c, gate[:, None], chosen)
+            kept_all = tl.where(ks[None, :] == c, kept.to(tl.int32)[:, None], kept_all)
             offset += tl.sum(tl.where(ks[:, None] == c, counts, 0), axis=0)
+
+        # combine weights: the raw gate, or renormalised (the k gates added in choice order)
+        if NORM != 0:
+            summed = tl.where(kept_all != 0, chosen, 0.0) if NORM == 3 else chosen
+            total = _column(summed, 0)
+            for c in tl.static_range(1, K):
+                total = total + _column(summed, c)
+            denom = total + EPS if NORM == 1 else tl.maximum(total, EPS)
+        for c in tl.static_range(K):
+            gate = _column(chosen, c)
+            if NORM != 0:
+                gate = tl.div_rn(gate, denom)
+            tl.store(weight + i * K + c, tl.where(_column(kept_all, c) != 0, gate, 0.0), mask=mi)
 
         # this program's share of the slot table: the slots no choice fills (p >= the expert's total)
         slots = E * C
@@ -130,18 +164,25 @@ def _kernels() -> dict:
         for t0 in range(b * share, tl.minimum((b + 1) * share, slots), BLOCK_S):
             t = t0 + rows
             mt = (t < (b + 1) * share) & (t < slots)
-            total = tl.sum(tl.where(cols[None, :] == (t // C)[:, None], offset[None, :], 0), axis=1)
-            tl.store(table + t, tl.full([BLOCK_S], -1, tl.int32), mask=mt & (t % C >= total))
+            total_e = tl.sum(tl.where(cols[None, :] == (t // C)[:, None], offset[None, :], 0), axis=1)
+            tl.store(table + t, tl.full([BLOCK_S], -1, tl.int32), mask=mt & (t % C >= total_e))
 
     return {"topk_route_kernel": topk_route_kernel}
 
 
-def recipe(groups, tokens, num_experts: int, k: int, capacity: int, batch_priority: int) -> KernelRecipe:
-    """Launch plan for gates ``[groups, tokens, num_experts]``; ``num_experts`` must be a build-time int."""
+def recipe(groups, tokens, num_experts: int, k: int, capacity, batch_priority: int, **attrs) -> KernelRecipe:
+    """Launch plan for gates ``[groups, tokens, num_experts]``; ``num_experts`` must be a build-time int.
+
+    ``capacity`` is the slots per expert (an int or a symbolic dimension); ``attrs`` the node's other
+    attributes (``by_token``, ``normalize``, ``eps``)."""
+    attrs = {**DEFAULTS, **attrs}
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be between 1 and the number of experts ({num_experts}), got {k}")
-    if capacity < 1:
+    if isinstance(capacity, int) and capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if attrs["normalize"] not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {sorted(NORMALIZE)}, got {attrs['normalize']}")
+    norm = int(attrs["normalize"])
     return KernelRecipe(
         kernel="topk_route_kernel",
         inputs=(("gates_ptr", "float32"),),
@@ -155,6 +196,9 @@ def recipe(groups, tokens, num_experts: int, k: int, capacity: int, batch_priori
         constexprs={
             "K": int(k),
             "BPR": int(bool(batch_priority)),
+            "BY_TOKEN": int(bool(attrs["by_token"])),
+            "NORM": norm,
+            "EPS": float(attrs["eps"]) if norm else 0.0,  # one compiled variant for all raw-gate layers
             "BLOCK_E": next_pow2(num_experts),
             "BLOCK_S": BLOCK_S,
             "BLOCK_K": next_pow2(int(k)),
@@ -164,25 +208,31 @@ def recipe(groups, tokens, num_experts: int, k: int, capacity: int, batch_priori
     )
 
 
-def node_recipe(shapes, dtype: str, k: int, capacity: int, batch_priority: int) -> KernelRecipe:
+def node_recipe(shapes, dtype: str, k: int, capacity: int, batch_priority: int, **attrs) -> KernelRecipe:
     """The recipe of a ``TopKRoute`` node from its input shapes (ints or ShapeExprs) and attributes:
-    what ``aot_impl`` compiles and what a deploy bundle precompiles (gates are always float32)."""
+    what ``aot_impl`` compiles and what a deploy bundle precompiles (gates are always float32).
+    ``capacity`` 0 evaluates the node's capacity rule on the group size (``capacity.capacity``;
+    ``smax``/``smin`` in ``attrs`` give a symbolic size's maximum and minimum)."""
     groups, tokens, experts = shapes[0]
     num_experts = require_static(experts, "TopKRoute's number of experts (last gates dimension)")
-    return recipe(groups, tokens, num_experts, k, capacity, batch_priority)
+    smax, smin = attrs.pop("smax", max), attrs.pop("smin", min)
+    slots = capacity_of(tokens, {**attrs, "capacity": capacity}, smax=smax, smin=smin)
+    return recipe(groups, tokens, num_experts, k, slots, batch_priority, **attrs)
 
 
 def kernel(name: str = "topk_route_kernel"):
     return _kernels()[name]
 
 
-def launch(gates: torch.Tensor, k: int, capacity: int, batch_priority: int, out=None):
+def launch(gates: torch.Tensor, k: int, capacity: int, batch_priority: int, out=None, **attrs):
     """``(expert, slot, weight, slot_token)`` for gates ``[G, S, E]`` float32, on the gates' device.
 
-    ``out`` may give the four output tensors to write (TensorRT's, in the JIT implementation).
+    ``out`` may give the four output tensors to write (TensorRT's, in the JIT implementation);
+    ``capacity`` 0 takes the capacity rule in ``attrs`` (the node's ``cap_*``).
     """
     groups, tokens, num_experts = gates.shape
-    plan = recipe(groups, tokens, num_experts, k, capacity, batch_priority)
+    capacity = capacity_of(tokens, {**attrs, "capacity": capacity})
+    plan = recipe(groups, tokens, num_experts, k, capacity, batch_priority, **attrs)
     new = functools.partial(torch.empty, device=gates.device)
     outs = out or (
         new((groups, tokens, k), dtype=torch.int32),

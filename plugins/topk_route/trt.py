@@ -1,7 +1,8 @@
 """TensorRT Quickly Deployable Plugin ``moe::TopKRoute`` (AOT Triton kernel, JIT fallback).
 
 The only module of this plugin that imports tensorrt, inside :func:`register`. No ``from __future__
-import annotations`` here: TensorRT reads the decorated functions' annotations as types.
+import annotations`` here: TensorRT reads the decorated functions' annotations as types, and its
+attributes as the parameters after the tensors (all of ``spec.SPEC.attributes``, in order).
 """
 
 
@@ -12,19 +13,50 @@ def register() -> None:
 
     from plugins import qdp
     from plugins.topk_route import kernels
+    from plugins.topk_route.capacity import capacity as capacity_of
     from plugins.topk_route.spec import SPEC
 
     @trtp.register(SPEC.id)
     def topk_route_desc(
-        gates: trtp.TensorDesc, k: int, capacity: int, batch_priority: int
+        gates: trtp.TensorDesc,
+        k: int,
+        capacity: int,
+        batch_priority: int,
+        by_token: int,
+        normalize: int,
+        eps: float,
+        cap_num: int,
+        cap_den: int,
+        cap_ceil: int,
+        cap_pre: int,
+        cap_mul: int,
+        cap_align: int,
+        cap_min: int,
+        cap_clamp: int,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         groups, tokens, experts = gates.shape_expr
+        attrs = dict(
+            by_token=by_token,
+            normalize=normalize,
+            eps=eps,
+            cap_num=cap_num,
+            cap_den=cap_den,
+            cap_ceil=cap_ceil,
+            cap_pre=cap_pre,
+            cap_mul=cap_mul,
+            cap_align=cap_align,
+            cap_min=cap_min,
+            cap_clamp=cap_clamp,
+        )
+        slots = capacity_of(
+            tokens, {**attrs, "capacity": capacity}, smax=trtp.max, smin=trtp.min
+        )  # may follow the group size
         per_choice = (groups, tokens, k)
         return (
             trtp.from_shape_expr(per_choice, dtype=trt.int32),
             trtp.from_shape_expr(per_choice, dtype=trt.int32),
             trtp.from_shape_expr(per_choice, dtype=trt.float32),
-            trtp.from_shape_expr((groups, experts * capacity), dtype=trt.int32),
+            trtp.from_shape_expr((groups, experts * slots), dtype=trt.int32),
         )
 
     @trtp.autotune(SPEC.id)
@@ -37,10 +69,37 @@ def register() -> None:
         k: int,
         capacity: int,
         batch_priority: int,
+        by_token: int,
+        normalize: int,
+        eps: float,
+        cap_num: int,
+        cap_den: int,
+        cap_ceil: int,
+        cap_pre: int,
+        cap_mul: int,
+        cap_align: int,
+        cap_min: int,
+        cap_clamp: int,
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        return qdp.aot_result(kernels.node_recipe((gates.shape_expr,), "float32", k, capacity, batch_priority))
+        attrs = dict(
+            by_token=by_token,
+            normalize=normalize,
+            eps=eps,
+            cap_num=cap_num,
+            cap_den=cap_den,
+            cap_ceil=cap_ceil,
+            cap_pre=cap_pre,
+            cap_mul=cap_mul,
+            cap_align=cap_align,
+            cap_min=cap_min,
+            cap_clamp=cap_clamp,
+        )
+        recipe = kernels.node_recipe(
+            (gates.shape_expr,), "float32", k, capacity, batch_priority, smax=trtp.max, smin=trtp.min, **attrs
+        )
+        return qdp.aot_result(recipe)
 
     @trtp.impl(SPEC.id)
     def topk_route_impl(
@@ -48,9 +107,37 @@ def register() -> None:
         k: int,
         capacity: int,
         batch_priority: int,
+        by_token: int,
+        normalize: int,
+        eps: float,
+        cap_num: int,
+        cap_den: int,
+        cap_ceil: int,
+        cap_pre: int,
+        cap_mul: int,
+        cap_align: int,
+        cap_min: int,
+        cap_clamp: int,
         outputs: tuple[trtp.Tensor],
         stream: int,
     ) -> None:
         with qdp.on_stream(stream):
             outs = tuple(qdp.torch_view(t) for t in outputs)
-            kernels.launch(qdp.torch_view(gates), k, capacity, batch_priority, out=outs)
+            kernels.launch(
+                qdp.torch_view(gates),
+                k,
+                capacity,
+                batch_priority,
+                out=outs,
+                by_token=by_token,
+                normalize=normalize,
+                eps=eps,
+                cap_num=cap_num,
+                cap_den=cap_den,
+                cap_ceil=cap_ceil,
+                cap_pre=cap_pre,
+                cap_mul=cap_mul,
+                cap_align=cap_align,
+                cap_min=cap_min,
+                cap_clamp=cap_clamp,
+            )

@@ -175,7 +175,9 @@ def test_launch_parameters_of_the_aot_impl(bundle):
     params = aot.launch_params(route, compiled(bundle, "TopKRoute", 90, 85))
     # one program per group and block of 64 tokens: 1,576 tokens -> 25 programs per group
     assert params["grid"] == (G, 25, 1) and params["scalars"] == (S, E, C)
-    assert route.constexprs == {"K": K, "BPR": 1, "BLOCK_E": 8, "BLOCK_S": 64, "BLOCK_K": 2}
+    assert route.constexprs == {
+        "K": K, "BPR": 1, "BY_TOKEN": 0, "NORM": 0, "EPS": 0.0, "BLOCK_E": 8, "BLOCK_S": 64, "BLOCK_K": 2
+    }  # fmt: skip
 
     combine = aot.launch_params(RECIPES["TopKCombine"], compiled(bundle, "TopKCombine", 90, 85))
     assert combine["grid"] == ((G * S + 7) // 8, 3, 1) and combine["scalars"] == (G, S, K, C, D)
@@ -248,7 +250,7 @@ def test_register_all_says_tensorrt_is_missing():
 NODES = {  # the same launches as RECIPES, described as plugin nodes: input shapes and attributes
     "TopKRoute": ([(G, S, E)], {"k": K, "capacity": C, "batch_priority": 1}, "float32"),
     "TopKDispatch": ([(G, S, D), (G, E * C)], {"num_experts": E}, "float16"),
-    "TopKCombine": ([(E, G * C, D), (G, S, K), (G, S, K)], {"capacity": C}, "float32"),
+    "TopKCombine": ([(E, G * C, D), (G, S, K), (G, S, K)], {}, "float32"),
     "SoftRoute": ([(B, M, N)], {}, "float32"),
     "SoftDispatch": ([(B, M, DS), (B, M, N)], {"num_experts": N, "expert_major": 1}, "float16"),
     "SoftCombine": ([(N, B, DS), (B, M, N)], {"num_experts": N, "expert_major": 0}, "float32"),

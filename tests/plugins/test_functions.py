@@ -79,6 +79,54 @@ def test_topk_route_function_matches_route_top_k(seed, groups, tokens, experts, 
     np.testing.assert_array_equal(table, slot_tokens(ref, experts, capacity).numpy())
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    tokens=st.integers(1, 40),
+    experts=st.integers(2, 6),
+    k=st.integers(1, 3),
+    capacity=st.integers(1, 12),
+    bpr=st.booleans(),
+    by_token=st.booleans(),
+    normalize=st.integers(0, 3),
+)
+def test_topk_route_function_other_authors_semantics(seed, tokens, experts, k, capacity, bpr, by_token, normalize):
+    """A token's choices together and renormalised weights: the same decisions as route_top_k, weights
+    within float32 rounding (ReduceSum may add the k gates in another order than the kernel)."""
+    k = min(k, experts)
+    gates = tied_gates(np.random.default_rng(seed), 2, tokens, experts, distinct=max(1, tokens // 3))
+    attrs = dict(by_token=int(by_token), normalize=normalize, eps=1e-7)
+    expert, slot, weight, table = run_function(
+        topk_route(), {"gates": gates.numpy()}, ROUTE_TYPES, k=k, capacity=capacity, batch_priority=int(bpr), **attrs
+    )
+    ref = route_top_k(gates, k, capacity, bpr, **attrs)
+    np.testing.assert_array_equal(expert, ref.expert.numpy())
+    np.testing.assert_array_equal(slot, torch.where(ref.slot >= 0, ref.expert * capacity + ref.slot, -1).numpy())
+    np.testing.assert_allclose(weight, ref.weight.numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(table, slot_tokens(ref, experts, capacity).numpy())
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(cap_num=5, cap_den=16, cap_ceil=0, cap_clamp=1, cap_min=4),
+        dict(cap_num=1, cap_den=4, cap_ceil=1, cap_min=8),
+        dict(cap_num=5, cap_den=4, cap_ceil=0, cap_pre=4, cap_mul=2, cap_align=8),
+        dict(cap_num=9, cap_den=8, cap_ceil=1, cap_align=4),
+    ],
+)
+@pytest.mark.parametrize("tokens", [1, 7, 40, 131])
+def test_topk_route_function_capacity_rule(rule, tokens):
+    """capacity 0: the slot table's width follows the group size by plugins.topk_route.capacity."""
+    from plugins.topk_route.capacity import capacity as capacity_of
+
+    gates = tied_gates(np.random.default_rng(tokens), 1, tokens, 4, distinct=tokens)
+    *_, table = run_function(topk_route(), {"gates": gates.numpy()}, ROUTE_TYPES, k=2, capacity=0, **rule)
+    expected = capacity_of(tokens, rule)
+    assert table.shape == (1, 4 * expected)
+    np.testing.assert_array_equal(table, slot_tokens(route_top_k(gates, 2, expected, False), 4, expected).numpy())
+
+
 def test_topk_route_function_drops_and_prioritizes():
     """A hand-checked case: 4 tokens, 2 experts, capacity 1, k=1. Vanilla keeps the first token per
     expert, BPR the most confident one."""
@@ -112,7 +160,6 @@ def test_topk_dispatch_and_combine_functions_match_the_model(dtype):
         topk_combine(),
         {"expert_out": expert_out, "slot": flat, "weight": routing.weight.numpy()},
         [(dtype, 3)],
-        capacity=capacity,
     )
     ref_y = Combine()(torch.from_numpy(expert_out).float(), routing, capacity).numpy()
     # accumulated in float32 and rounded once to the tokens' type, as the kernel: within one rounding

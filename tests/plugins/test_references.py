@@ -43,6 +43,23 @@ def test_topk_route_reference_is_the_model_routing(seed, k, capacity, bpr, ties)
         assert (~kept).any()  # the case drops choices
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k,capacity", [(1, 2), (2, 3), (3, 5), (2, 64)])
+@pytest.mark.parametrize("bpr", [0, 1])
+@pytest.mark.parametrize("by_token,normalize", [(1, 0), (0, 1), (1, 2), (0, 3), (1, 3)])
+def test_other_authors_semantics_in_the_reference_are_the_model_routing(seed, k, capacity, bpr, by_token, normalize):
+    """The reference's cumsum over tokens (by_token) and its renormalised weights equal the model's
+    matmul routing, ties and drops included."""
+    gates = _gates(2, 15, 4, seed, ties=True)
+    attrs = dict(by_token=by_token, normalize=normalize, eps=1e-9)
+    expert, slot, weight, table = topk_route(gates, k, capacity, bpr, **attrs)
+    model = route_top_k(gates, k, capacity, bool(bpr), **attrs)
+    assert torch.equal(expert.long(), model.expert)
+    assert torch.equal(slot.long(), torch.where(model.slot >= 0, model.expert * capacity + model.slot, -1))
+    assert torch.equal(weight, model.weight)
+    assert torch.equal(table.long(), slot_tokens(model, 4, capacity))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_topk_combine_reference_is_the_model_combine(seed):
     gates, capacity = _gates(2, 12, 4, seed, ties=True), 4
@@ -50,7 +67,7 @@ def test_topk_combine_reference_is_the_model_combine(seed):
     expert_out = torch.randn(4, 2 * capacity, 8, generator=torch.Generator().manual_seed(seed))
     routing = route_top_k(gates, 2, capacity, True)
     expected = Combine()(expert_out, routing, capacity)
-    torch.testing.assert_close(topk_combine(expert_out, slot, weight, capacity), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(topk_combine(expert_out, slot, weight), expected, rtol=1e-6, atol=1e-6)
     dropped = TopKRouting(routing.expert, torch.full_like(routing.slot, -1), torch.zeros_like(routing.weight))
     assert torch.equal(Combine()(expert_out, dropped, capacity), torch.zeros(2, 12, 8))
 

@@ -11,6 +11,7 @@ from onnx import helper
 
 from plugins import registry
 from plugins.spec import NAMESPACE, AttrSpec
+from plugins.topk_route.capacity import RULE_DEFAULTS
 
 
 def test_registry_lists_six_plugins_in_the_moe_namespace():
@@ -34,9 +35,14 @@ def test_registry_lists_six_plugins_in_the_moe_namespace():
 @pytest.mark.parametrize(
     ("name", "inputs", "outputs", "attributes"),
     [
-        ("TopKRoute", ["gates"], ["expert", "slot", "weight", "slot_token"], ["k", "capacity", "batch_priority"]),
+        (
+            "TopKRoute",
+            ["gates"],
+            ["expert", "slot", "weight", "slot_token"],
+            ["k", "capacity", "batch_priority", "by_token", "normalize", "eps", *RULE_DEFAULTS],
+        ),
         ("TopKDispatch", ["x", "slot_token"], ["expert_in"], ["num_experts"]),
-        ("TopKCombine", ["expert_out", "slot", "weight"], ["y"], ["capacity"]),
+        ("TopKCombine", ["expert_out", "slot", "weight"], ["y"], []),
         ("SoftRoute", ["logits"], ["dispatch", "combine"], []),
         ("SoftDispatch", ["x", "dispatch"], ["slots"], ["num_experts", "expert_major"]),
         ("SoftCombine", ["slot_out", "combine"], ["y"], ["num_experts", "expert_major"]),
@@ -47,7 +53,7 @@ def test_contract_order_and_dtypes(name, inputs, outputs, attributes):
     assert [t.name for t in spec.inputs] == inputs
     assert [t.name for t in spec.outputs] == outputs
     assert list(spec.attribute_names) == attributes
-    assert all(a.type == "int" for a in spec.attributes)
+    assert all(a.type == ("float" if a.name == "eps" else "int") for a in spec.attributes)
     routing = {"gates", "weight", "logits", "dispatch", "combine"}
     for tensor in (*spec.inputs, *spec.outputs):
         if tensor.name in routing:

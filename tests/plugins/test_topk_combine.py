@@ -23,12 +23,12 @@ def test_matches_the_reference(dtype, k, dim, bpr, device):
     _, slot, weight, _ = topk_route(gates, k, capacity, bpr)
     assert (slot < 0).any()  # some choices dropped
     expert_out = torch.randn(5, 2 * capacity, dim, generator=gen).to(dtype)
-    got = launch(expert_out.to(device), slot.to(device), weight.to(device), capacity).cpu()
-    want = topk_combine(expert_out, slot, weight, capacity)
+    got = launch(expert_out.to(device), slot.to(device), weight.to(device)).cpu()
+    want = topk_combine(expert_out, slot, weight)
     assert got.dtype == dtype and got.shape == (2, 29, dim)
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
     assert (got[(slot < 0).all(-1)] == 0).all()  # tokens with every choice dropped get zeros
-    again = launch(expert_out.to(device), slot.to(device), weight.to(device), capacity).cpu()
+    again = launch(expert_out.to(device), slot.to(device), weight.to(device)).cpu()
     assert torch.equal(got, again)  # deterministic
 
 
@@ -37,13 +37,13 @@ def test_reference_is_the_model_combine():
     _, slot, weight, _ = topk_route(gates, 2, 5, 1)
     expert_out = torch.randn(4, 10, 8)
     model = Combine()(expert_out, route_top_k(gates, 2, 5, True), 5)
-    torch.testing.assert_close(topk_combine(expert_out, slot, weight, 5), model)
+    torch.testing.assert_close(topk_combine(expert_out, slot, weight), model)
 
 
 def test_rejects_mismatched_shapes():
     slot = torch.zeros(2, 3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="do not fit"):
-        launch(torch.zeros(4, 9, 8), slot, torch.zeros(2, 3, 2), 5)
+        launch(torch.zeros(4, 9, 8), slot, torch.zeros(2, 3, 2))  # 9 rows are not 2 groups
 
 
 def test_bfloat16_kernel_path(device):
@@ -56,5 +56,5 @@ def test_bfloat16_kernel_path(device):
     x = torch.randn(2, 21, 32).bfloat16()
     expert_in = dispatch(x.to(device), table.to(device), 4).cpu()
     assert torch.equal(expert_in, topk_dispatch(x, table, 4))
-    y = launch(expert_in.to(device), slot.to(device), weight.to(device), 6).cpu()
-    torch.testing.assert_close(y, topk_combine(expert_in, slot, weight, 6), rtol=1e-2, atol=1e-2)
+    y = launch(expert_in.to(device), slot.to(device), weight.to(device)).cpu()
+    torch.testing.assert_close(y, topk_combine(expert_in, slot, weight), rtol=1e-2, atol=1e-2)
