@@ -420,8 +420,15 @@ def print_export(result) -> None:
     for name, (dtype, dims) in {**result.inputs, **result.outputs}.items():
         kind = "input " if name in result.inputs else "output"
         out.print(escape(f"  {kind} {name}: {dtype}[{', '.join(map(str, dims))}]"))
+    for note in result.notes:
+        out.print(f"note: {escape(note)}")
     if not result.dynamic_batch:
         out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
+    checked = ", ".join(f"{b} ({err:.1e})" for b, err in result.checked.items())
+    if result.precision == "fp32":
+        out.print(f"checked against PyTorch at batch {checked} (max rel err)")
+    else:  # the reduced graph's own differences are validate's to report, flips explained
+        out.print(f"checked: its FP32 trace against PyTorch at batch {checked}, and the {result.precision} graph runs")
     if result.overflows:
         names = ", ".join(result.overflows[:5]) + (" ..." if len(result.overflows) > 5 else "")
         out.print(

@@ -8,6 +8,8 @@ import functools
 import io
 import json
 import logging
+import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -20,19 +22,21 @@ import onnx_ir as ir
 import torch
 
 from exporter import settings
-from exporter.errors import UserError, one_line
+from exporter.errors import DEBUG_ENV, CheckFailed, UserError
 from exporter.export.portable import check_portable
 from exporter.export.precision import PrecisionResult, check_precision, reduce_precision
+from exporter.export.tracing import Traced
 from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import (
     INPUT_NAME,
     PRECISION_KEY,
     PREPROCESSING_KEY,
     ROUTING_LAYERS_KEY,
-    ROUTING_PREFIX,
     SCOPE_KEY,
     SOURCE_KEY,
     VMOE_LAYERS_KEY,
+    image_input,
+    input_dims,
     op_histogram,
     routing_output_names,
 )
@@ -60,6 +64,8 @@ class ExportResult:
     fp32_nodes: dict[str, int] = field(default_factory=dict)  # float nodes kept in FP32, by reason
     overflows: list[str] = field(default_factory=list)  # weights/constants whose finite values became infinite
     size_bytes: int = 0  # the graph and its weights on disk
+    notes: list[str] = field(default_factory=list)  # substitutions, a fixed batch and why, replaced draws
+    checked: dict[int, float] = field(default_factory=dict)  # batch -> max rel err of the graph against PyTorch
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -164,14 +170,12 @@ def export_onnx(
         names += [n for layer in layers for n in routing_output_names(layer)]
 
     start = time.perf_counter()
+    second = _second_batch(batch, multiple)
     with step("Tracing to ONNX (torch.export + torch.onnx)"):
-        program, dynamic = _torch_export(
-            model, images, multiple, opset, names, routing_outputs, user_code=loaded.source.kind == "module"
+        probes = [images, torch.randn((second, *loaded.source.input_shape), generator=generator)]
+        program, exported, notes = _torch_export(
+            model, probes, multiple, opset, names, routing_outputs, user_code=loaded.source.kind == "module"
         )
-    if routing_outputs and dynamic and multiple > 1:
-        for value in program.model.graph.outputs:  # name the routing outputs' group axis
-            if value.name.startswith(ROUTING_PREFIX) and value.shape is not None:
-                value.shape = ir.Shape(["groups", *value.shape[1:]])
     _name_folded_weights(program.model.graph)
     _strip_build_machine_metadata(program.model)
     converted = PrecisionResult(precision, routing_precision)
@@ -196,6 +200,15 @@ def export_onnx(
         except onnx.checker.ValidationError as e:
             raise RuntimeError(f"the exported graph fails onnx.checker: {e}") from e
         proto = onnx.load(str(path), load_external_data=False)
+        dynamic = not isinstance(input_dims(image_input(proto))[0], int)
+        # the graph against PyTorch at the traced batch and (dynamic) a second one: never written as right
+        batches = [batch, second] if dynamic else [batch]
+        if loaded.source.kind == "zoo" and dynamic:
+            batches = [second]  # moe-export's own models: the smallest batch, where a fixed size would show
+        with step(f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
+            trace = exported if precision != "fp32" else None  # an FP16/BF16 graph is compared by its FP32 trace
+            checked = check_graph(path, model, loaded.source.input_shape, batches, batch, trace=trace)
+        del exported
     seconds = time.perf_counter() - start
     return ExportResult(
         path=dest,
@@ -213,6 +226,8 @@ def export_onnx(
         fp32_nodes=converted.fp32_nodes,
         overflows=converted.overflows,
         size_bytes=sum(f.stat().st_size for f in (dest, dest.with_name(dest.name + ".data")) if f.exists()),
+        notes=notes,
+        checked=checked,
     )
 
 
@@ -295,7 +310,7 @@ def trace_structure(
     names = ["logits"]
     if routing_outputs:
         names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
-    program, _ = _torch_export(module, images, loaded.batch_multiple, opset, names, routing_outputs)
+    program, _, _ = _torch_export(module, [images], loaded.batch_multiple, opset, names, routing_outputs)
     if precision != "fp32":
         graph = program.model.graph
         reduce_precision(program.model, precision, vmoe_layers=[n for n, _ in vmoe_layers(module)])
@@ -308,29 +323,119 @@ def trace_structure(
         return onnx.load(f"{tmp}/graph.onnx")
 
 
-def _torch_export(model, images, multiple, opset, names, routing_outputs, user_code: bool = False):
-    """torch.onnx.export with a dynamic batch (or, for a model that fixes its batch, a static one).
+def _torch_export(model, probes, multiple, opset, names, routing_outputs, user_code: bool = False):
+    """``(ONNXProgram, ExportedProgram, notes)``: torch.export (``exporter.export.tracing``) and torch.onnx's
+    conversion, with a dynamic batch where the model's code allows (``8*groups`` for V-MoE groups, else
+    ``batch``).
 
-    A failure tracing a user's module is a user error; tracing a zoo model it is our bug, and
-    propagates."""
+    ``probes[0]`` is the tracing example; every probe proves the substitutions first. A failure tracing
+    a user's module is a user error (one line, torch's output in a log file); tracing a zoo model it
+    is our bug, and propagates."""
+    from exporter.export.substitutions import substituted
+    from exporter.export.tracing import ExportLog, failure_line, settle_random_ops, trace
+
+    images = probes[0]
     dim = torch.export.Dim("groups", min=1) * multiple if multiple > 1 else torch.export.Dim("batch", min=1)
     ctx = _forward_exposing_routing(model) if routing_outputs else contextlib.nullcontext()
-    kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
-    with ctx, quiet_torch():
+    log = ExportLog(keep=os.environ.get(DEBUG_ENV, "") not in ("", "0"))
+    with ctx:
+        if not user_code:
+            with quiet_torch():
+                traced = Traced(torch.export.export(model, (images,), dynamic_shapes=({0: dim},)), True, "non-strict")
+        else:
+            with substituted(model, probes) as substitutions:
+                traced = trace(model, images, dim, log=log)
+            traced.notes[:0] = substitutions
+            settle_random_ops(traced, model, images)
+        kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
         try:
-            return torch.onnx.export(model, (images,), dynamic_shapes=({0: dim},), **kwargs), True
-        except Exception as dynamic_error:
-            fixed_batch = "Constraints violated" in str(dynamic_error) or "specializ" in str(dynamic_error)
-            if not fixed_batch and not user_code:
-                raise
-            if not fixed_batch:
-                raise UserError(f"export failed: {one_line(dynamic_error)}") from None
-        try:  # the model fixes its batch size: export that size, and say so
-            return torch.onnx.export(model, (images,), **kwargs), False
+            with log.capture("torch.onnx (ExportedProgram -> ONNX)"):
+                program = torch.onnx.export(traced.program, **kwargs)
         except Exception as e:
             if not user_code:
                 raise
-            raise UserError(f"export failed: {one_line(e)}") from None
+            raise UserError(f"conversion to ONNX failed: {failure_line(e, log.path)}") from None
+        finally:
+            log.close()
+    _name_batch_axis(program.model, multiple)
+    return program, traced.program, traced.notes
+
+
+def _name_batch_axis(model: ir.Model, multiple: int) -> None:
+    """torch.onnx names the batch symbol of an ExportedProgram ``s<n>``; the graph names it ``batch``, or
+    ``groups`` for V-MoE routing groups (the image input ``8*groups``, routing outputs ``groups``)."""
+    first = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
+    if not isinstance(first, ir.SymbolicDim) or first.value is None:
+        return
+    symbols = re.findall(r"\b[su]\d+\b", first.value)
+    if len(symbols) != 1:
+        return
+    name = "groups" if multiple > 1 else "batch"
+    pattern = re.compile(rf"\b{symbols[0]}\b")
+    values = [*model.graph.inputs, *model.graph.outputs]
+    values += [v for node in model.graph for v in node.outputs]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [
+            ir.SymbolicDim(pattern.sub(name, d.value).replace(" ", ""))
+            if isinstance(d, ir.SymbolicDim) and d.value
+            else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+
+
+def _second_batch(batch: int, multiple: int) -> int:
+    """The second batch the graph is checked at: one routing group (or image) when the traced example
+    has more, else two (a size that torch.export fixed would show at either)."""
+    return multiple if batch != multiple else 2 * multiple
+
+
+def check_graph(path: Path, model, image_shape, batches: list[int], traced: int, *, trace=None) -> dict[int, float]:
+    """Runs the written graph in ONNX Runtime against PyTorch at each batch; the largest error relative
+    to the outputs' scale, per batch (``settings.EXPORT_CHECK_RTOL``). A graph that fails to run or does
+    not match is a CheckFailed (exit 1), naming the batch: at another batch than the ``traced`` one,
+    torch.export fixed a size; at the traced one, the model computes something the graph does not.
+
+    An FP16/BF16 graph differs from the FP32 model by its rounding (and the routing flips that
+    causes), so its numbers are compared through ``trace``, the FP32 ExportedProgram it was converted
+    from; the graph itself must run at every batch with the model's output shapes."""
+    from exporter.backends.onnxruntime import run_onnxruntime
+    from exporter.compare import max_rel_err
+    from exporter.models.capture import flatten_outputs, run_with_routing
+
+    tolerance = settings.EXPORT_CHECK_RTOL
+    errors = {}
+    for batch in batches:
+        images = torch.randn((batch, *image_shape), generator=torch.Generator().manual_seed(batch))
+        expected, _ = run_with_routing(model, images)
+        try:
+            got = list(run_onnxruntime(path, {INPUT_NAME: images.numpy()}).values())
+        except UserError as e:
+            raise CheckFailed(f"the exported graph fails in ONNX Runtime at batch {batch}: {e}; not written") from None
+        if trace is not None:
+            shapes_differ = any(g.shape != tuple(e.shape) for g, e in zip(got, expected))
+            with torch.no_grad():
+                got = [t.numpy() for t in flatten_outputs(trace.module(check_guards=False)(images))]
+        else:
+            shapes_differ = False
+        shapes_differ = shapes_differ or any(g.shape != tuple(e.shape) for g, e in zip(got, expected))
+        errors[batch] = max(
+            (max_rel_err(g, e.numpy()) for g, e in zip(got, expected) if g.shape == tuple(e.shape)), default=0.0
+        )
+        if shapes_differ or not errors[batch] <= tolerance:
+            what = "output shapes" if shapes_differ else f"max rel err {errors[batch]:.3g} > {tolerance:g}"
+            why = (
+                "torch.export fixed a size that depends on the batch"
+                if batch != traced
+                else "the graph computes something else than the model even at the traced batch (e.g. an order "
+                "PyTorch leaves undefined, such as which of equal values torch.topk returns first)"
+            )
+            raise CheckFailed(
+                f"the exported graph does not match the model at batch {batch} ({what}): {why}; not written"
+            )
+    return errors
 
 
 def _strip_build_machine_metadata(model: ir.Model) -> None:

@@ -256,8 +256,8 @@ def reduce_precision(
     low_nodes: set[ir.Node] = set()
     for node in graph:
         floats = [v for v in (*node.inputs, *node.outputs) if _is_float(v)]
-        if node.op_type == "Constant" or not floats:
-            continue
+        if node.op_type in ("Constant", "Shape", "Size") or not floats:
+            continue  # (Shape and Size read dimensions: any float type will do)
         if node in kept:
             reasons["routing"] += 1
         elif keep is not None and keep(node):

@@ -139,6 +139,7 @@ class VMoEMlp(nn.Module):
         size = self.num_experts * capacity * mlp_dim * 4
         if size > settings.MAX_EXPERT_BUFFER_BYTES:
             given = f"capacity {capacity}" if self.fixed_capacity else f"capacity factor {self.capacity_factor:g}"
+            capacity, group_size, size = int(capacity), int(group_size), int(size)  # (symbolic while tracing)
             raise UserError(
                 f"{given} gives {capacity:,} slots per expert for {group_size:,} tokens a group: the expert "
                 f"activations [{self.num_experts}, {capacity}, {mlp_dim}] would take {size / 2**30:,.1f} GiB per "

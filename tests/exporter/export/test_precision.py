@@ -56,6 +56,8 @@ def test_tokens_and_experts_are_reduced_and_the_routing_stays_fp32(exported, nam
     inserted = [n for n in model.graph.node if n.op_type == "Cast" and ".cast_" in n.name]  # the boundaries
     computing = [n for n in model.graph.node if n not in inserted]
     layers = set(router_tensors(model))
+    # (Shape reads a tensor's dimensions, not its values: the type of what it reads does not matter)
+    computing = [n for n in computing if n.op_type != "Shape"]
     routing = [n for n in computing if scopes[n.name].endswith((".router", ".routing"))]
     routing += [n for n in computing if n.op_type == "Softmax" and scopes[n.name] in layers]  # V-MoE gates
     assert routing and all(float_types(n, types) <= {FLOAT} for n in routing), "routing computes in FP32"
