@@ -20,6 +20,7 @@ __all__ = [
     "TopKRouting",
     "compute_capacity",
     "route_top_k",
+    "normalized_weights",
     "vmoe_combine_weights",
     "l2_normalize",
     "soft_moe_logits",
@@ -162,7 +163,7 @@ def route_top_k(
     position = (position * choice).sum(dim=-1).to(torch.int64)  # [G,S,K]
     kept = position < capacity
     expert = torch.stack(indices, dim=-1)
-    weight = _normalized(torch.stack(values, dim=-1), kept, normalize, eps)
+    weight = normalized_weights(torch.stack(values, dim=-1), kept, normalize, eps)
     return TopKRouting(
         expert=expert,
         slot=torch.where(kept, position, torch.full_like(position, -1)),
@@ -170,7 +171,7 @@ def route_top_k(
     )
 
 
-def _normalized(gate: torch.Tensor, kept: torch.Tensor, normalize: int, eps: float) -> torch.Tensor:
+def normalized_weights(gate: torch.Tensor, kept: torch.Tensor, normalize: int, eps: float) -> torch.Tensor:
     """Combine weights of the chosen gates ``[G, S, K]`` before dropping (``route_top_k``'s ``normalize``);
     the k gates are added in choice order, one at a time, as the plugin kernel adds them."""
     if normalize == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -37,6 +38,106 @@ def quiet_graphsurgeon():
 
 def is_var(t) -> bool:
     return isinstance(t, gs.Variable)
+
+
+def is_const(t) -> bool:
+    """An initializer or a Constant node's output."""
+    if isinstance(t, gs.Constant):
+        return True
+    node = producer(t) if isinstance(t, gs.Variable) else None
+    return node is not None and node.op == "Constant"
+
+
+def const_shape(t) -> tuple | None:
+    """The shape of a constant tensor without reading its data (weights may live in another file)."""
+    if isinstance(t, gs.Constant):
+        return tuple(t.shape)
+    node = producer(t) if isinstance(t, gs.Variable) else None
+    if node is not None and node.op == "Constant" and "value" in node.attrs:
+        value = node.attrs["value"]
+        return tuple(value.shape if isinstance(value, gs.Constant) else np.shape(value))
+    return None
+
+
+def const_value(t, limit: int = 64) -> np.ndarray | None:
+    """The value of a small constant tensor (at most ``limit`` elements: a scalar, an axes list), else None."""
+    shape = const_shape(t)
+    if shape is None or math.prod(shape) > limit:
+        return None
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    value = producer(t).attrs["value"]
+    return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+
+
+@dataclass(frozen=True)
+class SoftmaxMatch:
+    """A softmax in a graph: an ONNX Softmax, or one written by hand (``exp(x - max) / sum(exp)``)."""
+
+    node: gs.Node  # the Softmax, or the final Div
+    input: gs.Variable
+    output: gs.Variable
+    axes: tuple[int, ...]  # non-negative, sorted
+    rank: int | None
+
+    @property
+    def last_axis(self) -> bool:
+        return self.rank is not None and self.axes == (self.rank - 1,)
+
+    @property
+    def trailing(self) -> bool:
+        """Normalises the trailing axes (a last axis, or a flattened ``[n, p]`` pair)."""
+        return self.rank is not None and self.axes == tuple(range(self.rank - len(self.axes), self.rank))
+
+
+def _axes(node: gs.Node, rank: int | None) -> tuple[int, ...] | None:
+    if node.op == "Softmax":
+        axes = [node.attrs.get("axis", -1)]
+    elif len(node.inputs) > 1 and node.inputs[1] is not None and (v := const_value(node.inputs[1])) is not None:
+        axes = [int(a) for a in np.asarray(v).reshape(-1)]
+    elif "axes" in node.attrs:
+        axes = list(node.attrs["axes"])
+    else:
+        return None
+    if any(a < 0 for a in axes):
+        if rank is None:
+            return None
+        axes = [a % rank for a in axes]
+    return tuple(sorted(axes))
+
+
+def _rank(t: gs.Tensor) -> int | None:
+    return len(t.shape) if getattr(t, "shape", None) is not None else None
+
+
+def softmaxes(graph: gs.Graph) -> list[SoftmaxMatch]:
+    """Every softmax of the graph: Softmax nodes, and ``Div(Exp(x [- ReduceMax(x)]), ReduceSum(Exp(..)))``
+    over the same axes (kept dimensions), as authors who write their own (bwconrad's soft-moe) do."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "Softmax" and is_var(node.inputs[0]):
+            rank = _rank(node.inputs[0])
+            axes = _axes(node, rank)
+            if axes is not None:
+                found.append(SoftmaxMatch(node, node.inputs[0], node.outputs[0], axes, rank))
+        elif node.op == "Div" and all(is_var(i) for i in node.inputs):
+            num, den = node.inputs
+            exp, total = producer(num), producer(den)
+            if exp is None or total is None or exp.op != "Exp" or total.op != "ReduceSum" or total.inputs[0] is not num:
+                continue
+            if not total.attrs.get("keepdims", 1):
+                continue
+            x = exp.inputs[0]
+            shift = producer(x)
+            if shift is not None and shift.op == "Sub":
+                top = producer(shift.inputs[1])
+                if top is not None and top.op == "ReduceMax" and top.inputs[0] is shift.inputs[0]:
+                    x = shift.inputs[0]
+            rank = _rank(x)
+            axes = _axes(total, rank)
+            if axes is not None:
+                found.append(SoftmaxMatch(node, x, node.outputs[0], axes, rank))
+    return found
 
 
 def producer(t: gs.Tensor):

@@ -17,7 +17,11 @@ class PluginNode:
     attrs: dict
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.attrs.items())
+        """``Name(attr=value, ...)``, leaving out the attributes at their spec's default."""
+        defaults = {a.name: a.default for a in registry.spec(self.plugin).attributes}
+        args = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.attrs.items() if defaults.get(k) != v
+        )
         return f"{self.plugin}({args})" if args else self.plugin
 
 
@@ -30,6 +34,8 @@ class LayerPlan:
     nodes: list[PluginNode] = field(default_factory=list)
     reason: str | None = None
     apply: Callable[[gs.Graph], None] | None = field(default=None, repr=False)
+    semantics: str | None = None  # what the layer computes, as the check found it (top-k layers)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def replaced(self) -> bool:
@@ -41,8 +47,12 @@ class LayerPlan:
             out["plugins"] = [
                 dict(plugin=n.plugin, role=registry.spec(n.plugin).role, attrs=n.attrs) for n in self.nodes
             ]
+            if self.semantics:
+                out["semantics"] = self.semantics
         else:
             out["reason"] = self.reason
+        if self.notes:
+            out["notes"] = self.notes
         return out
 
 

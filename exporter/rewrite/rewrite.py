@@ -1,17 +1,17 @@
 """Portable ONNX -> plugin ONNX: each MoE layer's routing, dispatch and combine become ``moe::`` plugin nodes.
 
-How a layer is found, and why it is safe to replace:
+How a layer is found, and why it is safe to replace (``exporter.rewrite.rules``, one file per rule):
 
-* **V-MoE** layers are found by the exporter's scope metadata (``<layer>.routing`` / ``.dispatch`` /
-  ``.combine`` on every node) and the layer's routing settings stored in the graph. The boundary
-  tensors (router probabilities, the routing decisions, the tokens, the expert inputs and outputs,
-  the combined tokens) are picked among the tensors crossing each scope by value.
-* **Soft-MoE** layers are found by op pattern, whoever wrote them: two Softmax nodes over one logits
+* **Top-k** layers (V-MoE, GShard, Switch, DeepSpeed, lucidrains, hand-written loops...) are found by
+  behaviour, whoever wrote them: a router (a matmul to E logits, a softmax) feeding a top-k choice,
+  inside the module (torch.onnx's scopes) that also holds the experts. moe-export's recorded settings
+  are only tried first.
+* **Soft-MoE** layers are found by op pattern, whoever wrote them: two softmaxes over one logits
   tensor (reshapes and transposes allowed between), each feeding a MatMul or Einsum (the slot mix and
-  the token mix). Axis orders, ``[E, p, d]`` slot parameters, normalisation variants and ModuleList
-  experts only change what sits around that pattern.
-* Every candidate is then **checked by value**: the graph runs once in ONNX Runtime on random
-  images with the candidate tensors exposed, and a layer is replaced only if the plugins' reference
+  the token mix). Axis orders, ``[E, p, d]`` slot parameters, normalisation variants, hand-written
+  softmaxes and ModuleList experts only change what sits around that pattern.
+* Every candidate is then **checked by value**: the graph runs in ONNX Runtime on random images with
+  the candidate tensors exposed (at two batches or more), and a layer is replaced only if the plugins'
   semantics reproduce those tensors (exactly for routing decisions, to 1e-4 of scale for floats).
   A layer that fails a check is reported with the reason and left as standard ONNX.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import (
     REWRITE_KEY,
     metadata,
+    module_path,
     node_scopes,
     op_histogram,
     precision,
@@ -48,9 +48,8 @@ from exporter.formats.graph import (
 )
 from exporter.rewrite.graph import quiet_graphsurgeon
 from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
-from exporter.rewrite.probe import probe
-from exporter.rewrite.soft_moe import soft_candidates
-from exporter.rewrite.vmoe import VMoEMatch
+from exporter.rewrite.probe import Probe
+from exporter.rewrite.rules import GraphContext, rules
 from plugins import registry
 
 
@@ -71,35 +70,29 @@ def plan_rewrite(
         )
     with quiet_graphsurgeon():
         graph = gs.import_onnx(proto)
-    scopes = node_scopes(proto)
+    paths = {name: module_path(scope) for name, scope in node_scopes(proto).items()}
+    ctx = GraphContext(graph, paths, recorded=vmoe_layers(proto), precision=graph_precision)
 
     plans: list[LayerPlan] = []
-    matches: list = []
-    vmoe = vmoe_layers(proto)
-    scoped = sorted(
-        {m.group(1) for ns in scopes.values() if (m := re.search(r"/([^/:]+)\.routing: \S+TopKRouter", ns))}
-    )
-    for layer in (layer for layer in scoped if layer not in vmoe):
-        reason = "the graph lacks this layer's routing settings (exported by an older moe-export?); export it again"
-        plans.append(LayerPlan(layer, "vmoe", reason=reason))
-    for layer, config in vmoe.items():
-        try:
-            matches.append(VMoEMatch(graph, scopes, layer, config))
-        except Decline as e:
-            plans.append(LayerPlan(layer, "vmoe", reason=str(e)))
-    soft, declined = soft_candidates(graph, scopes)
-    matches += soft
-    plans += declined
-
-    values = probe(path, proto, set().union(*(m.names() for m in matches)), seed) if matches else {}
+    candidates = []
+    for rule in rules():
+        found, declined = rule.find(ctx)
+        candidates += found
+        plans += declined
+    probe = Probe(path, proto, set().union(*(c.names() for c in candidates)), seed) if candidates else None
     rtol = settings.REWRITE_CHECK_RTOL[graph_precision]
-    for match in matches:
+    for candidate in candidates:
         try:
-            plan, apply = match.check(values, rtol)
+            plan, apply = candidate.check(probe, rtol)
             plan.apply = apply
         except Decline as e:
-            plan = LayerPlan(match.layer, "vmoe" if isinstance(match, VMoEMatch) else "soft_moe", reason=str(e))
+            plan = LayerPlan(candidate.layer, candidate.family, reason=str(e))
         plans.append(plan)
+    first = {}  # layers in graph order
+    for node in graph.nodes:
+        for p in paths.get(node.name, []):
+            first.setdefault(p, len(first))
+    plans.sort(key=lambda plan: first.get(plan.layer, len(first)))
     return proto, graph, plans
 
 

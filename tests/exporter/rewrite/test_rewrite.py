@@ -78,8 +78,9 @@ def test_plan_only_writes_nothing(exported, tmp_path):
     assert plan.counts == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
 
 
-def test_wrong_routing_settings_are_declined_not_replaced(exported, tmp_path):
-    """A layer whose stored settings do not reproduce the graph's routing is left as standard ONNX."""
+def test_wrong_routing_settings_are_only_a_hint(exported, tmp_path):
+    """A layer whose stored settings do not reproduce the graph's routing is rewritten with what the
+    graph computes (found by value), and the plan says the record was wrong."""
     _, result = exported("vmoe-tiny")
     model = onnx.load(str(result.path))
     for p in model.metadata_props:
@@ -91,15 +92,17 @@ def test_wrong_routing_settings_are_declined_not_replaced(exported, tmp_path):
     onnx.save(model, str(tampered))
     out = tmp_path / "out.onnx"
     rewritten = rewrite_onnx(tampered, out)
-    (declined,) = rewritten.declined
-    assert declined.layer == "blocks.3.mlp" and "buffer slots" in declined.reason
-    assert rewritten.counts == {"TopKRoute": 1, "TopKDispatch": 1, "TopKCombine": 1}
-    assert all(n.name.startswith("blocks.1.mlp") for n in _plugin_nodes(out))
+    assert not rewritten.declined and rewritten.counts == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
+    first, tampered_layer = rewritten.layers
+    assert not first.notes and "are not what it computes" in tampered_layer.notes[0]
     source = from_zoo("vmoe-tiny")
+    capacity = load(source).module.blocks[3].mlp.capacity(8 * source.config.tokens)
+    routes = [_attrs(n) for n in _plugin_nodes(out) if n.op_type == "TopKRoute"]
+    assert [r["capacity"] for r in routes] == [capacity, capacity]  # the graph's C = 1.05, not the record's 0.25
     assert validate_onnx(out, source).passed
 
 
-def test_graph_without_routing_settings_declines_its_vmoe_layers(exported, tmp_path):
+def test_graph_without_routing_settings_is_rewritten_by_behaviour(exported, tmp_path):
     _, result = exported("vmoe-tiny")
     model = onnx.load(str(result.path))
     kept = [p for p in model.metadata_props if p.key != "moe_export.vmoe_layers"]
@@ -107,9 +110,12 @@ def test_graph_without_routing_settings_declines_its_vmoe_layers(exported, tmp_p
     model.metadata_props.extend(kept)
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
-    plan = rewrite_onnx(old, None, plan_only=True)
-    assert [d.layer for d in plan.declined] == ["blocks.1.mlp", "blocks.3.mlp"] and plan.counts == {}
-    assert "export it again" in plan.declined[0].reason
+    out = tmp_path / "out.onnx"
+    rewritten = rewrite_onnx(old, out)
+    assert not rewritten.declined and [layer.layer for layer in rewritten.layers] == ["blocks.1.mlp", "blocks.3.mlp"]
+    assert rewritten.counts == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
+    assert "k=2, groups of 8 images" in rewritten.layers[0].semantics
+    assert validate_onnx(out, from_zoo("vmoe-tiny")).passed
 
 
 def test_softmax_pair_that_is_not_soft_moe_is_declined(tmp_path):

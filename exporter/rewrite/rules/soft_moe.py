@@ -1,5 +1,9 @@
-"""Soft-MoE layers, found by op pattern whoever wrote them: two Softmax nodes over one logits tensor
-(reshapes and transposes allowed between), each feeding a MatMul or Einsum."""
+"""Soft-MoE layers, found by op pattern whoever wrote them: two softmaxes over one logits tensor
+(reshapes and transposes allowed between), each feeding a MatMul or Einsum: one over the tokens
+(the dispatch), one over the slots (the combine: the last axis of ``[B, m, n*p]``, or the last two of
+``[B, m, n, p]``). A softmax is an ONNX Softmax or one written by hand (``exp(x - max) / sum``, as
+bwconrad's soft-moe writes it); the logits' normalisation (``F.normalize``: ReduceL2, or
+Pow/ReduceSum/Sqrt) stays in the graph, in front of the route plugin."""
 
 from __future__ import annotations
 
@@ -8,50 +12,57 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from exporter.formats.graph import module_path, plugin_stem
+from exporter.formats.graph import plugin_stem
 from exporter.rewrite.graph import (
+    SoftmaxMatch,
     back_chain,
     batch_free,
     close,
     detach,
     emit_plugin,
     forward_chain,
-    is_var,
     mix_consumer,
     reshaped,
     softmax,
+    softmaxes,
 )
 from exporter.rewrite.plan import Decline, LayerPlan, PluginNode
+from exporter.rewrite.rules import GraphContext
 
 
 class SoftMatch:
-    """Two Softmax nodes over one logits tensor, each feeding a MatMul/Einsum mix."""
+    """Two softmaxes over one logits tensor, each feeding a MatMul/Einsum mix."""
 
-    def __init__(self, graph: gs.Graph, scopes: dict[str, str], dispatch_sm: gs.Node, combine_sm: gs.Node):
-        logits = combine_sm.inputs[0]
-        if logits.shape is None or len(logits.shape) != 3 or combine_sm.attrs.get("axis", -1) not in (-1, 2):
-            raise Decline("no softmax normalises the last axis of a [B, m, S] logits tensor (the combine)")
-        self.logits = logits
-        self.dispatch_mix, dispatch_w = mix_consumer(dispatch_sm.outputs[0])
-        self.combine_mix, combine_w = mix_consumer(combine_sm.outputs[0])
-        self.combine_sm = combine_sm
+    family = "soft_moe"
+
+    def __init__(self, graph: gs.Graph, ctx: GraphContext, dispatch_sm: SoftmaxMatch, combine_sm: SoftmaxMatch):
+        logits = combine_sm.input
+        rank = combine_sm.rank
+        if rank not in (3, 4) or not combine_sm.trailing or len(combine_sm.axes) != rank - 2:
+            raise Decline("no softmax normalises the slots of a [B, m, S] or [B, m, n, p] logits tensor (the combine)")
+        if dispatch_sm.axes != (1,):
+            raise Decline("no softmax normalises the tokens (axis 1) of the logits (the dispatch)")
+        self.logits, self.rank = logits, rank
+        self.dispatch_mix, dispatch_w = mix_consumer(dispatch_sm.output)
+        self.combine_mix, combine_w = mix_consumer(combine_sm.output)
+        self.combine_out = combine_sm.output
         x_in = next(t for t in self.dispatch_mix.inputs if t is not dispatch_w)
         u_in = next(t for t in self.combine_mix.inputs if t is not combine_w)
         self.xs = back_chain(x_in)
         self.slots = forward_chain(self.dispatch_mix.outputs[0], graph)
         self.us = back_chain(u_in)
         self.ys = forward_chain(self.combine_mix.outputs[0], graph)
-        paths = [
-            module_path(scopes.get(n.name, "")) for n in (dispatch_sm, combine_sm, self.dispatch_mix, self.combine_mix)
-        ]
+        paths = [ctx.path(n) for n in (dispatch_sm.node, combine_sm.node, self.dispatch_mix, self.combine_mix)]
         common = [p[0] for p in zip(*paths) if len(set(p)) == 1]
-        self.layer = common[-1] if common else f"softmax pair {dispatch_sm.name}/{combine_sm.name}"
+        self.layer = common[-1] if common else f"softmax pair {dispatch_sm.node.name}/{combine_sm.node.name}"
 
     def names(self) -> set[str]:
         return {t.name for t in [self.logits, *self.xs, *self.slots, *self.us, *self.ys]}
 
-    def check(self, values: dict[str, np.ndarray], rtol: float) -> tuple[LayerPlan, Callable]:
+    def check(self, probe, rtol: float) -> tuple[LayerPlan, Callable]:
+        values = probe.at(probe.batches[0])
         logits = values[self.logits.name].astype(np.float64)
+        logits = logits.reshape(*logits.shape[:2], -1)  # [B, m, n, p] -> [B, m, n*p]
         images, tokens, slots = logits.shape
         dispatch, combine = softmax(logits, 1), softmax(logits, 2)
 
@@ -100,12 +111,20 @@ class SoftMatch:
         x_shape, u_shape = values[x.name].shape, values[u.name].shape
         slots_shape, y_shape = values[slots_t.name].shape, values[y_t.name].shape
 
+        logits_shape = values[self.logits.name].shape
+
         def apply(graph: gs.Graph) -> None:
             stem = plugin_stem(self.layer)
-            combine_t = self.combine_sm.outputs[0]
-            d32 = gs.Variable(f"{stem}.dispatch", dtype=np.float32, shape=self.logits.shape)
+            combine_t = self.combine_out
+            d32 = gs.Variable(f"{stem}.dispatch", dtype=np.float32)
             detach(combine_t)
-            emit_plugin(graph, nodes[0], [self.logits], [d32, combine_t], f"{stem}.route")
+            if self.rank == 3:
+                logits, c32 = self.logits, combine_t
+            else:  # [B, m, n, p]: the route plugin reads [B, m, n*p]; the graph's combine weights keep their shape
+                logits = reshaped(graph, self.logits, logits_shape, (), [-1, tokens, slots], f"{stem}.logits")
+                c32 = gs.Variable(f"{stem}.combine", dtype=np.float32)
+                graph.layer(op="Reshape", inputs=[c32, batch_free(logits_shape, 1, images)], outputs=[combine_t])
+            emit_plugin(graph, nodes[0], [logits], [d32, c32], f"{stem}.route")
             x_in = reshaped(graph, x, x_shape, (images, tokens, dim), [-1, tokens, dim], f"{stem}.x")
             canonical_slots = (experts, images * slots // experts, dim) if slots_layout[0] else (images, slots, dim)
             detach(slots_t)
@@ -121,7 +140,7 @@ class SoftMatch:
             u_in = reshaped(graph, u, u_shape, canonical_u, target, f"{stem}.slot_out")
             detach(y_t)
             y_out = y_t if tuple(y_shape) == (images, tokens, dim) else gs.Variable(f"{stem}.y", dtype=y_t.dtype)
-            emit_plugin(graph, nodes[2], [u_in, combine_t], [y_out], f"{stem}.combine")
+            emit_plugin(graph, nodes[2], [u_in, c32], [y_out], f"{stem}.combine")
             if y_out is not y_t:
                 graph.layer(op="Reshape", inputs=[y_out, batch_free(y_shape, 1, images)], outputs=[y_t])
 
@@ -164,6 +183,8 @@ def guess_experts(value: np.ndarray, images: int, slots: int) -> int:
 class Either:
     """Both readings of a softmax pair (which one is the dispatch); the first that checks out wins."""
 
+    family = "soft_moe"
+
     def __init__(self, options: list[SoftMatch]):
         self.options = options
         self.layer = options[0].layer
@@ -171,34 +192,37 @@ class Either:
     def names(self) -> set[str]:
         return set().union(*(o.names() for o in self.options))
 
-    def check(self, values, rtol: float):
+    def check(self, probe, rtol: float):
         reasons = []
         for option in self.options:
             try:
-                return option.check(values, rtol)
+                return option.check(probe, rtol)
             except Decline as e:
                 reasons.append(str(e))
         raise Decline("; ".join(dict.fromkeys(reasons)))
 
 
-def soft_candidates(graph: gs.Graph, scopes: dict[str, str]) -> tuple[list[Either], list[LayerPlan]]:
-    by_root: dict[str, list[gs.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "Softmax" and is_var(node.inputs[0]):
-            by_root.setdefault(back_chain(node.inputs[0])[-1].name, []).append(node)
-    matches, declined = [], []
-    for nodes in by_root.values():
-        if len(nodes) != 2:
-            continue
-        options, reasons = [], []
-        for dispatch_sm, combine_sm in (nodes, nodes[::-1]):
-            try:
-                options.append(SoftMatch(graph, scopes, dispatch_sm, combine_sm))
-            except Decline as e:
-                reasons.append(str(e))
-        if options:
-            matches.append(Either(options))
-        else:
-            reason = "; ".join(dict.fromkeys(reasons))
-            declined.append(LayerPlan(f"softmax pair {nodes[0].name}/{nodes[1].name}", "soft_moe", reason=reason))
-    return matches, declined
+class SoftMoERule:
+    family = "soft_moe"
+
+    def find(self, ctx: GraphContext) -> tuple[list[Either], list[LayerPlan]]:
+        by_root: dict[str, list[SoftmaxMatch]] = {}
+        for sm in softmaxes(ctx.graph):
+            by_root.setdefault(back_chain(sm.input)[-1].name, []).append(sm)
+        matches, declined = [], []
+        for found in by_root.values():
+            if len(found) != 2:
+                continue
+            options, reasons = [], []
+            for dispatch_sm, combine_sm in (found, found[::-1]):
+                try:
+                    options.append(SoftMatch(ctx.graph, ctx, dispatch_sm, combine_sm))
+                except Decline as e:
+                    reasons.append(str(e))
+            if options:
+                matches.append(Either(options))
+            else:
+                reason = "; ".join(dict.fromkeys(reasons))
+                names = "/".join(sm.node.name for sm in found)
+                declined.append(LayerPlan(f"softmax pair {names}", self.family, reason=reason))
+        return matches, declined
