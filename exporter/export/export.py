@@ -60,6 +60,7 @@ class ExportResult:
     fp32_nodes: dict[str, int] = field(default_factory=dict)  # float nodes kept in FP32, by reason
     overflows: list[str] = field(default_factory=list)  # weights/constants whose finite values became infinite
     size_bytes: int = 0  # the graph and its weights on disk
+    notes: list[str] = field(default_factory=list)  # options that did not apply, said once
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -213,6 +214,12 @@ def export_onnx(
         fp32_nodes=converted.fp32_nodes,
         overflows=converted.overflows,
         size_bytes=sum(f.stat().st_size for f in (dest, dest.with_name(dest.name + ".data")) if f.exists()),
+        notes=[
+            f"--routing-outputs is ignored: {loaded.source.name} has no V-MoE layer (a Soft-MoE routes by weights, "
+            "with no decisions to output)"
+        ]
+        if routing_outputs and not layers
+        else [],
     )
 
 
