@@ -180,6 +180,35 @@ def sha256(*paths: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_replaceable(dest: str | os.PathLike, listed: set[str] | None, what: str) -> None:
+    """Refuses, with one line, to replace a folder that moe-export must not: the working folder or one
+    holding it; a non-empty folder moe-export did not write (``listed`` is None: no marker and manifest
+    of its own there); or one of its folders that now holds files it did not write (anything not in
+    ``listed``, the relative paths its manifest names), which would be lost."""
+    dest = Path(dest)
+    here, target = Path.cwd().resolve(), dest.resolve()
+    if target == here or target in here.parents:
+        raise UserError(f"{dest} is the working folder or holds it; moe-export never replaces it: give -o a new folder")
+    if not dest.is_dir():
+        return
+    found = []
+    for root, dirs, names in os.walk(dest):
+        dirs[:] = [d for d in dirs if d != "__pycache__" or os.path.islink(os.path.join(root, d))]
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(root, n).relative_to(dest).as_posix() for n in sorted(names + links)]
+    if not found:
+        return
+    if listed is None:
+        raise UserError(f"{dest} exists and is not a moe-export {what}; choose another -o")
+    extra = [f for f in found if f not in listed]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UserError(
+            f"{dest} is a moe-export {what} that now also holds files moe-export did not write "
+            f"({', '.join(extra[:3])}{more}); move them out or choose another -o"
+        )
+
+
 def publish_dir(tmp: Path, dest: Path) -> None:
     """Moves a finished folder assembled beside ``dest`` onto it, with the umask's permissions (mkdtemp
     makes 0700); an old folder there is set aside first, then removed. A link to a folder is followed."""
