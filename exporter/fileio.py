@@ -70,8 +70,9 @@ def check_space(dest: str | os.PathLike, needed: int, what: str) -> None:
 
 
 def _existing_folder(path: Path) -> Path:
-    """The nearest existing ancestor of ``path``: where its missing folders will be made."""
-    parent = path.parent
+    """The nearest existing ancestor of ``path``: where its missing folders will be made (``-o ..``
+    is made in the parent of the working folder's parent, not in the working folder)."""
+    parent = Path(os.path.abspath(path)).parent
     while not parent.exists():
         parent = parent.parent
     return parent

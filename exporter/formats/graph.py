@@ -153,7 +153,7 @@ def precision(model: onnx.ModelProto) -> tuple[str, str]:
         raise bad_metadata(PRECISION_KEY, f"not a precision ({', '.join(settings.PRECISIONS)}) and routing precision")
     found = weight_types(model) & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     want = _WEIGHT_TYPES[recorded["precision"]]
-    if found != want and (found or recorded["precision"] == "fp32"):
+    if found != want:
         held = ", ".join(sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name for t in found)) or "float32 only"
         raise UserError(
             f"the graph's metadata says it is {recorded['precision']} but its weights are {held}; it was edited "

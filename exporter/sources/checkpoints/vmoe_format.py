@@ -217,7 +217,7 @@ def read_index(prefix: Path) -> tuple[int, list[tuple[str, IndexInfo]], str | No
             if not isinstance(leaf, IndexInfo):
                 raise _Corrupt(f"leaf {name} is not an index entry")
             if len(leaf.shape) > settings.MAX_TENSOR_DIMS or not all(
-                isinstance(d, int) and 0 <= d < 2**40 for d in leaf.shape
+                isinstance(d, int) and 0 <= d < 2**48 for d in leaf.shape
             ):
                 raise _Corrupt(f"{name} has the shape {list(leaf.shape)}")
             if any(not (isinstance(s, int) and 0 <= s < count) for s in leaf.shards) or len(leaf.shards) != len(
@@ -291,7 +291,7 @@ def read_checkpoint(
                         raise _Corrupt(f"{name}: a chunk's dtype differs from the index's {info.dtype}")
                     region = _region(info, slices)
                     if region not in pending.get((leaf, shard), ()):
-                        where = ":".join(f"{a}:{b}" for a, b in region)
+                        where = ", ".join(f"{a}:{b}" for a, b in region)
                         raise _Corrupt(f"{name}: chunk [{where}] is not one the index places here, or is written twice")
                     pending[(leaf, shard)].discard(region)
                     flat = np.concatenate([np.frombuffer(b, target.dtype) for _, _, b in subchunks])
