@@ -124,7 +124,8 @@ def build_bundle(
 
     Args:
         source: The model: a ModelSource, or the options that name it (``ModelChoice``).
-        dest: The bundle folder. An existing bundle there is replaced; any other non-empty folder is refused.
+        dest: The bundle folder. An existing bundle there is replaced if it holds only its own files; any
+            other non-empty folder, the working folder and its parents are refused (``check_replaceable``).
         targets: CUDA architectures to precompile the plugin kernels for (87 = Orin, 90 = Hopper);
             default ``settings.DEFAULT_PTX_TARGETS`` less those this Triton cannot compile.
         ptx_version: PTX ISA version; default per target, the lowest it accepts and at least 8.5

@@ -125,7 +125,13 @@ class ModelSource:
         if (d["kind"] == "zoo") != (config is not None):
             raise UserError(f"{where}: a zoo model records its config, a user module none")
         return cls(
-            d["kind"], d["spec"], tuple(d["input_shape"]), config, d["seed"], d["checkpoint"], d["checkpoint_sha256"]
+            d["kind"],
+            d["spec"],
+            tuple(d["input_shape"]),
+            config,
+            d["seed"],
+            d.get("checkpoint"),
+            d.get("checkpoint_sha256"),
         )
 
 
