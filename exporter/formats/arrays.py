@@ -19,7 +19,9 @@ _HEADER_BYTES = 1 << 16  # an .npy header is at most this long; the rest of a me
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def load_npz(path: str | Path, *, max_bytes: int = settings.MAX_INPUT_BYTES) -> dict[str, np.ndarray]:
+def load_npz(
+    path: str | Path, *, max_bytes: int = settings.MAX_INPUT_BYTES, what: str = "arrays"
+) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` (``np.savez``), each at most ``max_bytes``; a user error naming the
     file (and the member) for anything else: not a zip, too many members, a member declaring more
     than the limit (checked before it is inflated), an ``.npy`` header whose shape does not fit the
@@ -48,7 +50,7 @@ def load_npz(path: str | Path, *, max_bytes: int = settings.MAX_INPUT_BYTES) -> 
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, not a zip, a damaged member
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:160]}") from None
+        raise UserError(f"cannot read {what} from {path}: {type(e).__name__}: {str(e).strip()[:160]}") from None
 
 
 def _header(member, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:

@@ -141,7 +141,7 @@ def read_inputs(path: str | Path, name: str, dtype: np.dtype) -> np.ndarray:
     one array, with the graph's dtype; anything else is refused with one line."""
     path = Path(path)
     # an .npz's sizes are checked from its headers before anything is inflated
-    arrays = _polygraphy_inputs(path) if path.suffix == ".json" else load_npz(path)
+    arrays = _polygraphy_inputs(path) if path.suffix == ".json" else load_npz(path, what="inputs")
     if name not in arrays:
         raise UserError(f"{path} holds {sorted(arrays)}, none named {name!r} (the graph's input)")
     if extra := sorted(set(arrays) - {name}):
