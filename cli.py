@@ -8,6 +8,8 @@ Polygraphy's tool registry does).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -39,6 +41,7 @@ COMMANDS = {
     "sweep": "exporter.commands.sweep:sweep_group",
     "bench": "exporter.commands.bench:bench",
     "build": "exporter.commands.build:build_group",
+    "keygen": "exporter.commands.keygen:keygen",
 }
 
 
@@ -70,7 +73,10 @@ class _Cli(click.Group):
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a report that cannot be written fails here, not silently at exit
+            return result
         except click.UsageError as e:  # one line, as every other input error, with where to look
             where = e.ctx.command_path if e.ctx else ctx.command_path
             click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
@@ -83,6 +89,10 @@ class _Cli(click.Group):
         except Exception as e:
             if debug:
                 traceback.print_exc()
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
+                _drop_stdout()
+                click.echo("error: the report could not be written: stdout's reader closed the pipe", err=True)
+                ctx.exit(EXIT_USAGE)
             if (user_error := wrapped_user_error(e)) is not None:
                 click.echo(f"error: {user_error}", err=True)
                 ctx.exit(EXIT_USAGE)
@@ -98,6 +108,12 @@ class _Cli(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null after a broken pipe, so that Python's flush at exit stays quiet."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no file behind it (a test runner's buffer)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -70,8 +70,9 @@ def check_space(dest: str | os.PathLike, needed: int, what: str) -> None:
 
 
 def _existing_folder(path: Path) -> Path:
-    """The nearest existing ancestor of ``path``: where its missing folders will be made."""
-    parent = path.parent
+    """The nearest existing ancestor of ``path``: where its missing folders will be made (``-o ..``
+    is made in the parent of the working folder's parent, not in the working folder)."""
+    parent = Path(os.path.abspath(path)).parent
     while not parent.exists():
         parent = parent.parent
     return parent
@@ -178,6 +179,35 @@ def sha256(*paths: str | os.PathLike, chunk: int = 1 << 22) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def check_replaceable(dest: str | os.PathLike, listed: set[str] | None, what: str) -> None:
+    """Refuses, with one line, to replace a folder that moe-export must not: the working folder or one
+    holding it; a non-empty folder moe-export did not write (``listed`` is None: no marker and manifest
+    of its own there); or one of its folders that now holds files it did not write (anything not in
+    ``listed``, the relative paths its manifest names), which would be lost."""
+    dest = Path(dest)
+    here, target = Path.cwd().resolve(), dest.resolve()
+    if target == here or target in here.parents:
+        raise UserError(f"{dest} is the working folder or holds it; moe-export never replaces it: give -o a new folder")
+    if not dest.is_dir():
+        return
+    found = []
+    for root, dirs, names in os.walk(dest):
+        dirs[:] = [d for d in dirs if d != "__pycache__" or os.path.islink(os.path.join(root, d))]
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(root, n).relative_to(dest).as_posix() for n in sorted(names + links)]
+    if not found:
+        return
+    if listed is None:
+        raise UserError(f"{dest} exists and is not a moe-export {what}; choose another -o")
+    extra = [f for f in found if f not in listed]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UserError(
+            f"{dest} is a moe-export {what} that now also holds files moe-export did not write "
+            f"({', '.join(extra[:3])}{more}); move them out or choose another -o"
+        )
 
 
 def publish_dir(tmp: Path, dest: Path) -> None:

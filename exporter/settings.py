@@ -130,3 +130,20 @@ def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
         "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
     }[purpose]
     return batch_multiple * groups if batch_multiple > 1 else images
+
+
+# --- Trust boundaries: what a graph, bundle, checkpoint or input file someone hands over may hold ------
+# Each is read as data, checked against these bounds before anything is allocated (README: Trust).
+MAX_NAME_CHARS = 4096  # a layer or model name, or a file path, recorded in a graph's metadata or a bundle manifest
+MAX_CHANNELS = 64  # of the images a recorded model takes (3 for RGB)
+MAX_MODEL_PARAMETERS = 16 * 10**9  # a recorded or imported config (the largest zoo model: 3.7e9)
+MAX_MANIFEST_BYTES = 16 * 2**20  # a bundle's manifest.json (a few KiB when moe-export writes it)
+MAX_CHECKPOINT_DEPTH = 32  # nesting of a vmoe index tree (about 6 in the released checkpoints)
+MAX_CHECKPOINT_LEAVES = 100_000  # arrays in one checkpoint (about 200 in a B/16)
+MAX_CHECKPOINT_SHARDS = 100_000  # data files of one checkpoint
+MAX_CHECKPOINT_CHUNKS = 4096  # chunks one array is split into (one per device holding a part)
+MAX_TENSOR_DIMS = 8  # dimensions of one checkpoint array
+MAX_NPZ_MEMBERS = 256  # arrays in one .npz (inputs: one; a bundle's reference outputs: 1 + 3 per V-MoE layer)
+# SOURCE_DATE_EPOCH (reproducible-builds.org) sets a bundle's "created" time, so that two builds of one
+# model from two checkouts are byte-identical; otherwise it is the build's time, named in the manifest.
+REPRODUCIBLE_TIME_ENV = "SOURCE_DATE_EPOCH"

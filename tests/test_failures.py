@@ -453,3 +453,482 @@ def test_validate_takes_a_bundles_polygraphy_inputs(bundled):
     _, _, folder = bundled("vmoe-tiny")
     result = run("validate", folder / "model.onnx", "--inputs", folder / "inputs.json")
     assert result.exit_code == 0, result.output
+
+
+# --- trust boundaries: what a user is handed (issue 22) -----------------------------------------------
+#
+# Each case builds its own bad input in the scene folder (a graph, a bundle, a checkpoint, an earlier
+# import, a key) beside an ``outside`` folder holding a secret. Every case must exit with its code and
+# one error line, leave the scene and the outside folder as they were, run no code it was handed (the
+# planted module would write outside/PWNED) and copy no outside content into the scene.
+
+import msgpack  # noqa: E402
+import onnx  # noqa: E402
+
+SECRET = "secret of the machine: not for any bundle"
+VMOE_CKPT = ROOT / "tests" / "fixtures" / "vmoe" / "vmoe_small"
+SPLIT_LEAF = ("Encoder", "encoderblock_0", "SelfAttention", "out", "kernel")  # rows 0:2 in shard 2, 2:4 in shard 0
+EVIL_MODULE = """
+from pathlib import Path
+Path(__file__).with_name("PWNED").write_text("the graph's code ran")
+import torch
+def build():
+    return torch.nn.Linear(1, 1)
+"""
+
+
+class Trust:
+    """The folders and fixtures a case's setup works with."""
+
+    def __init__(self, scene: Path, outside: Path, graph: Path, bundle: Path, signed):
+        self.d, self.outside, self.graph, self.bundle, self.signed = scene, outside, graph, bundle, signed
+
+    def graph_with(self, name="g.onnx", **props) -> Path:
+        """The vmoe-tiny graph with ``moe_export.<key>`` metadata entries replaced (None removes one)."""
+        model = onnx.load(str(self.graph))
+        meta = {p.key: p.value for p in model.metadata_props}
+        for key, value in props.items():
+            key = f"moe_export.{key}"
+            if value is None:
+                meta.pop(key, None)
+            else:
+                meta[key] = value if isinstance(value, str) else json.dumps(value)
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, meta)
+        onnx.save(model, str(self.d / name))
+        return self.d / name
+
+    def recorded(self, **changes) -> dict:
+        model = onnx.load(str(self.graph), load_external_data=False)
+        return {**json.loads({p.key: p.value for p in model.metadata_props}["moe_export.source"]), **changes}
+
+    def copy_bundle(self, src=None, name="b") -> Path:
+        shutil.copytree(src or self.bundle, self.d / name)
+        return self.d / name
+
+    def edit_manifest(self, bundle: Path, change) -> None:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        change(manifest)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    def checkpoint(self) -> Path:
+        (self.d / "ck").mkdir(exist_ok=True)
+        for f in VMOE_CKPT.parent.glob(f"{VMOE_CKPT.name}.*"):
+            shutil.copy(f, self.d / "ck" / f.name)
+        return self.d / "ck" / VMOE_CKPT.name
+
+    def edit_index(self, change) -> None:
+        index = Path(f"{self.checkpoint()}.index")
+        content = msgpack.unpackb(index.read_bytes(), raw=False, strict_map_key=False)  # extension objects kept
+        change(content)
+        index.write_bytes(msgpack.packb(content, use_bin_type=True))
+
+
+def index_entry(shape, regions, shards, dtype="float32") -> msgpack.ExtType:
+    """A vmoe IndexInfo (extension 8) for ``shape`` split into ``regions`` ((start, stop) per dim)."""
+    pack = msgpack.packb
+    slices = [pack([pack([a, b, None]) for a, b in region]) for region in regions]
+    return msgpack.ExtType(8, pack([pack([list(shape), dtype, False, {}]), slices, list(shards)]))
+
+
+def set_leaf(content, path, value) -> None:
+    node = content["index"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def split_leaf(regions_rows, shards=(2, 0)):
+    return lambda c: set_leaf(
+        c, SPLIT_LEAF, index_entry((4, 8, 32), [((a, b), (0, 8), (0, 32)) for a, b in regions_rows], shards)
+    )
+
+
+def nested(depth: int):
+    tree = index_entry((1,), [((0, 1),)], [0])
+    for i in range(depth):
+        tree = {f"l{i}": tree}
+    return tree
+
+
+def chunk_written_twice(t: Trust) -> None:
+    """Shard 0 holds the split array's rows 0:2 (shard 2's chunk) where its own rows 2:4 belong."""
+    prefix = t.checkpoint()
+    shards = [Path(f"{prefix}.data-0000{i}-of-00003") for i in range(3)]
+    contents = [msgpack.unpackb(s.read_bytes(), raw=False, strict_map_key=False) for s in shards]
+    index = msgpack.unpackb(Path(f"{prefix}.index").read_bytes(), raw=False, strict_map_key=False)
+    names = []
+
+    def walk(node, path=()):
+        for key in sorted(node):
+            (walk(node[key], (*path, key)) if isinstance(node[key], dict) else names.append((*path, key)))
+
+    walk(index["index"])
+    leaf = str(names.index(SPLIT_LEAF))
+    (chunk_0_2,) = contents[2][leaf]
+    contents[0][leaf][0][1] = chunk_0_2[1]  # shard 0's chunk now claims rows 0:2
+    shards[0].write_bytes(msgpack.packb(contents[0], use_bin_type=True))
+
+
+def npz_declaring(path: Path, nbytes: int) -> None:
+    """A tiny .npz whose zip directory says its one member inflates to ``nbytes`` (a ZIP64 extra field)."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.save(member, np.zeros((8, 3, 32, 32), np.float32))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", member.getvalue())
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    name_len, extra_len = struct.unpack_from("<HH", data, central + 28)
+    data[central + 46 + name_len + extra_len : central + 46 + name_len + extra_len] = struct.pack("<HHQ", 1, 8, nbytes)
+    struct.pack_into("<H", data, central + 30, extra_len + 12)
+    struct.pack_into("<I", data, central + 24, 0xFFFFFFFF)  # the uncompressed size: in the ZIP64 field
+    end = data.rindex(b"PK\x05\x06")
+    struct.pack_into("<I", data, end + 12, struct.unpack_from("<I", data, end + 12)[0] + 12)
+    path.write_bytes(bytes(data))
+
+
+def npy_header_lies(path: Path) -> None:
+    """An .npz whose .npy header says [10**9] float32 over 16 bytes of data."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (10**9,)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", buffer.getvalue() + b"\0" * 16)
+
+
+def foreign_project(t: Trust) -> None:
+    (t.d / "src").mkdir()
+    (t.d / "src" / "main.py").write_text("print('mine')\n")
+    (t.d / "config.json").write_text('{"name": "my project"}')
+
+
+def earlier_import(t: Trust, files=None) -> None:
+    out = t.d / "m"
+    out.mkdir()
+    meta = {"format": "moe-export model", "model": {}}
+    if files is not None:
+        meta["files"] = files
+    (out / "config.json").write_text(json.dumps(meta))
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "notes.txt").write_text("the user's notes")
+
+
+def evil_graph(t: Trust, spec: str) -> None:
+    (t.outside / "evil.py").write_text(EVIL_MODULE)
+    t.graph_with(source=t.recorded(kind="module", spec=spec, config=None))
+
+
+def linked_file(t: Trust) -> None:
+    """A listed file replaced by a link to the secret, its hash and size recomputed in the manifest."""
+    b = t.copy_bundle()
+    (b / "README.md").unlink()
+    (b / "README.md").symlink_to(t.outside / "secret.txt")
+    digest = __import__("hashlib").sha256(SECRET.encode()).hexdigest()
+    t.edit_manifest(b, lambda m: m["files"].update({"README.md": {"sha256": digest, "bytes": len(SECRET)}}))
+
+
+def signed_copy(t: Trust, change=None) -> Path:
+    b = t.copy_bundle(t.signed[0], "sb")
+    if change:
+        change(b)
+    return b
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def precision_of(t: Trust, value) -> None:
+    t.graph_with(precision=value)
+
+
+# (case, setup, arguments with {d} the scene and {o} the outside folder, exit code, fragment of the one line)
+TRUST_CATALOGUE = [
+    # imports replace only what moe-export wrote
+    ("import -o the working folder", foreign_project, "import vmoe {ck} -o .", 2, "is the working folder"),
+    ("import -o a folder holding the working folder", lambda t: (t.d / "w").mkdir(), "import vmoe {ck} -o ..", 2,
+     "working folder or holds it"),
+    ("import -o the working folder by its path", foreign_project, "import vmoe {ck} -o {d}", 2,
+     "is the working folder"),
+    ("import over another folder's config.json", lambda t: (foreign_project(t), shutil.move(t.d / "src", t.d / "w")),
+     "import vmoe {ck} -o {d}/w", 2, "is not a moe-export model folder"),
+    ("import over an import holding user files", lambda t: earlier_import(t, {"model.safetensors": None}),
+     "import vmoe {ck} -o {d}/m", 2, "also holds files moe-export did not write (notes.txt)"),
+    ("import over an old import holding user files", earlier_import, "import vmoe {ck} -o {d}/m", 2,
+     "also holds files moe-export did not write (notes.txt)"),
+    ("import over a marker listing ../", lambda t: earlier_import(t, {"../model.safetensors": None}),
+     "import vmoe {ck} -o {d}/m", 2, "is not a moe-export model folder"),
+    # checkpoints: tiling, sizes and bounds before any allocation
+    ("a shard writes one chunk twice and another never", chunk_written_twice, "import vmoe {ck} -o {d}/m", 2,
+     "Encoder/encoderblock_0/SelfAttention/out/kernel: chunk [0:2, 0:8, 0:32] is not one the index places here"),
+    ("index chunks overlap", lambda t: t.edit_index(split_leaf([(0, 3), (2, 4)])), "import vmoe {ck} -o {d}/m", 2,
+     "SelfAttention/out/kernel: its chunks overlap"),
+    ("index lists a chunk twice", lambda t: t.edit_index(split_leaf([(0, 2), (0, 2)])), "import vmoe {ck} -o {d}/m",
+     2, "SelfAttention/out/kernel lists one chunk twice"),
+    ("index chunks leave a gap", lambda t: t.edit_index(split_leaf([(0, 1), (2, 4)])), "import vmoe {ck} -o {d}/m",
+     2, "SelfAttention/out/kernel: its chunks leave a gap (256 of 1,024 elements"),
+    ("an array of 2**40 elements", lambda t: t.edit_index(lambda c: set_leaf(c, ("head", "bias"),
+     index_entry((2**40,), [((0, 2**40),)], [0])),), "export --checkpoint {ck} -o {d}/x.onnx", 2,
+     "fewer than the 4,398,046,"),
+    ("a negative index shape", lambda t: t.edit_index(lambda c: set_leaf(c, ("head", "bias"),
+     index_entry((-5,), [((0, 1),)], [0]))), "import vmoe {ck} -o {d}/m", 2, "head/bias has the shape [-5]"),
+    ("an index nested 40 deep", lambda t: t.edit_index(lambda c: c["index"].update(deep=nested(40))),
+     "import vmoe {ck} -o {d}/m", 2, "nests deeper than 32 levels"),
+    ("an index of 10**9 shards", lambda t: t.edit_index(lambda c: c.update(shard_count=10**9)),
+     "import vmoe {ck} -o {d}/m", 2, "shard count 1000000000"),
+    ("a chunk outside its array", lambda t: t.edit_index(split_leaf([(0, 2), (2, 5)])), "import vmoe {ck} -o {d}/m",
+     2, "lies outside the dimension of 4"),
+    # graph metadata never runs code, and is checked as data
+    ("validate a graph recording a module file", lambda t: evil_graph(t, "../outside/evil.py:build"),
+     "validate {d}/g.onnx", 2, "outside/evil.py:build, which moe-export does not import on a graph's word"),
+    ("inspect a graph recording a module file", lambda t: evil_graph(t, "../outside/evil.py:build"),
+     "inspect routing --onnx {d}/g.onnx -o {d}/r.png", 2, "pass --trust-module if you trust the graph"),
+    ("validate a graph recording a module by name", lambda t: evil_graph(t, "evil:build"), "validate {d}/g.onnx", 2,
+     "records the user module evil:build"),
+    ("graph source not JSON", lambda t: t.graph_with(source="{kind: zoo"), "validate {d}/g.onnx", 2,
+     "moe_export.source is not JSON"),
+    ("graph source seed ill-typed", lambda t: t.graph_with(source=t.recorded(seed="0")),
+     "validate {d}/g.onnx", 2, "missing, unknown or out-of-range 'seed'"),
+    ("graph source a list", lambda t: t.graph_with(source=[1, 2]), "validate {d}/g.onnx", 2,
+     "is not a JSON object"),
+    ("graph config with an unknown field", lambda t: t.graph_with(source=t.recorded(
+     config={**t.recorded()["config"], "code": "import os"})), "validate {d}/g.onnx", 2,
+     "model config field 'code' is unknown"),
+    ("graph config of a billion-wide model", lambda t: t.graph_with(source=t.recorded(
+     config={**t.recorded()["config"], "dim": 2**20, "mlp_dim": 2**20, "heads": 1})), "validate {d}/g.onnx", 2,
+     "parameters; the limit is 16,000,000,000"),
+    ("graph routing layers not a list", lambda t: t.graph_with(routing_layers={"a": 1}),
+     "validate {d}/g.onnx", 2, "moe_export.routing_layers is not a list of layer names"),
+    ("graph V-MoE settings ill-typed", lambda t: t.graph_with(vmoe_layers={"blocks.1.mlp": {"k": "2"}}),
+     "rewrite {d}/g.onnx -o {d}/p.onnx", 2, "moe_export.vmoe_layers is out of range or missing for blocks.1.mlp"),
+    ("graph precision unknown", lambda t: precision_of(t, {"precision": "fp64"}), "validate {d}/g.onnx", 2,
+     "moe_export.precision is not a precision"),
+    ("graph precision not JSON", lambda t: precision_of(t, "fp16"), "validate {d}/g.onnx", 2,
+     "moe_export.precision is not JSON"),
+    ("graph claims fp16 over fp32 weights", lambda t: precision_of(t, {"precision": "fp16", "routing": "fp32"}),
+     "validate {d}/g.onnx", 2, "says it is fp16 but its weights are float32 only"),
+    # bundles: the manifest, paths, links, keys
+    ("bundle manifest without files", lambda t: t.edit_manifest(t.copy_bundle(), lambda m: m.pop("files")),
+     "validate {d}/b", 2, "'files' (a map of file names to their sha256 and bytes) is missing or ill-typed"),
+    ("bundle manifest files a list", lambda t: t.edit_manifest(t.copy_bundle(),
+     lambda m: m.update(files=list(m["files"]))), "build engine {d}/b -o {d}/copy", 2, "'files' (a map"),
+    ("bundle manifest without sample", lambda t: t.edit_manifest(t.copy_bundle(), lambda m: m.pop("sample")),
+     "validate {d}/b", 2, "'sample' (its batch and seed) is missing or ill-typed"),
+    ("bundle manifest lists ../", lambda t: t.edit_manifest(t.copy_bundle(), lambda m: m["files"].update(
+     {"../outside/secret.txt": {"sha256": "0" * 64, "bytes": 1}})), "build engine {d}/b -o {d}/copy", 2,
+     "it lists '../outside/secret.txt', which is not a relative path inside the bundle"),
+    ("bundle manifest lists an absolute path", lambda t: t.edit_manifest(t.copy_bundle(), lambda m: m["files"].update(
+     {"/etc/hostname": {"sha256": "0" * 64, "bytes": 1}})), "validate {d}/b", 2, "'/etc/hostname', which is not"),
+    ("bundle engine entry of an unlisted file", lambda t: t.edit_manifest(t.copy_bundle(), lambda m: m.update(
+     engine={"file": "x.engine", "graph": "model.onnx", "precision": "fp32"})), "validate {d}/b", 2,
+     "'engine' (none, or the engine's file, graph and precision) is missing or ill-typed"),
+    ("bundle file replaced by a link, copied", linked_file, "build engine {d}/b -o {d}/copy", 2,
+     "README.md is a link in the bundle, not a file"),
+    ("bundle file replaced by a link, validated", linked_file, "validate {d}/b", 2, "README.md is a link"),
+    ("bundle manifest a link", lambda t: (t.copy_bundle(), (t.d / "b" / "manifest.json").rename(t.d / "m.json"),
+     (t.d / "b" / "manifest.json").symlink_to(t.d / "m.json")), "validate {d}/b", 2, "is not a regular file"),
+    ("unsigned bundle with --verify-key", lambda t: t.copy_bundle(), "validate {d}/b --verify-key {pub}", 2,
+     "is not signed: --verify-key takes only a bundle built with --sign-key"),
+    ("signed bundle, another key", signed_copy, "validate {d}/sb --verify-key {other}", 2,
+     "manifest.json is signed by another key"),
+    ("signed bundle, manifest edited", lambda t: signed_copy(t, lambda b: t.edit_manifest(b,
+     lambda m: m["sample"].update(seed=1))), "build engine {d}/sb --verify-key {pub} -o {d}/copy", 2,
+     "manifest.json has changed since it was signed"),
+    ("signed bundle, a file edited", lambda t: signed_copy(t, lambda b: flip_byte(b / "model.onnx")),
+     "validate {d}/sb --verify-key {pub}", 2, "model.onnx has changed since the bundle was built"),
+    ("signed bundle, signature removed", lambda t: signed_copy(t, lambda b: (b / "manifest.sig").unlink()),
+     "validate {d}/sb --verify-key {pub}", 2, "manifest.sig is missing or not a file"),
+    ("signed bundle, signing entry removed", lambda t: signed_copy(t, lambda b: t.edit_manifest(b,
+     lambda m: m.update(signature=None))), "validate {d}/sb --verify-key {pub}", 2, "is not signed"),
+    ("--verify-key on a graph", lambda t: t.graph_with(), "validate {d}/g.onnx --verify-key {pub}", 2,
+     "give the bundle folder"),
+    ("--verify-key with a private key", signed_copy, "validate {d}/sb --verify-key {private}", 2,
+     "give the public key (KEY.pub), not the private one"),
+    ("--sign-key not a key", lambda t: (t.d / "k").write_text("not a key"),
+     "build bundle --model vmoe-tiny --sign-key {d}/k -o {d}/nb", 2, "is not an unencrypted PEM private key"),
+    ("build bundle over a web app's manifest.json", lambda t: (t.d / "w").mkdir() or (t.d / "w" / "manifest.json")
+     .write_text("{}"), "build bundle --model vmoe-tiny -o {d}/w", 2, "exists and is not a moe-export bundle"),
+    ("build bundle -o the working folder", lambda t: t.copy_bundle(), "build bundle --model vmoe-tiny -o .", 2,
+     "is the working folder"),
+    ("keygen over an existing key", lambda t: (t.d / "k").write_text("mine"), "keygen -o {d}/k", 2,
+     "a key is never replaced"),
+    # inputs
+    ("--inputs with a NaN", lambda t: np.savez(t.d / "nan.npz", images=np.where(np.arange(8 * 3 * 32 * 32)
+     .reshape(8, 3, 32, 32) == 5, np.nan, 0).astype(np.float32)), "validate {v} --inputs {d}/nan.npz", 2,
+     "'images' holds 1 NaN or infinite values"),
+    ("--inputs with an infinity", lambda t: np.savez(t.d / "inf.npz", images=np.full((8, 3, 32, 32), np.inf,
+     np.float32)), "validate {v} --inputs {d}/inf.npz", 2, "holds 24,576 NaN or infinite values"),
+    ("--inputs .npz declaring 4.9 GB", lambda t: npz_declaring(t.d / "big.npz", 4_900_000_000),
+     "validate {v} --inputs {d}/big.npz", 2, "declares 4,900,000,000 bytes; the limit is"),
+    ("--inputs .npy header larger than its data", lambda t: npy_header_lies(t.d / "lie.npz"),
+     "validate {v} --inputs {d}/lie.npz", 2, "says it is float32[1000000000], 4,000,000,000 bytes, which does not fit"),
+    ("--inputs holding objects", lambda t: np.savez(t.d / "obj.npz", images=np.array([{"a": 1}], dtype=object)),
+     "validate {v} --inputs {d}/obj.npz", 2, "holds Python objects (a pickle)"),
+    # comparisons
+    ("outputs of another shape", lambda t: None, f"validate {{v}} --module {USER_MODULES}:plain_cnn --input-shape "
+     "8,3,32,32", 2, "the graph's output logits is 8x10 but the model's output is 8x4: they cannot be compared"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A bundle signed with `build bundle --sign-key`, its public key and another key pair's."""
+    folder = tmp_path_factory.mktemp("signed")
+    for name in ("signing.key", "other.key"):
+        assert run("keygen", "-o", folder / name).exit_code == 0
+    result = run("build", "bundle", "--model", "vmoe-tiny", "--target", "sm_87", "--sign-key", folder / "signing.key",
+                 "-o", folder / "bundle")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return folder / "bundle", folder / "signing.key.pub", folder / "other.key.pub", folder / "signing.key"
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every regular file's bytes (links not followed)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if
+            p.is_file() and not p.is_symlink()}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "setup", "args", "code", "fragment"), TRUST_CATALOGUE, ids=[c[0] for c in TRUST_CATALOGUE]
+)
+def test_trust_catalogue(tmp_path, monkeypatch, graph, bundled, signed, case, setup, args, code, fragment):
+    scene, outside = tmp_path / "scene", tmp_path / "outside"
+    for folder in (scene, outside):
+        folder.mkdir()
+    (outside / "secret.txt").write_text(SECRET)
+    monkeypatch.syspath_prepend(str(outside))  # where a module named in a graph (evil:build) would be found
+    trust = Trust(scene, outside, graph, bundled("vmoe-tiny")[2], signed)
+    setup(trust)
+    monkeypatch.chdir(scene / "w" if (scene / "w").is_dir() and ".." in args else scene)
+    names = dict(d=scene, o=outside, v=graph, ck=scene / "ck" / VMOE_CKPT.name, pub=signed[1], other=signed[2],
+                 private=signed[3])  # fmt: skip
+    before, outside_before = snapshot(scene), snapshot(outside)
+    result = run(*args.format(**names).split())
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.output
+    assert snapshot(scene) == before, "something was written or replaced"
+    assert snapshot(outside) == outside_before and not (outside / "PWNED").exists(), "code it was handed ran"
+    assert not any(SECRET.encode() in data for data in files_of(scene).values()), "outside content was copied"
+
+
+def test_a_recorded_module_runs_only_when_named_or_trusted(tmp_path):
+    """The refusal is not hollow: the same graph validates once the module is named or trusted."""
+    graph = tmp_path / "cnn.onnx"
+    module = f"{USER_MODULES}:plain_cnn"
+    assert run("export", "--module", module, "--input-shape", "2,3,16,16", "-o", graph).exit_code == 0
+    refused = run("validate", graph)
+    assert refused.exit_code == 2 and "records the user module" in refused.output and "--trust-module" in refused.output
+    assert run("validate", graph, "--trust-module").exit_code == 0
+    assert run("validate", graph, "--module", module, "--input-shape", "2,3,16,16").exit_code == 0
+
+
+def test_a_signed_bundle_verifies_with_its_key_and_the_targets_engine_is_not_signed(signed, tmp_path):
+    """build bundle --sign-key, then on the target: the key verifies it (validate and build engine go on
+    to the engine, which needs TensorRT here), a copy keeps the signature, and the engine build engine
+    records later is named as the target's own, outside the signature."""
+    from exporter.formats.bundle import file_entry, open_bundle, verify_bundle
+
+    bundle, public, _, _ = signed
+    assert verify_bundle(bundle, public)["signature"]["algorithm"] == "Ed25519"
+    validated = run("validate", bundle, "--verify-key", public)
+    assert validated.exit_code == 2 and "has no engine yet" in validated.output, validated.output
+    copy = tmp_path / "copy"
+    built = run("build", "engine", bundle, "--verify-key", public, "-o", copy)
+    assert built.exit_code == 2 and "needs TensorRT" in built.output and "is complete" in built.output, built.output
+    assert (copy / "manifest.sig").read_bytes() == (bundle / "manifest.sig").read_bytes()
+    (copy / "model.engine").write_bytes(b"built on the target")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["engine"] = {"file": "model.engine", "graph": "model.plugins.onnx", "precision": "fp32"}
+    manifest["files"]["model.engine"] = file_entry(copy / "model.engine")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _, notes = open_bundle(copy, public)
+    assert notes[0].startswith("signature verified: Ed25519") and "model.engine was added on this target" in notes[1]
+
+
+def test_an_unlisted_link_is_reported_and_never_copied(bundled, tmp_path):
+    from exporter.formats.bundle import copy_bundle, open_bundle
+
+    (tmp_path / "secret.txt").write_text(SECRET)
+    bundle = tmp_path / "b"
+    shutil.copytree(bundled("vmoe-tiny")[2], bundle)
+    (bundle / "leak").symlink_to(tmp_path / "secret.txt")
+    (bundle / "notes.txt").write_text("mine")
+    _, notes = open_bundle(bundle)
+    assert notes == ["not in the manifest, so neither used nor copied: leak (a link), notes.txt"]
+    copy = copy_bundle(bundle, tmp_path / "copy")
+    assert not (copy / "leak").exists() and not (copy / "notes.txt").exists()
+    assert not any(SECRET.encode() in data for data in files_of(copy).values())
+    assert sorted(files_of(copy)) == sorted([*json.loads((bundle / "manifest.json").read_text())["files"],
+                                             "manifest.json"])  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["models"], ["models", "--json", "-"]])
+@pytest.mark.parametrize("stdout", ["closed", "broken pipe"])
+def test_a_report_that_cannot_be_written_is_an_error(args, stdout):
+    """A closed stdout (the command started with fd 1 closed) or a pipe whose reader has gone: exit 2
+    and one line, never exit 0 with nothing written."""
+    cmd = [sys.executable, "-m", "cli", *args]
+    if stdout == "closed":
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: os.close(1))  # fmt: skip
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True)
+        os.close(write)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: the report could not be written: "), line
+
+
+def test_a_seed_other_than_the_recorded_one_says_which_is_used(graph):
+    result = run("validate", graph, "--seed", 5, "--json", "-")
+    assert result.exit_code == 1  # other random weights than the graph's: parity fails, and the note says why
+    notes = json.loads(result.stdout)["notes"]
+    assert any("--seed 5 is used, not the seed 0" in n and "random weights are not" in n for n in notes), notes
+
+
+def test_routing_outputs_on_a_soft_moe_is_noted_as_ignored(tmp_path):
+    result = run("export", "--model", "soft-moe-tiny", "--routing-outputs", "-o", tmp_path / "s.onnx")
+    assert result.exit_code == 0
+    notes = [line for line in result.output.splitlines() if "--routing-outputs" in line]
+    assert notes == ["note: --routing-outputs is ignored: soft-moe-tiny has no V-MoE layer (a Soft-MoE routes by "
+                     "weights, with no decisions to output)"]  # fmt: skip
+
+
+def test_bundles_from_two_checkouts_are_byte_identical_and_hold_no_path(bundled, tmp_path):
+    """The session's bundle of vmoe-tiny, built from this checkout, against one built by another copy of
+    the code in another folder, in its own process: every file byte for byte the same, the manifest
+    too but for the keys it names as not reproducible (its time); no file holds a path of either
+    checkout, of the virtual environment or of the home folder (the PTX have no line info)."""
+    reference = bundled("vmoe-tiny")[2]
+    checkout = tmp_path / "elsewhere"
+    checkout.mkdir()
+    for part in ("exporter", "plugins", "cli.py"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, checkout / part)
+    code = f"import cli, exporter; assert exporter.__file__.startswith({str(checkout)!r}); cli.main()"
+    env = {k: v for k, v in os.environ.items() if k not in ("SOURCE_DATE_EPOCH", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-c", code, "build", "bundle", "--model", "vmoe-tiny", "-o",
+                           str(checkout / "b")], cwd=checkout, capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ours, theirs = files_of(reference), files_of(checkout / "b")
+    assert sorted(ours) == sorted(theirs)
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    assert differ == ["manifest.json"], differ
+    manifests = [json.loads(files[name]) for files in (ours, theirs) for name in ["manifest.json"]]
+    assert manifests[0]["reproducible_except"] == ["created"]
+    for manifest in manifests:
+        for key in manifest["reproducible_except"]:
+            manifest.pop(key)
+    assert manifests[0] == manifests[1]
+    for path in {str(ROOT), str(checkout), sys.prefix, str(Path.home()), str(tmp_path)}:
+        assert not [name for name, data in {**ours, **theirs}.items() if path.encode() in data], path

@@ -21,6 +21,8 @@ from exporter.commands.common import (
     progress_once,
     step,
     target_list,
+    trust_option,
+    verify_key_option,
 )
 from exporter.errors import CheckFailed
 
@@ -50,8 +52,15 @@ def build_group():
     show_default=True,
     help="Both graphs in this type with the routing in FP32 (fp16 for Jetson); the engine builds strongly typed.",
 )
+@click.option(
+    "--sign-key",
+    metavar="PRIVATE_KEY",
+    type=click.Path(dir_okay=False),
+    help="Sign the manifest with this Ed25519 private key (PEM; moe-export keygen): the target checks it with "
+    "--verify-key.",
+)
 @json_option("the bundle report")
-def build_bundle(choice, output_dir, targets, batch, input_seed, precision, json_out):
+def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign_key, json_out):
     """Model -> portable ONNX -> plugin ONNX -> CPU parity -> a deploy folder for an edge GPU.
 
     The folder holds both graphs, the plugin package with its kernels precompiled to PTX, sample inputs
@@ -63,12 +72,20 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, json
       moe-export build bundle --model vmoe-s32-last2-e8 -o vmoe-bundle
       moe-export build bundle --model soft-moe-tiny --target sm_87 -o soft-bundle --json -
       moe-export build bundle --model vmoe-s32-last2-e8 --precision fp16 --target sm_87 -o vmoe-orin
+      moe-export build bundle --model vmoe-tiny --sign-key signing.key -o tiny-bundle
     """
     from exporter.deploy.bundle import build_bundle as run_build
 
     targets = target_list(targets) if targets is not None else None
     result = run_build(
-        choice, output_dir, targets=targets, batch=batch, seed=input_seed, precision=precision, step=step
+        choice,
+        output_dir,
+        targets=targets,
+        batch=batch,
+        seed=input_seed,
+        precision=precision,
+        sign_key=sign_key,
+        step=step,
     )
     emit(result, print_bundle, json_out)
 
@@ -101,8 +118,22 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, json
     "--triton-repo",
     help="Also write a Triton Inference Server model-repository entry (model.plan + config.pbtxt).",
 )
+@verify_key_option
+@trust_option
 @json_option("the build and parity report")
-def build_engine(source_path, choice, output_dir, precision, portable, targets, triton_repo, json_out, **profile):
+def build_engine(
+    source_path,
+    choice,
+    output_dir,
+    precision,
+    portable,
+    targets,
+    triton_repo,
+    verify_key,
+    trust_module,
+    json_out,
+    **profile,
+):
     """Build a TensorRT engine and check it against PyTorch, routing decisions included.
 
     From a zoo model or user module (the deploy bundle is written first, on CPU), a bundle, or an
@@ -133,6 +164,8 @@ def build_engine(source_path, choice, output_dir, precision, portable, targets, 
         step=step,
         progress=progress_once(),
         bundle_written=print_bundle if json_out != "-" else lambda _: None,
+        verify_key=verify_key,
+        trust_module=trust_module,
     )
     emit(run, _print_engine, json_out)
     if not run.passed:

@@ -8,9 +8,11 @@ runs inside its body, so ``--help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import math
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -28,10 +30,20 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+STDOUT_CLOSED = "the report could not be written: stdout is closed (give it a file or pipe, or use --json FILE)"
+
+
+def _broken_pipe():
+    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
 def console(stderr: bool = False):
+    if not stderr and sys.stdout is None:  # Python's stdout when the command started with it closed
+        raise UserError(STDOUT_CLOSED)
     from rich.console import Console
 
     out = Console(stderr=stderr, highlight=False)
+    out.on_broken_pipe = _broken_pipe  # rich would exit 1 in silence; the CLI reports it (exit 2)
     if not out.is_terminal:  # pipes and files: long lines rather than wrapped table cells
         out.width = 200
     return out
@@ -145,6 +157,8 @@ def folder_option(*names: str, **kwargs):
 
 def write_json_out(dest: str, data) -> None:
     if dest == "-":
+        if sys.stdout is None:
+            raise UserError(STDOUT_CLOSED)
         click.echo(json.dumps(data, indent=2))
     else:
         from exporter.fileio import write_json
@@ -441,6 +455,7 @@ def print_export(result) -> None:
             out.print(escape(f"  - {f}"))
     else:
         out.print("portable: standard ONNX ops only, none of the TensorRT hazards")
+    print_notes(result.notes)
 
 
 def print_rewrite(result) -> None:
@@ -491,3 +506,26 @@ def print_bundle(result) -> None:
         out.print(f"[yellow]declined[/yellow] {escape(layer['layer'])}: {escape(layer['reason'])}")
     print_notes(result.notes)
     out.print(f"next, on the target: moe-export build engine {escape(str(result.path))}  (see its README.md)")
+
+
+# --- trust: signatures and the code a graph records ---------------------------------------------
+
+
+def trust_option(f):
+    """``--trust-module``: a graph that records a user module may have it imported (its code run)."""
+    return click.option(
+        "--trust-module",
+        is_flag=True,
+        help="Import and run the user module the graph records (by default a graph's record of code is refused: "
+        "name the module with --module instead).",
+    )(f)
+
+
+def verify_key_option(f):
+    """``--verify-key``: a bundle's Ed25519 signature is checked before anything in it is used."""
+    return click.option(
+        "--verify-key",
+        metavar="PUBLIC_KEY",
+        type=click.Path(dir_okay=False),
+        help="Refuse the bundle unless its manifest is signed by this Ed25519 public key (PEM; moe-export keygen).",
+    )(f)

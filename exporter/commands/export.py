@@ -26,7 +26,12 @@ from exporter.commands.common import (
     show_default=True,
     help=f"ONNX opset ({settings.MIN_OPSET}-{settings.MAX_OPSET}).",
 )
-@click.option("--routing-outputs", is_flag=True, help="Expose each V-MoE layer's routing as graph outputs.")
+@click.option(
+    "--routing-outputs",
+    is_flag=True,
+    help="Expose each V-MoE layer's routing as graph outputs (ignored, with a note, for a model without V-MoE "
+    "layers: a Soft-MoE has no routing decisions).",
+)
 @precision_options
 @json_option("an export report")
 def export(choice, output, opset, routing_outputs, precision, routing_precision, json_out):

@@ -16,6 +16,7 @@ from exporter.commands.common import (
     output_option,
     print_notes,
     step,
+    trust_option,
     write_json_out,
 )
 
@@ -38,8 +39,9 @@ def inspect_group():
 @click.option("--onnx", "graph", type=click.Path(dir_okay=False), help="V-MoE: picture this graph's routing outputs.")
 @click.option("--slots", help="Soft-MoE: slots to picture, e.g. 0,5,9 (default: the most concentrated).")
 @output_option("-o", "--output", required=True, help="The PNG to write.")
+@trust_option
 @json_option("the per-panel numbers")
-def inspect_routing(choice, image, sample, factors, graph, slots, output, json_out):
+def inspect_routing(choice, image, sample, factors, graph, slots, output, trust_module, json_out):
     """Draw where each patch of one image is routed, per MoE layer.
 
     V-MoE: patches coloured by first and second expert, dropped ones grey, for several capacity factors,
@@ -62,6 +64,7 @@ def inspect_routing(choice, image, sample, factors, graph, slots, output, json_o
         capacity_factors=floats(factors, "--capacity-factors") if factors else None,
         graph=graph,
         slots=indices(slots, "--slots") if slots else None,
+        trust_module=trust_module,
         step=step,
     )
     if json_out != "-":

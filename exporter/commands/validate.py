@@ -5,7 +5,19 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import COUNT, SEED, SHARE, Number, emit, json_option, model_options, print_report, step
+from exporter.commands.common import (
+    COUNT,
+    SEED,
+    SHARE,
+    Number,
+    emit,
+    json_option,
+    model_options,
+    print_report,
+    step,
+    trust_option,
+    verify_key_option,
+)
 from exporter.errors import CheckFailed
 
 _FP32 = settings.TOLERANCES["fp32"]
@@ -36,8 +48,22 @@ _FP32 = settings.TOLERANCES["fp32"]
     help="Smallest share of (token, choice) pairs with identical routing decisions, per layer. "
     f"Default: the precision's ({_FP32.routing_agreement:g} for FP32).",
 )
+@verify_key_option
+@trust_option
 @json_option("the parity report")
-def validate(graph, choice, engine_graph, batch, inputs_npz, input_seed, rtol, min_routing_agreement, json_out):
+def validate(
+    graph,
+    choice,
+    engine_graph,
+    batch,
+    inputs_npz,
+    input_seed,
+    rtol,
+    min_routing_agreement,
+    verify_key,
+    trust_module,
+    json_out,
+):
     """Check an exported graph (ONNX Runtime, CPU) or a TensorRT engine against PyTorch: outputs and
     routing decisions.
 
@@ -50,7 +76,7 @@ def validate(graph, choice, engine_graph, batch, inputs_npz, input_seed, rtol, m
     Examples:
       moe-export validate tiny.onnx
       moe-export validate my.onnx --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32
-      moe-export validate vmoe-bundle
+      moe-export validate vmoe-bundle --verify-key signing.key.pub
       moe-export validate model.engine --onnx model.plugins.onnx --batch 16
     """
     from exporter.parity.validate import validate as run_validate
@@ -64,6 +90,8 @@ def validate(graph, choice, engine_graph, batch, inputs_npz, input_seed, rtol, m
         inputs_npz=inputs_npz,
         rtol=rtol,
         routing_agreement=min_routing_agreement,
+        trust_module=trust_module,
+        verify_key=verify_key,
         step=step,
     )
     emit(report, print_report, json_out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -39,7 +40,7 @@ from exporter.deploy.readme import render_readme
 from exporter.errors import CheckFailed, UserError
 from exporter.export.export import export_onnx, graph_bytes
 from exporter.export.precision import check_precision
-from exporter.fileio import check_output, check_space, publish_dir, temp_dir
+from exporter.fileio import check_output, check_replaceable, check_space, publish_dir, temp_dir
 from exporter.formats.bundle import (
     FORMAT,
     INPUTS_BIN,
@@ -53,9 +54,12 @@ from exporter.formats.bundle import (
     README,
     REFERENCE_JSON,
     REFERENCE_NPZ,
+    SIGNATURE,
+    SIGNATURE_ALGORITHM,
+    bundle_listing,
     hashes,
-    is_bundle,
     read_manifest,
+    signed_payload,
 )
 from exporter.formats.graph import input_dims, read_header
 from exporter.parity.parity import (
@@ -113,13 +117,15 @@ def build_bundle(
     seed: int = settings.DEFAULT_SEED,
     opset: int = settings.DEFAULT_OPSET,
     precision: str = settings.DEFAULT_PRECISION,
+    sign_key: str | Path | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> BundleResult:
     """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
 
     Args:
         source: The model: a ModelSource, or the options that name it (``ModelChoice``).
-        dest: The bundle folder. An existing bundle there is replaced; any other non-empty folder is refused.
+        dest: The bundle folder. An existing bundle there is replaced if it holds only its own files; any
+            other non-empty folder, the working folder and its parents are refused (``check_replaceable``).
         targets: CUDA architectures to precompile the plugin kernels for (87 = Orin, 90 = Hopper);
             default ``settings.DEFAULT_PTX_TARGETS`` less those this Triton cannot compile.
         ptx_version: PTX ISA version; default per target, the lowest it accepts and at least 8.5
@@ -130,6 +136,8 @@ def build_bundle(
         precision: ``fp32``, or ``fp16``/``bf16``: both graphs in that type with the routing in FP32
             (``exporter.export.precision``), checked on CPU with that precision's tolerances; the
             engine is built from them strongly typed.
+        sign_key: An Ed25519 private key (PEM; ``moe-export keygen``): the manifest is signed
+            (``manifest.sig``), and ``validate``/``build engine --verify-key`` check it on the target.
         step: Context-manager factory the CLI uses to show progress.
 
     Raises:
@@ -146,8 +154,13 @@ def build_bundle(
             ptx_version_for(arch, ptx_version)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_bundle(dest))):
-        raise UserError(f"{dest} exists and is not a moe-export bundle; choose another -o")
+    check_replaceable(dest, bundle_listing(dest), "bundle")
+    _created()  # a bad SOURCE_DATE_EPOCH fails before the work
+    signer = None
+    if sign_key is not None:  # before the work: a key that does not load fails now
+        from exporter.formats.signing import key_id, load_private_key
+
+        signer = load_private_key(sign_key)
     ptx.check_triton()
     with step(f"Building {source.name}"):
         loaded = load(source)
@@ -193,6 +206,15 @@ def build_bundle(
         manifest["plugins"]["ptx_kernels"] = kernels
         (tmp / README).write_text(render_readme(manifest))
         manifest["files"] = hashes(tmp)
+        if signer is not None:
+            from exporter.formats.signing import sign
+
+            manifest["signature"] = {
+                "file": SIGNATURE,
+                "algorithm": SIGNATURE_ALGORITHM,
+                "public_key_sha256": key_id(signer.public_key()),
+            }
+            (tmp / SIGNATURE).write_bytes(sign(signed_payload(manifest), signer))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish_dir(tmp, dest)
     notes = [f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"] if rewritten.declined else []
@@ -263,6 +285,19 @@ load_network = NetworkFromOnnxPath(str(Path(__file__).with_name("model.plugins.o
 # --- manifest and README ---------------------------------------------------------------------------
 
 
+def _created() -> str:
+    """The build's time (UTC), or that of ``SOURCE_DATE_EPOCH`` (reproducible builds) when set."""
+    epoch = os.environ.get(settings.REPRODUCIBLE_TIME_ENV)
+    if epoch is None:
+        when = datetime.datetime.now(datetime.timezone.utc)
+    else:
+        try:
+            when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise UserError(f"{settings.REPRODUCIBLE_TIME_ENV}={epoch!r} is not a time in seconds since 1970") from None
+    return when.isoformat(timespec="seconds")
+
+
 def _io(values: list[onnx.ValueInfoProto], initializers: set[str]) -> list[dict]:
     return [
         {
@@ -281,7 +316,9 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
     tolerances = {name: asdict(t) for name, t in settings.TOLERANCES.items()}
     return {
         "format": FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
+        # what differs between two builds of one model from two checkouts (with SOURCE_DATE_EPOCH: nothing)
+        "reproducible_except": ["created"] if settings.REPRODUCIBLE_TIME_ENV not in os.environ else [],
         "model": {
             "name": source.name,
             **model,
@@ -326,4 +363,5 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
         },
         "versions": versions(),
         "engine": None,
+        "signature": None,  # build bundle --sign-key: {file, algorithm, public_key_sha256}
     }

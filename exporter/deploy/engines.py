@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
@@ -22,8 +22,10 @@ from exporter.formats.bundle import (
     PORTABLE,
     PTX_DIR,
     check_files,
+    copy_bundle,
     file_entry,
     is_bundle,
+    open_bundle,
     read_manifest,
 )
 from exporter.formats.graph import ROUTING_PREFIX, batch_multiple, read_header
@@ -138,7 +140,8 @@ def triton_entry(bundle: str | Path, repo: str | Path, *, max_batch: int | None 
     def spec(entry: dict) -> IOSpec:
         return IOSpec(entry["name"], entry["dtype"], [d if isinstance(d, int) else None for d in entry["shape"]])
 
-    name = model_name or manifest["model"]["name"].replace("/", "_").replace(":", "_")
+    # a folder name inside the repository, whatever the manifest says (never "..", "/" or a hidden name)
+    name = model_name or re.sub(r"[^A-Za-z0-9_.-]", "_", manifest["model"]["name"]).lstrip(".") or "model"
     plugins = "none" if engine and engine["graph"] == PORTABLE else "aot"
     outputs = manifest["outputs"]
     if group > 1:  # routing outputs are [groups, S, k]: their first axis is not the batch Triton splits
@@ -168,6 +171,7 @@ def build_onnx_engine(
     *,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     progress: Callable[[str], None] = lambda _: None,
+    trust_module: bool = False,
 ) -> BundleEngine:
     """``build engine`` on an exported ONNX file: ``out_dir/<stem>.engine``, validated against the
     model the graph records (Triton compiles plugin kernels on the spot: there is no precompiled PTX)."""
@@ -182,7 +186,9 @@ def build_onnx_engine(
     group = batch_multiple(header)
     engine = Path(out_dir) / f"{graph.stem}.engine"
     build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)
-    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[build.precision], step=step)
+    parity = validate_engine(
+        engine, graph, tolerances=settings.TOLERANCES[build.precision], step=step, trust_module=trust_module
+    )
     return BundleEngine(Path(out_dir), build, parity)
 
 
@@ -217,11 +223,14 @@ def build_engine_for(
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     progress: Callable[[str], None] = lambda _: None,
     bundle_written: Callable[[object], None] = lambda result: None,
+    verify_key: str | Path | None = None,
+    trust_module: bool = False,
 ) -> EngineRun:
     """What ``moe-export build engine`` does, from a bundle folder, an exported .onnx (the engine goes
     to ``output_dir``) or a model (``model`` names one: the bundle is written to ``output_dir`` first,
     on CPU, and ``bundle_written`` is called with it). With ``triton_repo``, an engine that passed
-    parity also gets a Triton Inference Server entry.
+    parity also gets a Triton Inference Server entry. ``verify_key`` (a bundle): its Ed25519
+    signature is checked first. ``trust_module`` (an .onnx): the user module it records may be imported.
 
     Raises:
         TensorRTUnavailable: no TensorRT or GPU here; a bundle written first is kept and complete.
@@ -232,7 +241,9 @@ def build_engine_for(
     options.check()
     if triton_repo and source_path and not is_bundle(source_path):
         raise UserError("--triton-repo needs a bundle (its manifest names the inputs and outputs)")
-    written = None
+    written, notes = None, []
+    if verify_key is not None and not (source_path and is_bundle(source_path)):
+        raise UserError("--verify-key checks a bundle's signature: give the bundle folder")
     if model.model or model.module:
         if source_path:
             raise UserError("give a bundle folder or --model/--module, not both")
@@ -246,17 +257,15 @@ def build_engine_for(
         bundle = Path(output_dir)
     elif source_path and is_bundle(source_path):
         bundle = Path(source_path)
+        _, notes = open_bundle(bundle, verify_key)  # the signature, every file, what is unlisted
         if output_dir and Path(output_dir).resolve() != bundle.resolve():
-            if Path(output_dir).exists():
-                raise UserError(f"{output_dir} exists; -o must be a new folder for a copy of {bundle}")
-            manifest = read_manifest(bundle)
-            check_files(bundle, None, manifest)  # copy only an intact bundle
-            shutil.copytree(bundle, output_dir)
-            bundle = Path(output_dir)
+            bundle = copy_bundle(bundle, output_dir)  # the listed files only, links never followed
     elif source_path and Path(source_path).suffix == ".onnx":
         if not output_dir:
             raise UserError("give -o DIR: the folder for the engine")
-        return EngineRun(build_onnx_engine(source_path, output_dir, options, step=step, progress=progress))
+        return EngineRun(
+            build_onnx_engine(source_path, output_dir, options, step=step, progress=progress, trust_module=trust_module)
+        )
     elif source_path:
         raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
     else:
@@ -265,6 +274,7 @@ def build_engine_for(
         built = build_bundle_engine(bundle, options, portable=portable, step=step, progress=progress)
     except TensorRTUnavailable as e:
         raise TensorRTUnavailable(f"{e}. The bundle in {bundle} is complete: build its engine on the target") from None
+    built.parity.notes += notes
     entry = None
     if triton_repo and built.passed:  # never serve an engine that failed parity
         entry = triton_entry(bundle, triton_repo, max_batch=built.build.batch["max"])

@@ -95,6 +95,9 @@ def precompile(folder: Path, arches: list[int], ptx_version: int, seed: int) -> 
     job = folder / ".recipes.pkl"
     job.write_bytes(pickle.dumps((list(recipes.values()), str(folder / PTX_DIR), arches, ptx_version)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # no line info: it names the source files by their absolute paths (this checkout's, the virtual
+    # environment's), which a bundle must not carry, and two checkouts would build different PTX
+    env["TRITON_DISABLE_LINE_INFO"] = "1"
     root = str(Path(plugins.__file__).resolve().parents[1])  # the folder holding the plugins package
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:

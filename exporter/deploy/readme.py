@@ -57,7 +57,7 @@ def render_readme(manifest: dict) -> str:
         )
     return f"""# Deploy bundle: {model["name"]}
 
-Made by moe-export {manifest["versions"]["moe-export"]} on {manifest["created"]}. Family: {model["family"]},
+Made by moe-export {manifest["versions"]["moe-export"]} (manifest.json says when). Family: {model["family"]},
 MoE layers: {", ".join(model["moe_layers"]) or "none"}.{
         f" The batch must be a multiple of {group} images (one V-MoE routing group)." if group > 1 else ""
     }

@@ -64,7 +64,8 @@ class ExportResult:
     fp32_nodes: dict[str, int] = field(default_factory=dict)  # float nodes kept in FP32, by reason
     overflows: list[str] = field(default_factory=list)  # weights/constants whose finite values became infinite
     size_bytes: int = 0  # the graph and its weights on disk
-    notes: list[str] = field(default_factory=list)  # substitutions, a fixed batch and why, replaced draws
+    # substitutions, a fixed batch and why, replaced draws, options that did not apply: each said once
+    notes: list[str] = field(default_factory=list)
     checked: dict[int, float] = field(default_factory=dict)  # batch -> max rel err of the graph against PyTorch
 
     def to_dict(self) -> dict:
@@ -226,7 +227,16 @@ def export_onnx(
         fp32_nodes=converted.fp32_nodes,
         overflows=converted.overflows,
         size_bytes=sum(f.stat().st_size for f in (dest, dest.with_name(dest.name + ".data")) if f.exists()),
-        notes=notes,
+        notes=notes
+        + (
+            [
+                f"--routing-outputs is ignored: {loaded.source.name} has no layer of moe-export's V-MoE class to "
+                "output the decisions of (a Soft-MoE routes by weights; another author's top-k layer does not name "
+                "its decisions)"
+            ]
+            if routing_outputs and not layers
+            else []
+        ),
         checked=checked,
     )
 

@@ -6,6 +6,7 @@ rewrite, the engine check and the bundle reader stay torch-free.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from exporter import settings
 from exporter.errors import UserError
 from plugins.spec import NAMESPACE
 
@@ -69,25 +71,104 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def metadata_json(model: onnx.ModelProto, key: str, default=None):
-    """One JSON metadata entry, decoded (``default`` when absent)."""
+    """One JSON metadata entry, decoded (``default`` when absent); a user error when it is not JSON.
+    The typed readers below (``routing_layers``, ``vmoe_layers``, ``precision``) also check each
+    value's type and range: metadata is data someone may have edited."""
     text = metadata(model).get(key)
-    return default if text is None else json.loads(text)
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, and numbers Python refuses to parse
+        raise bad_metadata(key, f"not JSON ({e})") from None
+
+
+def bad_metadata(key: str, what: str) -> UserError:
+    return UserError(f"the graph's metadata {key} is {what}; it was edited or written by another tool")
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and 0 < len(v) <= settings.MAX_NAME_CHARS for v in value)
+
+
+def _int(value, low: int = 0, high: int = 2**31 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+# The routing settings export records per V-MoE layer (export.vmoe_layer_settings): key -> check
+_VMOE_LAYER_FIELDS = {
+    "num_experts": lambda v: _int(v, 1),
+    "k": lambda v: _int(v, 1),
+    "batch_priority": lambda v: isinstance(v, bool),
+    "capacity_factor": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+    "capacity": lambda v: v is None or _int(v, 1),
+    "ceil_or_round": lambda v: v in ("ceil", "round"),
+    "multiple_of": lambda v: v is None or _int(v, 1),
+    "group_images": lambda v: _int(v, 1),
+}
 
 
 def routing_layers(model: onnx.ModelProto) -> list[str]:
     """The V-MoE layers whose routing the graph exposes as outputs."""
-    return metadata_json(model, ROUTING_LAYERS_KEY, [])
+    layers = metadata_json(model, ROUTING_LAYERS_KEY, [])
+    if not _names(layers):
+        raise bad_metadata(ROUTING_LAYERS_KEY, "not a list of layer names")
+    return layers
 
 
 def vmoe_layers(model: onnx.ModelProto) -> dict[str, dict]:
     """``{layer: routing settings}`` of every V-MoE layer, as export recorded them."""
-    return metadata_json(model, VMOE_LAYERS_KEY, {})
+    layers = metadata_json(model, VMOE_LAYERS_KEY, {})
+    if not isinstance(layers, dict) or not _names(list(layers)):
+        raise bad_metadata(VMOE_LAYERS_KEY, "not a map of layer names to routing settings")
+    for layer, fields in layers.items():
+        if not isinstance(fields, dict):
+            raise bad_metadata(VMOE_LAYERS_KEY, f"not a map of routing settings for {layer}")
+        bad = [f for f, ok in _VMOE_LAYER_FIELDS.items() if f not in fields or not ok(fields[f])]
+        if bad or fields["k"] > fields["num_experts"] or not math.isfinite(fields["capacity_factor"] or 1):
+            raise bad_metadata(VMOE_LAYERS_KEY, f"out of range or missing for {layer}: {', '.join(bad) or 'k'}")
+    return layers
+
+
+# The float types a graph of each precision stores its weights in (its input and outputs stay FP32).
+_WEIGHT_TYPES = {
+    "fp32": set(),
+    "fp16": {onnx.TensorProto.FLOAT16},
+    "bf16": {onnx.TensorProto.BFLOAT16},
+}
 
 
 def precision(model: onnx.ModelProto) -> tuple[str, str]:
-    """``(precision, routing precision)`` the graph was exported in; ``("fp32", "fp32")`` when unrecorded."""
-    recorded = metadata_json(model, PRECISION_KEY, {})
-    return recorded.get("precision", "fp32"), recorded.get("routing", "fp32")
+    """``(precision, routing precision)`` the graph was exported in; ``("fp32", "fp32")`` when unrecorded.
+    A recorded precision must be the one of the graph's weights (an FP32 graph holds no FP16/BF16
+    weight, an FP16 or BF16 graph its weights in that type): a user error otherwise."""
+    recorded = metadata_json(model, PRECISION_KEY, None)
+    if recorded is None:
+        return "fp32", "fp32"
+    if (
+        not isinstance(recorded, dict)
+        or recorded.get("precision") not in settings.PRECISIONS
+        or recorded.get("routing", "fp32") not in settings.ROUTING_PRECISIONS
+    ):
+        raise bad_metadata(PRECISION_KEY, f"not a precision ({', '.join(settings.PRECISIONS)}) and routing precision")
+    found = weight_types(model) & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    want = _WEIGHT_TYPES[recorded["precision"]]
+    if found != want:
+        held = ", ".join(sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name for t in found)) or "float32 only"
+        raise UserError(
+            f"the graph's metadata says it is {recorded['precision']} but its weights are {held}; it was edited "
+            "or written by another tool"
+        )
+    return recorded["precision"], recorded.get("routing", "fp32")
+
+
+def weight_types(model: onnx.ModelProto) -> set[int]:
+    """The element types of the graph's initializers and Constant nodes (read without the weights)."""
+    types = {t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and not node.domain:
+            types |= {a.t.data_type for a in node.attribute if a.name == "value"}
+    return types
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from exporter.compare import (
     image_errors,
 )
 from exporter.errors import UserError, one_line
+from exporter.formats.arrays import check_finite, load_npz
 from exporter.formats.bundle import read_stored_outputs
 from exporter.formats.graph import (
     ROUTING_PREFIX,
@@ -95,12 +95,23 @@ class ParityReport:
         }
 
 
-def recorded_source(graph_path: str | Path, header: onnx.ModelProto) -> ModelSource:
-    """The model a graph records it was exported from."""
+def recorded_source(graph_path: str | Path, header: onnx.ModelProto, *, trust_module: bool = False) -> ModelSource:
+    """The model a graph records it was exported from, every value checked as data. A recorded user
+    module is code: it is refused unless ``trust_module`` (the CLI's ``--trust-module``), with one line
+    saying what the graph records and how to run it; reading a graph never runs the code it names."""
     text = metadata(header).get(SOURCE_KEY)
     if text is None:
         raise UserError(f"{graph_path} does not say which model it was exported from; pass --model or --module")
-    return ModelSource.from_json(text).anchored(Path(graph_path).parent)
+    source = ModelSource.from_json(text, f"{graph_path}'s metadata {SOURCE_KEY}").anchored(Path(graph_path).parent)
+    if source.kind == "module" and not trust_module:
+        shape = ",".join(map(str, source.input_shape))
+        weights = f" --checkpoint {source.checkpoint}" if source.checkpoint else ""
+        raise UserError(
+            f"{graph_path} records the user module {source.spec}, which moe-export does not import on a graph's "
+            f"word (that would run its code): name it, --module {source.spec} --input-shape {shape}{weights}, or "
+            "pass --trust-module if you trust the graph and that file"
+        )
+    return source
 
 
 def make_inputs(
@@ -129,14 +140,8 @@ def read_inputs(path: str | Path, name: str, dtype: np.dtype) -> np.ndarray:
     (``polygraphy run --save-inputs``, a bundle's ``inputs.json``; one iteration). It must hold that
     one array, with the graph's dtype; anything else is refused with one line."""
     path = Path(path)
-    if path.suffix == ".json":
-        arrays = _polygraphy_inputs(path)
-    else:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:  # missing, not an .npz, pickled objects
-            raise UserError(f"cannot read inputs from {path}: {one_line(e)}") from None
+    # an .npz's sizes are checked from its headers before anything is inflated
+    arrays = _polygraphy_inputs(path) if path.suffix == ".json" else load_npz(path, what="inputs")
     if name not in arrays:
         raise UserError(f"{path} holds {sorted(arrays)}, none named {name!r} (the graph's input)")
     if extra := sorted(set(arrays) - {name}):
@@ -145,6 +150,7 @@ def read_inputs(path: str | Path, name: str, dtype: np.dtype) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.dtype != dtype:
         got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
         raise UserError(f"{path}: {name!r} is {got}; the graph takes {np.dtype(dtype)} (convert it with .astype)")
+    check_finite(array, name, path)
     return array
 
 
@@ -155,6 +161,8 @@ def _polygraphy_inputs(path: Path) -> dict:
 
     from exporter.backends.tensorrt import quiet_polygraphy
 
+    if path.is_file() and path.stat().st_size > 2 * settings.MAX_INPUT_BYTES:  # base64 and JSON around the data
+        raise UserError(f"{path} holds {path.stat().st_size:,} bytes, more than inputs within the limit can")
     try:
         with quiet_polygraphy("CRITICAL"):
             iterations = load_json(str(path), description="input data")
@@ -276,6 +284,13 @@ def compare_to_reference(
         raise UserError(
             f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source}?"
         )
+    for n, e in zip(plain, expected):  # outputs of different shapes are not compared (broadcast or failed)
+        if np.shape(actual[n]) != np.shape(e):
+            got, want = ("x".join(map(str, np.shape(v))) or "scalar" for v in (actual[n], e))
+            raise UserError(
+                f"the graph's output {n} is {got} but the model's output is {want}: they cannot be compared; "
+                f"was the graph exported from {source}?"
+            )
     outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
     exposed = [layer for layer in routing_layers(header) if all(n in actual for n in routing_output_names(layer))]
     notes = []

@@ -14,7 +14,7 @@ import onnx
 
 from exporter import settings
 from exporter.errors import UserError
-from exporter.formats.bundle import resolve_engine
+from exporter.formats.bundle import is_bundle, open_bundle, resolve_engine
 from exporter.formats.graph import precision, read_header
 from exporter.parity.parity import (
     ParityReport,
@@ -42,6 +42,8 @@ def validate(
     inputs_npz: str | None = None,
     rtol: float | None = None,
     routing_agreement: float | None = None,
+    trust_module: bool = False,
+    verify_key: str | Path | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> ParityReport:
     """Checks ``target`` against PyTorch, outputs and routing decisions.
@@ -51,17 +53,21 @@ def validate(
     its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
     is the one the graph records, changed by whatever ``choice`` gives. ``rtol`` and
     ``routing_agreement`` override the tolerances of the precision (an ONNX graph's as its metadata
-    records it; an engine's as its bundle records it).
+    records it; an engine's as its bundle records it). A user module the graph records is imported only
+    with ``trust_module`` (or when ``choice`` names it): a graph is data, never code to run. With
+    ``verify_key`` (an Ed25519 public key file), a bundle's signature is checked first.
     """
     target = Path(target)
     batch = choice.batch if batch is None else batch
     if not (target.is_dir() or target.suffix in ENGINE_SUFFIXES):
         if engine_graph:
             raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
+        if verify_key:
+            raise UserError("--verify-key checks a bundle's signature: give the bundle folder (or its engine)")
         header = read_header(target)
-        source = _source(choice, target, header)
+        source, notes = _source(choice, target, header, trust_module)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
-        return validate_onnx(
+        report = validate_onnx(
             target,
             source,
             batch=batch,
@@ -71,12 +77,20 @@ def validate(
             step=step,
             header=header,
         )
+        report.notes += notes
+        return _note_ignored(report, routing_agreement)
+    folder = target if target.is_dir() else target.parent
+    if not is_bundle(folder) and verify_key:
+        raise UserError(f"--verify-key checks a bundle's signature; {folder} holds no bundle manifest")
+    _, notes = open_bundle(folder, verify_key) if is_bundle(folder) else (None, [])
     engine, graph, sample, engine_precision = resolve_engine(target, engine_graph)
     use_sample = sample is not None and batch is None and inputs_npz is None
     # A bundle's own samples and stored PyTorch outputs need no model (nor its checkpoint) on the target
     reference = stored_reference(sample.parent) if use_sample and not choice.given else None
-    source = None if reference is not None else _source(choice, graph, read_header(graph))
-    return validate_engine(
+    source, seed_notes = (
+        (None, []) if reference is not None else _source(choice, graph, read_header(graph), trust_module)
+    )
+    report = validate_engine(
         engine,
         graph,
         source,
@@ -87,11 +101,33 @@ def validate(
         step=step,
         reference=reference,
     )
+    report.notes += notes + seed_notes
+    return _note_ignored(report, routing_agreement)
 
 
-def _source(choice: ModelChoice, graph: Path, header: onnx.ModelProto) -> ModelSource:
-    """The model a choice names, starting from the one the graph records unless it names another."""
-    return resolve(choice, None if (choice.model or choice.module) else recorded_source(graph, header))
+def _note_ignored(report: ParityReport, routing_agreement: float | None) -> ParityReport:
+    if routing_agreement is not None and not report.routing:
+        report.notes.append(
+            f"--min-routing-agreement is ignored: no routing decisions were compared ({report.routing_status})"
+        )
+    return report
+
+
+def _source(
+    choice: ModelChoice, graph: Path, header: onnx.ModelProto, trust_module: bool
+) -> tuple[ModelSource, list[str]]:
+    """The model a choice names, starting from the one the graph records unless it names another;
+    and a note when ``--seed`` is not the seed the graph records (saying which one is used)."""
+    if choice.model or choice.module:
+        return resolve(choice), []
+    recorded = recorded_source(graph, header, trust_module=trust_module)
+    source = resolve(choice, recorded)
+    if choice.seed is None or choice.seed == recorded.seed:
+        return source, []
+    used = f"--seed {choice.seed} is used, not the seed {recorded.seed} {graph.name} records"
+    if source.checkpoint:
+        return source, [f"{used}; it changes nothing here: the weights come from {source.checkpoint}"]
+    return source, [f"{used}: PyTorch's random weights are not the ones the graph was exported with"]
 
 
 def _tolerances(precision: str, rtol: float | None, routing_agreement: float | None) -> settings.Tolerances:
@@ -111,6 +147,7 @@ def validate_onnx(
     tolerances: settings.Tolerances | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     header: onnx.ModelProto | None = None,
+    trust_module: bool = False,
 ) -> ParityReport:
     """Runs PyTorch and ONNX Runtime (CPU) on the same inputs and compares outputs and routing.
 
@@ -123,11 +160,12 @@ def validate_onnx(
         tolerances: Pass criteria; by default those of the graph's precision (``settings.TOLERANCES``).
         step: Context-manager factory the CLI uses to show progress.
         header: The graph without weights, if the caller has already read it (``read_header``).
+        trust_module: Import the user module the graph records (``recorded_source``), when no source is given.
     """
     start = time.perf_counter()
     header = header if header is not None else read_header(graph_path)
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
-    source = source or recorded_source(graph_path, header)
+    source = source or recorded_source(graph_path, header, trust_module=trust_module)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
     backend = ort_backend_name(header)
     with step(f"Running ONNX Runtime ({backend})"):
@@ -155,6 +193,7 @@ def validate_engine(
     tolerances: settings.Tolerances | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     reference: Reference | None = None,
+    trust_module: bool = False,
 ) -> ParityReport:
     """Runs PyTorch and a TensorRT engine on the same inputs and compares outputs and routing.
 
@@ -169,7 +208,7 @@ def validate_engine(
     header = read_header(graph_path)
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]  # the engine is typed as its graph
     if reference is None:
-        source = source or recorded_source(graph_path, header)
+        source = source or recorded_source(graph_path, header, trust_module=trust_module)
         reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
     with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
         actual = runner.infer({reference.input_name: reference.images})

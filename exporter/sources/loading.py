@@ -87,9 +87,43 @@ class ModelSource:
             )
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSource:
-        d = json.loads(text)
-        config = ModelConfig.from_dict(d["config"]) if d.get("config") else None
+    def from_json(cls, text: str, where: str = "the model record") -> ModelSource:
+        """The source a graph's metadata or a bundle's manifest records, every value checked as data
+        (a user error naming ``where`` otherwise); nothing is imported or read here."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{where} is not JSON ({e})") from None
+        checks = {
+            "kind": lambda v: v in ("zoo", "module"),
+            "spec": lambda v: isinstance(v, str) and 0 < len(v) <= settings.MAX_NAME_CHARS and "\0" not in v,
+            "input_shape": lambda v: (
+                isinstance(v, list)
+                and len(v) == 3
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v)
+                and v[1] * v[2] <= settings.MAX_IMAGE_PIXELS
+                and v[0] <= settings.MAX_CHANNELS
+            ),
+            "config": lambda v: v is None or isinstance(v, dict),
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+            "checkpoint": lambda v: (
+                v is None or (isinstance(v, str) and 0 < len(v) <= settings.MAX_NAME_CHARS and "\0" not in v)
+            ),
+            "checkpoint_sha256": lambda v: v is None or (isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v)),
+        }
+        if not isinstance(d, dict):
+            raise UserError(f"{where} is not a JSON object")
+        bad = [k for k, ok in checks.items() if not ok(d.get(k))] + sorted(set(d) - set(checks))
+        if bad:
+            raise UserError(f"{where} has a missing, unknown or out-of-range {bad[0]!r}")
+        try:
+            config = ModelConfig.from_dict(d["config"]) if d["config"] is not None else None
+            if config is not None:
+                config.check()
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if (d["kind"] == "zoo") != (config is not None):
+            raise UserError(f"{where}: a zoo model records its config, a user module none")
         return cls(
             d["kind"],
             d["spec"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from exporter import settings
@@ -80,6 +81,26 @@ class ModelConfig:
         bad = [i for i in self.moe_layers if not 0 <= i < self.layers]
         if bad:
             raise UserError(f"MoE layer indices {bad} out of range for {self.layers} layers")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """The sizes a config read from a file (a graph's record, an imported folder) may hold."""
+        sizes = ("image_size", "patch_size", "dim", "mlp_dim", "heads", "layers", "num_experts", "num_classes")
+        small = [f for f in (*sizes, "in_chans", "slots_per_expert") if getattr(self, f) < 1]
+        if small or (self.representation_size is not None and self.representation_size < 1):
+            raise UserError(f"config {self.name}: {', '.join(small) or 'representation_size'} must be at least 1")
+        if self.family not in (VMOE, SOFT_MOE) or self.classifier not in ("token", "gap"):
+            raise UserError(f"config {self.name}: family {self.family!r} / classifier {self.classifier!r} unknown")
+        if self.ceil_or_round not in ("ceil", "round") or (self.multiple_of is not None and self.multiple_of < 1):
+            raise UserError(f"config {self.name}: capacity rounding {self.ceil_or_round!r}/{self.multiple_of} unknown")
+        if self.patch_size > self.image_size or self.image_size**2 > settings.MAX_IMAGE_PIXELS:
+            raise UserError(f"config {self.name}: {self.image_size} px images in {self.patch_size} px patches")
+        if self.dim % self.heads:
+            raise UserError(f"config {self.name}: width {self.dim} is not a multiple of {self.heads} heads")
+        if (params := param_count(self)) > settings.MAX_MODEL_PARAMETERS:
+            raise UserError(
+                f"config {self.name} has {params:,} parameters; the limit is {settings.MAX_MODEL_PARAMETERS:,}"
+            )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -89,9 +110,38 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """The config of a dict (``to_dict``), each value's type checked: it comes from a file (a
+        graph's metadata, an imported folder's config.json). A user error names the first bad field;
+        the ranges are ``check``'s."""
+        if not isinstance(d, dict):
+            raise UserError(f"a model config must be a JSON object, not {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "tags"}
+        unknown = sorted(set(d) - set(fields))
+        missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING]
+        bad = [n for n in fields if n in d and not _typed(fields[n].type, d[n])]
+        if unknown or missing or bad:
+            what = "unknown" if unknown else "missing" if missing else "of the wrong type"
+            raise UserError(f"model config field {(unknown or missing or bad)[0]!r} is {what}")
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
         return cls(**d)
+
+
+def _typed(annotation: str, value) -> bool:
+    """Whether a JSON value fits a ModelConfig field's annotation (``int``, ``float | None``, ...)."""
+    if annotation.endswith(" | None"):
+        return value is None or _typed(annotation.removesuffix(" | None"), value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**31
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str) and len(value) <= settings.MAX_NAME_CHARS
+    if annotation == "tuple[int, ...]":
+        return isinstance(value, (list, tuple)) and all(_typed("int", v) for v in value)
+    raise AssertionError(f"ModelConfig field of type {annotation} has no check")  # a new field needs one
 
 
 def every(n: int, layers: int) -> tuple[int, ...]:

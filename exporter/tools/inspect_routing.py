@@ -225,6 +225,7 @@ def inspect_routing(
     graph: str | Path | None = None,
     slots: Sequence[int] | None = None,
     dpi: int = settings.FIGURE_DPI,
+    trust_module: bool = False,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> RoutingPicture:
     """Draws the routing of one image to a PNG at ``dest`` (written atomically).
@@ -243,6 +244,7 @@ def inspect_routing(
         slots: Soft-MoE: the slots to picture (``expert * p + slot``); default the ``INSPECT_SLOTS``
             slots with the most concentrated dispatch, per layer.
         dpi: Pixels per inch of the PNG.
+        trust_module: With ``graph``: import the user module it records (``recorded_source``).
         step: Progress context-manager factory.
     """
     check_output(dest)
@@ -252,7 +254,10 @@ def inspect_routing(
         if source.capacity_factor is not None and graph is None:
             capacity_factors, source = [source.capacity_factor], source.replace(capacity_factor=None)
         named = source.model or source.module
-        source = as_source(source, recorded_source(graph, read_header(graph)) if graph and not named else None)
+        recorded = (
+            recorded_source(graph, read_header(graph), trust_module=trust_module) if graph and not named else None
+        )
+        source = as_source(source, recorded)
     with step(f"Building {source.name}"):
         loaded = load(source)
     images, where = pictured_image(tuple(source.input_shape), image=image, sample=sample)

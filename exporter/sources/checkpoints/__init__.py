@@ -124,6 +124,22 @@ def is_model_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / CONFIG_FILE).is_file()
 
 
+def model_dir_listing(path: str | Path) -> set[str] | None:
+    """The files of a model folder ``import_vmoe`` wrote (its config.json, marked with the format and
+    listing the files beside it), or None when ``path`` holds no such config: what a new import may
+    replace there (``fileio.check_replaceable``). Any other config.json is the user's."""
+    try:
+        meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    files = meta.get("files", {WEIGHTS_FILE: None})  # imports before the list named only their weights
+    if not isinstance(files, dict) or not all(isinstance(n, str) and n and "/" not in n for n in files):
+        return None
+    return {CONFIG_FILE, *files}
+
+
 def read_model_dir(path: str | Path):
     """(``ModelConfig``, weights path) of a folder written by ``import_vmoe``."""
     from exporter.sources.zoo import ModelConfig
@@ -152,17 +168,18 @@ def import_vmoe(
     **overrides,
 ) -> ImportResult:
     """Converts a vmoe checkpoint into ``output_dir/{model.safetensors,config.json}``. The folder is
-    assembled beside ``output_dir`` and moved into place; an existing import there is replaced,
-    any other non-empty folder refused."""
+    assembled beside ``output_dir`` and moved into place. An earlier import there (its config.json
+    marks it and lists its files) is replaced; a folder holding anything else, any other non-empty
+    folder, the working folder and the folders holding it are refused (``fileio.check_replaceable``)."""
     import os
 
     from safetensors.torch import save_file
 
-    from exporter.fileio import check_output, check_space, current_umask, publish_dir, temp_dir
+    from exporter.fileio import check_output, check_replaceable, check_space, current_umask, publish_dir, temp_dir
+    from exporter.formats.bundle import file_entry
 
     out = check_output(output_dir, folder=True)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
-        raise UserError(f"{out} exists and is not a moe-export model folder: choose another -o")
+    check_replaceable(out, model_dir_listing(out), "model folder")
     prefix = resolve_prefix(path)
     config = config_for_checkpoint(prefix, name=name, **overrides)
     state = state_dict_for(prefix, config, progress=progress)
@@ -185,6 +202,7 @@ def import_vmoe(
             progress(f"writing {WEIGHTS_FILE}")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
+        meta["files"] = {WEIGHTS_FILE: file_entry(tmp / WEIGHTS_FILE)}  # with the format: what a new import replaces
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         publish_dir(tmp, out)

@@ -13,6 +13,11 @@ google-research/vmoe:
   dicts, keys sorted at every level (the same order in both versions of the index).
 
 Shards are read one at a time, so peak memory stays near one copy of the weights plus one shard.
+
+A checkpoint is data someone handed over: before anything is allocated, the index must describe each
+array as chunks that tile it exactly (no overlap, no gap: refused naming the array), every shard file
+must be large enough for the chunks the index places in it, and nesting, counts and dimensions are
+bounded (``settings.MAX_CHECKPOINT_*``); each shard must then hold exactly the chunks the index gives it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter import settings
 from exporter.errors import UserError
 
 ARRAY_CHUNKS_KEY = "__msgpack_array_chunk_a87ca2__"
@@ -130,9 +136,11 @@ def shard_path(prefix: Path, shard: int, count: int) -> Path:
 
 def _flatten(tree, path: tuple[str, ...] = ()) -> list[tuple[str, object]]:
     """(``a/b/c``, leaf) in jax.tree_util's order: dict keys sorted at every level."""
+    if len(path) > settings.MAX_CHECKPOINT_DEPTH:
+        raise _Corrupt(f"the tree nests deeper than {settings.MAX_CHECKPOINT_DEPTH} levels at {'/'.join(path[:4])}/...")
     if isinstance(tree, dict):
         out = []
-        for key in sorted(tree):
+        for key in sorted(tree, key=str):
             out += _flatten(tree[key], (*path, str(key)))
         return out
     if tree is None:
@@ -140,8 +148,58 @@ def _flatten(tree, path: tuple[str, ...] = ()) -> list[tuple[str, object]]:
     return [("/".join(path), tree)]
 
 
+def _region(info: IndexInfo, slices: tuple) -> tuple[tuple[int, int], ...]:
+    """A chunk's ``((start, stop), ...)`` per dimension, checked to lie inside the array."""
+    if not isinstance(slices, tuple) or len(slices) != len(info.shape):
+        raise _Corrupt(
+            f"a chunk of {len(slices) if isinstance(slices, tuple) else '?'} dims in a {len(info.shape)}-d array"
+        )
+    region = []
+    for s, size in zip(slices, info.shape):
+        if (
+            not isinstance(s, Slice)
+            or s.step not in (None, 1)
+            or not all(isinstance(v, int) for v in (s.start, s.stop))
+        ):
+            raise _Corrupt(f"a chunk slice {s} is not a contiguous start:stop")
+        if not 0 <= s.start < s.stop <= size:
+            raise _Corrupt(f"a chunk slice {s.start}:{s.stop} lies outside the dimension of {size}")
+        region.append((s.start, s.stop))
+    return tuple(region)
+
+
+def _check_tiling(name: str, info: IndexInfo) -> list[tuple[tuple[int, int], ...]]:
+    """The chunks of one array, which must cover every element exactly once (overlaps and gaps
+    refused, naming the array); returns each chunk's region."""
+    if len(info.slices) > settings.MAX_CHECKPOINT_CHUNKS:
+        raise _Corrupt(
+            f"{name} is split into {len(info.slices):,} chunks; the limit is {settings.MAX_CHECKPOINT_CHUNKS:,}"
+        )
+    try:
+        regions = [_region(info, s) for s in info.slices]
+    except _Corrupt as e:
+        raise _Corrupt(f"{name}: {e}") from None
+    if len(set(regions)) < len(regions):
+        raise _Corrupt(f"{name} lists one chunk twice: its chunks overlap")
+    total = int(np.prod(info.shape, dtype=object))
+    covered = sum(int(np.prod([b - a for a, b in r], dtype=object)) for r in regions)
+    if len(regions) > 1:
+        box = np.array(regions, dtype=np.int64)  # [chunks, dims, (start, stop)]
+        lo, hi = box[:, :, 0], box[:, :, 1]
+        apart = (lo[:, None] >= hi[None]) | (lo[None] >= hi[:, None])  # separated along some dimension
+        meet = ~apart.any(axis=2)
+        np.fill_diagonal(meet, False)
+        if meet.any():
+            raise _Corrupt(f"{name}: its chunks overlap (two of its {len(regions)} chunks share elements)")
+    if covered != total:
+        raise _Corrupt(f"{name}: its chunks leave a gap ({total - covered:,} of {total:,} elements in no chunk)")
+    return regions
+
+
 def read_index(prefix: Path) -> tuple[int, list[tuple[str, IndexInfo]], str | None]:
-    """(shard count, [(name, IndexInfo)] in leaf-id order, version or None)."""
+    """(shard count, [(name, IndexInfo)] in leaf-id order, version or None), every array checked to be
+    tiled exactly by its chunks and every shard file checked to be large enough for the chunks the
+    index places in it (``check_shard_sizes``), before anything is allocated."""
     import msgpack
 
     index_path = Path(f"{prefix}.index")
@@ -149,31 +207,67 @@ def read_index(prefix: Path) -> tuple[int, list[tuple[str, IndexInfo]], str | No
         content = msgpack.unpackb(index_path.read_bytes(), ext_hook=_index_ext, raw=False, strict_map_key=False)
         if not isinstance(content, dict) or "index" not in content or "shard_count" not in content:
             raise _Corrupt("no 'index' and 'shard_count' keys")
-        count, version = int(content["shard_count"]), content.get("version")
+        count, version = content["shard_count"], content.get("version")
+        if not isinstance(count, int) or not 1 <= count <= settings.MAX_CHECKPOINT_SHARDS:
+            raise _Corrupt(f"shard count {count!r} (1 to {settings.MAX_CHECKPOINT_SHARDS:,})")
         leaves = _flatten(content["index"])
-        if count < 1:
-            raise _Corrupt(f"shard count {count}")
+        if len(leaves) > settings.MAX_CHECKPOINT_LEAVES:
+            raise _Corrupt(f"{len(leaves):,} arrays; the limit is {settings.MAX_CHECKPOINT_LEAVES:,}")
         for name, leaf in leaves:
             if not isinstance(leaf, IndexInfo):
                 raise _Corrupt(f"leaf {name} is not an index entry")
-            if any(not 0 <= s < count for s in leaf.shards) or len(leaf.shards) != len(leaf.slices):
+            if len(leaf.shape) > settings.MAX_TENSOR_DIMS or not all(
+                isinstance(d, int) and 0 <= d < 2**48 for d in leaf.shape
+            ):
+                raise _Corrupt(f"{name} has the shape {list(leaf.shape)}")
+            if any(not (isinstance(s, int) and 0 <= s < count) for s in leaf.shards) or len(leaf.shards) != len(
+                leaf.slices
+            ):
                 raise _Corrupt(f"leaf {name} names shards outside 0..{count - 1}")
+            _storage_dtype(leaf.dtype)
+            _check_tiling(name, leaf)
     except (_Corrupt, ValueError, TypeError, msgpack.UnpackException) as e:
         raise UserError(f"corrupt vmoe checkpoint index {index_path}: {e}") from None
+    check_shard_sizes(prefix, count, leaves)
     return count, leaves, version
+
+
+def check_shard_sizes(prefix: Path, count: int, leaves: list[tuple[str, IndexInfo]]) -> None:
+    """Every shard file exists and holds at least the bytes of the chunks the index places in it, so
+    an index that declares more data than its shards hold (a 4 TiB array) is refused before any
+    allocation, naming the shard."""
+    need = [0] * count
+    for _, info in leaves:
+        itemsize = _storage_dtype(info.dtype).itemsize
+        for slices, shard in zip(info.slices, info.shards):
+            need[shard] += int(np.prod([s.stop - s.start for s in slices], dtype=object)) * itemsize
+    for shard, want in enumerate(need):
+        file = shard_path(prefix, shard, count)
+        if not file.is_file():
+            raise UserError(f"vmoe checkpoint shard {file} is missing")
+        if (size := file.stat().st_size) < want:
+            raise UserError(
+                f"vmoe checkpoint shard {file} is truncated or not this index's: it has {size:,} bytes, fewer "
+                f"than the {want:,} bytes of array data the index places in it"
+            )
 
 
 def read_checkpoint(
     path: str | Path, *, progress: Callable[[str], None] | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
     """All leaves of a vmoe checkpoint as ``{"Encoder/encoderblock_0/.../kernel": array}``, floating
-    leaves widened to float32, and facts about it (prefix, version, shards, dtypes)."""
+    leaves widened to float32, and facts about it (prefix, version, shards, dtypes). Each shard must
+    hold exactly the chunks the index assigns it, each once: a chunk written twice, or one never
+    written, is refused naming the array."""
     import msgpack
 
     prefix = resolve_prefix(path)
-    count, leaves, version = read_index(prefix)
+    count, leaves, version = read_index(prefix)  # tiling and shard sizes checked: allocation is bounded
+    pending: dict[tuple[int, int], set] = {}  # (leaf, shard) -> regions still to read
+    for leaf, (_, info) in enumerate(leaves):
+        for slices, shard in zip(info.slices, info.shards):
+            pending.setdefault((leaf, shard), set()).add(_region(info, slices))
     arrays = [np.zeros(info.shape, _storage_dtype(info.dtype)) for _, info in leaves]
-    filled = [0] * len(leaves)
     for shard in range(count):
         file = shard_path(prefix, shard, count)
         if progress:
@@ -195,15 +289,17 @@ def read_checkpoint(
                 for subchunks, slices in chunks:
                     if any(dtype != info.dtype for dtype, _, _ in subchunks):
                         raise _Corrupt(f"{name}: a chunk's dtype differs from the index's {info.dtype}")
-                    shape = tuple(s.stop - s.start for s in slices)
+                    region = _region(info, slices)
+                    if region not in pending.get((leaf, shard), ()):
+                        where = ", ".join(f"{a}:{b}" for a, b in region)
+                        raise _Corrupt(f"{name}: chunk [{where}] is not one the index places here, or is written twice")
+                    pending[(leaf, shard)].discard(region)
                     flat = np.concatenate([np.frombuffer(b, target.dtype) for _, _, b in subchunks])
-                    region = tuple(slice(s.start, s.stop, s.step) for s in slices)
-                    target[region] = flat.reshape(shape)
-                    filled[leaf] += flat.size
+                    target[tuple(slice(a, b) for a, b in region)] = flat.reshape([b - a for a, b in region])
         except (_Corrupt, ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
             raise UserError(f"corrupt or truncated vmoe checkpoint shard {file}: {e}") from None
         del content
-    short = [name for (name, info), n in zip(leaves, filled) if n != int(np.prod(info.shape))]
+    short = sorted({leaves[leaf][0] for (leaf, _), regions in pending.items() if regions})
     if short:
         raise UserError(f"vmoe checkpoint {prefix} is incomplete: no data for {', '.join(short[:3])}")
     params = {name: _widen(array, info.dtype) for (name, info), array in zip(leaves, arrays)}

@@ -4,6 +4,7 @@ TensorRT, the one substitution a CPU machine needs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -19,7 +20,7 @@ from exporter.deploy.bundle import build_bundle, bundle_source
 from exporter.deploy.ptx import plugin_node_shapes
 from exporter.errors import CheckFailed, UserError
 from exporter.fileio import sha256
-from exporter.formats.bundle import FORMAT, read_manifest
+from exporter.formats.bundle import FORMAT, file_entry, read_manifest
 from exporter.sources.loading import from_zoo, load
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -234,7 +235,14 @@ def test_existing_bundle_is_replaced_and_other_folders_refused(bundles, tmp_path
 def test_rebuilding_over_a_bundle_replaces_it(tmp_path):
     dest = tmp_path / "b"
     first = build_bundle(from_zoo("soft-moe-tiny"), dest, targets=[90])
-    (dest / "stale.txt").write_text("from an old bundle")
+    (dest / "stale.txt").write_text("from an old bundle")  # a file the old manifest lists
+    manifest = read_manifest(dest)
+    manifest["files"]["stale.txt"] = file_entry(dest / "stale.txt")
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    (dest / "notes.txt").write_text("the user's")  # one it does not: the bundle is not replaced
+    with pytest.raises(UserError, match=r"also holds files moe-export did not write \(notes.txt\)"):
+        build_bundle(from_zoo("soft-moe-tiny", seed=1), dest, targets=["sm_90"])
+    (dest / "notes.txt").unlink()
     second = build_bundle(from_zoo("soft-moe-tiny", seed=1), dest, targets=["sm_90"])
     assert not (dest / "stale.txt").exists()
     assert second.files["model.onnx"]["sha256"] != first.files["model.onnx"]["sha256"]

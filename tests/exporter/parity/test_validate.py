@@ -12,6 +12,7 @@ import pytest
 from exporter import settings
 from exporter.backends.tensorrt import TensorRTUnavailable, tensorrt_available
 from exporter.errors import UserError
+from exporter.formats.bundle import file_entry
 from exporter.parity.validate import validate
 from exporter.sources.choice import ModelChoice
 
@@ -62,6 +63,7 @@ def test_an_engine_needs_tensorrt_and_says_so(bundled, tmp_path):
         validate(bundle / "model.engine")
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["engine"] = {"file": "model.engine", "graph": "model.plugins.onnx", "precision": "fp32"}
+    manifest["files"]["model.engine"] = file_entry(bundle / "model.engine")  # as build engine records it
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorRTUnavailable, match="validating an engine needs TensorRT"):
         validate(bundle)
