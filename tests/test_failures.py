@@ -901,9 +901,11 @@ def test_routing_outputs_on_a_soft_moe_is_noted_as_ignored(tmp_path):
     result = run("export", "--model", "soft-moe-tiny", "--routing-outputs", "-o", tmp_path / "s.onnx")
     assert result.exit_code == 0
     notes = [line for line in result.output.splitlines() if "--routing-outputs" in line]
-    assert notes == ["note: --routing-outputs is ignored: soft-moe-tiny has no layer of moe-export's V-MoE class "
-                     "to output the decisions of (a Soft-MoE routes by weights; another author's top-k layer does "
-                     "not name its decisions)"]  # fmt: skip
+    expected = (
+        "note: --routing-outputs is ignored: soft-moe-tiny has no layer of moe-export's V-MoE class "
+        "(a Soft-MoE routes by weights; another author's top-k layer does not name its decisions)"
+    )
+    assert notes == [expected]
 
 
 def test_bundles_from_two_checkouts_are_byte_identical_and_hold_no_path(bundled, tmp_path):

@@ -394,8 +394,8 @@ def print_report(report) -> None:
 
 def print_notes(notes) -> None:
     out = console()
-    for note in notes:
-        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    for note in notes:  # one line each, however long: a note names files and lines to find
+        out.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 # --- reports more than one command prints --------------------------------------------------------
@@ -434,8 +434,6 @@ def print_export(result) -> None:
     for name, (dtype, dims) in {**result.inputs, **result.outputs}.items():
         kind = "input " if name in result.inputs else "output"
         out.print(escape(f"  {kind} {name}: {dtype}[{', '.join(map(str, dims))}]"))
-    for note in result.notes:
-        out.print(f"note: {escape(note)}")
     if not result.dynamic_batch:
         out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
     checked = ", ".join(f"{b} ({err:.1e})" for b, err in result.checked.items())

@@ -230,9 +230,8 @@ def export_onnx(
         notes=notes
         + (
             [
-                f"--routing-outputs is ignored: {loaded.source.name} has no layer of moe-export's V-MoE class to "
-                "output the decisions of (a Soft-MoE routes by weights; another author's top-k layer does not name "
-                "its decisions)"
+                f"--routing-outputs is ignored: {loaded.source.name} has no layer of moe-export's V-MoE class (a "
+                "Soft-MoE routes by weights; another author's top-k layer does not name its decisions)"
             ]
             if routing_outputs and not layers
             else []
