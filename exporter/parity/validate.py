@@ -15,13 +15,12 @@ import onnx
 from exporter import settings
 from exporter.errors import UserError
 from exporter.formats.bundle import resolve_engine
-from exporter.formats.graph import precision, read_header
+from exporter.formats.graph import precision, read_header, recorded_batch
 from exporter.parity.parity import (
     ParityReport,
     Reference,
     compare_to_reference,
-    onnxruntime_outputs,
-    ort_backend_name,
+    onnx_parity,
     recorded_source,
     reference_run,
     stored_reference,
@@ -49,7 +48,9 @@ def validate(
     ``target`` is an .onnx file (run with ONNX Runtime on CPU), an engine file (with ``engine_graph``,
     the ONNX graph it was built from, or beside a bundle manifest) or a bundle folder (its engine on
     its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
-    is the one the graph records, changed by whatever ``choice`` gives. ``rtol`` and
+    is the one the graph records, changed by whatever ``choice`` gives; so is the batch (``batch``, else
+    the N of ``choice``'s input shape, else the N export was given: ``formats.graph.recorded_batch``,
+    else one routing group). ``rtol`` and
     ``routing_agreement`` override the tolerances of the precision (an ONNX graph's as its metadata
     records it; an engine's as its bundle records it).
     """
@@ -59,6 +60,7 @@ def validate(
         if engine_graph:
             raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
         header = read_header(target)
+        batch = batch if batch is not None or inputs_npz else recorded_batch(header)
         source = _source(choice, target, header)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         return validate_onnx(
@@ -129,18 +131,8 @@ def validate_onnx(
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    backend = ort_backend_name(header)
-    with step(f"Running ONNX Runtime ({backend})"):
-        actual, routers = onnxruntime_outputs(graph_path, header, {reference.input_name: reference.images})
-    return compare_to_reference(
-        reference,
-        actual,
-        header,
-        graph=str(graph_path),
-        backend=backend,
-        tolerances=tolerances,
-        start=start,
-        routers=routers,
+    return onnx_parity(
+        reference, graph_path, header, graph=str(graph_path), tolerances=tolerances, step=step, start=start
     )
 
 

@@ -243,18 +243,24 @@ def test_rebuilding_over_a_bundle_replaces_it(tmp_path):
 
 
 def test_a_graph_that_fails_parity_writes_no_bundle(tmp_path, monkeypatch):
-    import exporter.deploy.bundle as bundle_module
+    import exporter.parity.parity as parity_module
 
-    real = bundle_module.compare_to_reference
+    real = parity_module.compare_to_reference
 
     def wrong(reference, actual, header, **kwargs):
         actual = {k: (v + 1 if k == "logits" else v) for k, v in actual.items()}
         return real(reference, actual, header, **kwargs)
 
-    monkeypatch.setattr(bundle_module, "compare_to_reference", wrong)
-    with pytest.raises(CheckFailed, match="do not match PyTorch"):
+    monkeypatch.setattr(parity_module, "compare_to_reference", wrong)
+    with pytest.raises(CheckFailed, match="do not match PyTorch") as failed:
         build_bundle(from_zoo("soft-moe-tiny"), tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+    # the message says why (the worst line of each failed graph's table), and carries the tables
+    assert set(failed.value.reports) == {"model.onnx", "model.plugins.onnx"}
+    worst = failed.value.reports["model.onnx"].outputs[0]
+    assert not worst.passed and f"model.onnx: logits max rel err {worst.max_rel:.3g} (tolerance 0.0001)" in str(
+        failed.value
+    )
 
 
 @pytest.mark.parametrize("key", list(MODELS))
