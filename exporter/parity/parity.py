@@ -233,13 +233,19 @@ def reference_run(
         with step(f"Building {source.name} in PyTorch"):
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
-    with step(f"Running PyTorch on {images.shape[0]} images"), router_outputs(loaded.module) as routers:
-        expected, routing = run_torch(loaded.module, images)
-    routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}
+    with step(f"Running PyTorch on {images.shape[0]} images"):
+        expected, routing, routers = _torch_run(loaded.module, images)
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
     seed = None if inputs_npz else seed
     return Reference(source.name, name, images, expected, routing, seed, routers=routers, source=source)
+
+
+def _torch_run(module, images: np.ndarray) -> tuple[list[np.ndarray], dict[str, RoutingArrays], dict]:
+    """PyTorch's outputs, routing and router outputs on the images."""
+    with router_outputs(module) as routers:
+        expected, routing = run_torch(module, images)
+    return expected, {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}, routers
 
 
 def onnxruntime_outputs(
@@ -400,8 +406,7 @@ def onnx_parity(
     with step("Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
         loaded = load(reference.source)
         with rounding_as([internals[n] for n in roundings], tolerances.rtol) as found:
-            with router_outputs(loaded.module) as routers:
-                outputs, routing = run_torch(loaded.module, reference.images)
+            outputs, routing, routers = _torch_run(loaded.module, reference.images)
         del loaded
         gc.collect()
     if len(found) != len(roundings) or None in found:
@@ -410,12 +415,7 @@ def onnx_parity(
             "was the graph exported from this model with the same --bf16-dispatch?"
         )
         return report
-    rerun = dataclasses.replace(
-        reference,
-        outputs=outputs,
-        routing={layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()},
-        routers=routers,
-    )
+    rerun = dataclasses.replace(reference, outputs=outputs, routing=routing, routers=routers)
     before = max((o.max_rel for o in report.outputs), default=0.0)
     report = compare(rerun, start=start, routers=internals)
     at_midpoint, unexplained = sum(f[1] for f in found), sum(f[2] for f in found)
