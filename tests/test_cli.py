@@ -356,6 +356,7 @@ def test_build_engine_batch_help_names_defaults_that_end():
         assert "one routing group" in help_text
     shape = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(run("validate", "--help").output.split()))
     assert "N: the images export traces with (recorded in the graph: validate runs that batch too)" in shape
+    assert "--batch INTEGER RANGE Images per run (a multiple of the routing group). Default: the N of the " in shape
 
 
 def test_build_and_validate_bad_inputs(tmp_path):
