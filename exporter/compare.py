@@ -99,6 +99,28 @@ class SoftRoutingParity:
     combine_max_rel: float
 
 
+@dataclass
+class RoundingParity:
+    """An FP32 graph's bfloat16 roundings (``--bf16-dispatch``: every MoE layer's expert inputs and
+    outputs) against PyTorch's, when the outputs missed FP32's tolerance.
+
+    Rounding to bfloat16 keeps 8 significant bits, so an element within float32 noise of the midpoint
+    between two bfloat16 neighbours can round up in one runtime and down in the other: one bfloat16
+    step (up to 2^-7 of the element) out of a float32 difference of 1e-7. Such an element is counted
+    ``at_midpoint`` when the graph's value is what some value within the tolerance's ``rtol`` (of the
+    tensor's scale) of PyTorch's own rounds to; PyTorch then runs again rounding those elements as the
+    graph did, and the outputs and routing are compared against that run with the unchanged
+    tolerance. Any other differing element is ``unexplained`` and fails the check.
+    """
+
+    roundings: int  # rounding points compared (two per MoE layer)
+    elements: int  # rounded elements, all points together
+    at_midpoint: int  # elements the graph rounded to the other neighbour, within rtol of a midpoint
+    unexplained: int  # elements the graph rounded to a value PyTorch's could not reach within rtol
+    max_rel_before: float  # the outputs' largest relative error against PyTorch's own rounding
+    passed: bool
+
+
 def compare_output(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float) -> OutputParity:
     """``max|actual - expected| / max|expected|`` within ``rtol``; non-finite values must match."""
     if expected.shape != actual.shape:

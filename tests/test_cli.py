@@ -4,6 +4,7 @@ every bad input (exit 1 when parity fails)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +192,7 @@ def test_inspect_routing_writes_the_picture_and_json(tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert data["layout"]["rows"] == 2 and data["layout"]["cols"] == 4 and dest.is_file()
+    assert data["layout"]["rows"] == 2 and data["layout"]["cols"] == 5 and dest.is_file()  # the input + 2 x 2
     assert "blocks.3.mlp" in result.output and "C=0.5 BPR" in result.output
 
 
@@ -313,6 +314,51 @@ def test_build_bundle_then_engine_without_tensorrt(tmp_path):
     assert data["passed"] and data["targets"] == ["sm_87"] and data["plugins"]["SoftRoute"] == 2
 
 
+def test_build_bundle_failing_parity_prints_the_table_and_its_worst_line(tmp_path, monkeypatch):
+    """A real mismatch (a tolerance no float32 run meets): the tables that failed, then one line saying why."""
+    from exporter import settings
+
+    monkeypatch.setitem(settings.TOLERANCES, "fp32", settings.Tolerances(rtol=1e-12, routing_agreement=1.0))
+    result = run("build", "bundle", "--model", "soft-moe-tiny", "-o", tmp_path / "b")
+    assert result.exit_code == 1 and not (tmp_path / "b").exists()
+    assert result.stdout.count("rel tol 1e-12") == 2 and "FAIL" in result.stdout  # both graphs' tables
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("FAILED:")]
+    assert "model.onnx: logits max rel err" in line and "(tolerance 1e-12)" in line and "no bundle written" in line
+
+
+def test_demo_shows_what_it_does_first_and_names_a_routing_picture_per_model_last(tmp_path, monkeypatch):
+    """The demo on one V-MoE (the real command, its runs cut to one model to keep the suite short)."""
+    import functools
+
+    import exporter.tools.demo as demo_module
+
+    one = (("vmoe-tiny", {"capacity_factor": 0.5, "batch_priority": True}),)
+    monkeypatch.setattr(demo_module, "demo", functools.partial(demo_module.demo, runs=one))
+    result = run("demo", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("... Loading PyTorch, ONNX and ONNX Runtime")  # before the imports
+    picture = tmp_path / "vmoe-tiny.routing.png"
+    assert result.stdout.splitlines()[-2:] == [
+        f"routing picture of vmoe-tiny: {picture}",
+        f"all passed; graphs, reports, bundles and pictures in {tmp_path}",
+    ]
+    assert picture.stat().st_size > 10_000 and (tmp_path / "vmoe-tiny.bundle" / "manifest.json").is_file()
+    assert "the image repeated, the first copy pictured" in result.stdout  # the graph's groups of 8 images
+
+
+def test_build_engine_batch_help_names_defaults_that_end():
+    """No circle (--opt-batch defaulting to the max batch and --max-batch to the opt batch): each falls
+    back to the other only when it is given, else to the bundle's sample batch or one routing group."""
+    text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(run("build", "engine", "--help").output.split()))  # unwrap
+    for option, other in (("--opt-batch", "--max-batch"), ("--max-batch", "--opt-batch")):
+        help_text = text.split(f"{option} INTEGER RANGE")[1].split("[x>=1]")[0]
+        assert f"Default: {other} if given, else the bundle's sample batch" in help_text, help_text
+        assert "one routing group" in help_text
+    shape = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(run("validate", "--help").output.split()))
+    assert "N: the images export traces with (recorded in the graph: validate runs that batch too)" in shape
+    assert "--batch INTEGER RANGE Images per run (a multiple of the routing group). Default: the N of the " in shape
+
+
 def test_build_and_validate_bad_inputs(tmp_path):
     assert_one_line_error(run("build", "engine", "--model", "vmoe-tiny"), "-o DIR")
     assert_one_line_error(run("build", "engine"), "give a bundle folder")
@@ -343,6 +389,18 @@ def test_commands_are_listed_in_pipeline_order():
     listing = run("--help").output
     order = [listing.index(f"  {name} ") for name in ("models", "import", "export", "rewrite", "validate", "build")]
     assert order == sorted(order)
+
+
+def test_reduced_precision_routing_table_says_what_it_judges(exported):
+    """BF16: slot agreement is far below the decisions' (flips cascade through the buffers) beside
+    "pass"; a note under the table says which columns are judged and why slots are not."""
+    note = "pass/FAIL judges each pair's decisions, its expert and kept/dropped together: at least 98.00%"
+    _, bf16 = exported("vmoe-tiny", precision="bf16", capacity_factor=0.5, batch_priority=True)
+    result = run("validate", bf16.path, "--batch", 32)
+    assert result.exit_code == 0, result.output
+    assert note in result.output and "slot and all are shown, not judged" in result.output
+    _, fp32 = exported("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
+    assert "not judged" not in run("validate", fp32.path).output  # every decision agrees: nothing to explain
 
 
 def test_export_in_fp16_reports_its_casts_and_validates(tmp_path):

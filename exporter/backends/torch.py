@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from exporter.models.capture import run_with_routing
+from exporter.models.experts import bfloat16_rounding
 from exporter.models.routing import TopKRouting
 
 
@@ -43,3 +44,31 @@ def router_outputs(module: torch.nn.Module):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def rounding_as(values: list[np.ndarray], rtol: float):
+    """``with rounding_as(graph_values, rtol) as found: model(x)``: the model's bfloat16 roundings, in
+    call order, take a graph's rounded values (``values``, ``formats.graph.bfloat16_roundings``) at the
+    elements where a value within ``rtol`` of the tensor's scale of PyTorch's own rounds to the
+    graph's: a midpoint between two bfloat16 neighbours lies that close, and float32 noise decided.
+    ``found`` gets one ``(elements, at_midpoint, unexplained)`` per rounding, or None for one that has
+    no graph value of its shape (the graph and the model round different tensors)."""
+    found: list[tuple[int, int, int] | None] = []
+
+    def hook(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+        index = len(found)
+        if index >= len(values) or tuple(values[index].shape) != tuple(x.shape):
+            found.append(None)
+            return rounded
+        graph = torch.from_numpy(values[index]).to(rounded.dtype)
+        delta = rtol * float(x.abs().max()) if x.numel() else 0.0
+        low = (x - delta).to(torch.bfloat16).to(x.dtype)
+        high = (x + delta).to(torch.bfloat16).to(x.dtype)
+        reachable = (graph >= low) & (graph <= high)
+        differ = (graph != rounded) & ~(graph.isnan() & rounded.isnan())
+        found.append((x.numel(), int((differ & reachable).sum()), int((differ & ~reachable).sum())))
+        return torch.where(reachable, graph, rounded)
+
+    with bfloat16_rounding(hook):
+        yield found

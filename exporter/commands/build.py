@@ -74,19 +74,26 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign
       moe-export build bundle --model vmoe-s32-last2-e8 --precision fp16 --target sm_87 -o vmoe-orin
       moe-export build bundle --model vmoe-tiny --sign-key signing.key -o tiny-bundle
     """
+    from exporter.deploy.bundle import ParityFailed
     from exporter.deploy.bundle import build_bundle as run_build
 
     targets = target_list(targets) if targets is not None else None
-    result = run_build(
-        choice,
-        output_dir,
-        targets=targets,
-        batch=batch,
-        seed=input_seed,
-        precision=precision,
-        sign_key=sign_key,
-        step=step,
-    )
+    try:
+        result = run_build(
+            choice,
+            output_dir,
+            targets=targets,
+            batch=batch,
+            seed=input_seed,
+            precision=precision,
+            sign_key=sign_key,
+            step=step,
+        )
+    except ParityFailed as failed:  # the tables that made it fail, then the one line
+        if json_out != "-":
+            for report in failed.reports.values():
+                print_report(report)
+        raise
     emit(result, print_bundle, json_out)
 
 
@@ -104,9 +111,19 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign
     help="The precision of the bundle written first (default fp32). A bundle or graph builds in its own "
     "precision, strongly typed (export/build bundle --precision); naming another is refused.",
 )
-@click.option("--min-batch", type=COUNT, help="Smallest batch of the optimization profile (default: one group).")
-@click.option("--opt-batch", type=COUNT, help="Batch TensorRT optimizes for (default: the max batch).")
-@click.option("--max-batch", type=COUNT, help="Largest batch of the optimization profile (default: the opt batch).")
+@click.option("--min-batch", type=COUNT, help="Smallest batch of the optimization profile. Default: one routing group.")
+@click.option(
+    "--opt-batch",
+    type=COUNT,
+    help="Batch TensorRT optimizes for. Default: --max-batch if given, else the bundle's sample batch "
+    "(for an .onnx: --min-batch, else one routing group).",
+)
+@click.option(
+    "--max-batch",
+    type=COUNT,
+    help="Largest batch of the optimization profile. Default: --opt-batch if given, else the bundle's sample "
+    "batch (for an .onnx: --min-batch, else one routing group).",
+)
 @click.option("--workspace", "workspace_mib", type=COUNT, metavar="MIB", help="Workspace memory pool limit in MiB.")
 @output_option("--timing-cache", help="Timing cache file, read and updated.")
 @click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")

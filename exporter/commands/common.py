@@ -192,8 +192,8 @@ MODEL_OPTIONS = [
     click.option(
         "--input-shape",
         metavar="N,C,H,W",
-        help="Input images, N,C,H,W or C,H,W (a user module needs it). N: the images export traces with, and validate "
-        "and bench run unless --batch.",
+        help="Input images, N,C,H,W or C,H,W (a user module needs it). N: the images export traces with (recorded "
+        "in the graph: validate runs that batch too) and bench runs, unless --batch.",
     ),
     click.option(
         "--checkpoint",
@@ -342,6 +342,16 @@ def print_report(report) -> None:
                 mark(r.passed),
             )
         out.print(t)
+        agreement = report.tolerances["routing_agreement"]
+        if agreement < 1 or any(r.decisions < 1 for r in report.routing):
+            out.print(
+                "[yellow]note:[/yellow] pass/FAIL judges each pair's decisions, its expert and kept/dropped "
+                f"together: at least {share(agreement)} of the pairs per layer (lowest here "
+                f"{share(min(r.decisions for r in report.routing))}). slot and all are shown, not judged: one "
+                "flipped expert choice moves the buffer position of every later token of both experts in its "
+                "group, so slots differ far more often than decisions (and slot swaps only count where every "
+                "decision agrees)"
+            )
     else:
         out.print(f"routing: {report.routing_status}")
     explained = [r for r in report.routing if r.gate_error is not None]
@@ -382,6 +392,8 @@ def print_report(report) -> None:
                 f"{r.combine_max_rel:.3g}",
             )
         out.print(t)
+    if report.rounding is not None:
+        _print_rounding(out, report.rounding, report.tolerances["rtol"])
     if any(r.slot_swaps for r in report.routing):
         out.print(
             "[yellow]note:[/yellow] slot swaps: tokens with the same expert and kept decision took each other's "
@@ -390,6 +402,27 @@ def print_report(report) -> None:
     for note in report.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
     out.print(f"{mark(report.passed)} ({report.seconds:.1f}s)")
+
+
+def _print_rounding(out, r, rtol: float) -> None:
+    """bf16 dispatch: the graph's bfloat16 roundings against PyTorch's (``compare.RoundingParity``)."""
+    from rich.table import Table
+
+    t = Table(title="bfloat16 dispatch roundings", title_justify="left", box=None, pad_edge=False)
+    cols = ("roundings", "elements", "other way at a midpoint", "unexplained", "max rel err before", "")
+    for col in cols:
+        t.add_column(col, justify="right")
+    unexplained = str(r.unexplained) if not r.unexplained else f"[red]{r.unexplained}[/red]"
+    t.add_row(
+        str(r.roundings), f"{r.elements:,}", str(r.at_midpoint), unexplained, f"{r.max_rel_before:.3g}", mark(r.passed)
+    )
+    out.print(t)
+    out.print(
+        f"[yellow]note:[/yellow] {r.at_midpoint} rounded elements lie within {rtol:g} (of their tensor's scale) of a "
+        "midpoint between two bfloat16 values, where float32 noise decides the way they round, and the graph took "
+        "the other way; PyTorch ran again rounding them as the graph did, and the tables above compare against "
+        f"that run (against PyTorch's own rounding the max rel err was {r.max_rel_before:.3g})"
+    )
 
 
 def print_notes(notes) -> None:

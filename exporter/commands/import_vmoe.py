@@ -24,7 +24,11 @@ def import_group():
 @import_group.command("vmoe")
 @click.argument("prefix", type=click.Path())
 @folder_option("-o", "--output-dir", required=True, help="The model folder to write.")
-@click.option("--name", help="Model name in config.json (default: the matching released config, else vmoe-checkpoint).")
+@click.option(
+    "--name",
+    help="Model name in config.json and every report (default: the matching released config's, else the family "
+    "and the checkpoint's name: vmoe-PREFIX or soft-moe-PREFIX).",
+)
 @routing_options
 @json_option("the import report")
 def import_vmoe(prefix, output_dir, name, overrides, json_out):

@@ -27,7 +27,12 @@ _FP32 = settings.TOLERANCES["fp32"]
 @click.argument("graph", type=click.Path())
 @model_options
 @click.option("--onnx", "engine_graph", type=click.Path(dir_okay=False), help="Engine files: the graph it came from.")
-@click.option("--batch", type=COUNT, help="Images per run (a multiple of the routing group). Default: one group.")
+@click.option(
+    "--batch",
+    type=COUNT,
+    help="Images per run (a multiple of the routing group). Default: the N of the --input-shape the graph was "
+    "exported with, else one group.",
+)
 @click.option(
     "--inputs",
     "inputs_npz",

@@ -24,6 +24,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -38,7 +39,7 @@ from exporter import settings
 from exporter.deploy import ptx
 from exporter.deploy.readme import render_readme
 from exporter.errors import CheckFailed, UserError
-from exporter.export.export import export_onnx, graph_bytes
+from exporter.export.export import ExportResult, export_onnx, graph_bytes
 from exporter.export.precision import check_precision
 from exporter.fileio import check_output, check_replaceable, check_space, publish_dir, temp_dir
 from exporter.formats.bundle import (
@@ -61,20 +62,24 @@ from exporter.formats.bundle import (
     read_manifest,
     signed_payload,
 )
-from exporter.formats.graph import input_dims, read_header
-from exporter.parity.parity import (
-    ParityReport,
-    compare_to_reference,
-    onnxruntime_outputs,
-    ort_backend_name,
-    reference_run,
-)
+from exporter.formats.graph import SOURCE_KEY, input_dims, metadata, read_header, routing_layers, vmoe_layers
+from exporter.formats.graph import precision as precision_of
+from exporter.parity.parity import ParityReport, onnx_parity, reference_run
+from exporter.rewrite.plan import RewriteResult
 from exporter.rewrite.rewrite import rewrite_onnx
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import ModelSource, load
 from exporter.versions import versions
 from plugins.aot import PER_ARCH, ptx_version_for
 from plugins.spec import NAMESPACE
+
+
+class ParityFailed(CheckFailed):
+    """A graph of the bundle does not match PyTorch on CPU; ``reports`` holds the failed graphs' reports."""
+
+    def __init__(self, message: str, reports: dict[str, ParityReport]):
+        super().__init__(message)
+        self.reports = reports
 
 
 @dataclass
@@ -118,6 +123,7 @@ def build_bundle(
     opset: int = settings.DEFAULT_OPSET,
     precision: str = settings.DEFAULT_PRECISION,
     sign_key: str | Path | None = None,
+    graphs: tuple[ExportResult, RewriteResult] | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> BundleResult:
     """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
@@ -138,10 +144,15 @@ def build_bundle(
             engine is built from them strongly typed.
         sign_key: An Ed25519 private key (PEM; ``moe-export keygen``): the manifest is signed
             (``manifest.sig``), and ``validate``/``build engine --verify-key`` check it on the target.
+        graphs: The portable graph of this model, already exported with its routing outputs in
+            ``precision`` at ``opset``, and its rewrite: taken into the bundle instead of exported and
+            rewritten again (the demo's standalone graphs; graphs with their weights in a ``.data``
+            file are exported again).
         step: Context-manager factory the CLI uses to show progress.
 
     Raises:
-        CheckFailed: a graph does not match PyTorch on CPU (nothing is written).
+        ParityFailed: a graph does not match PyTorch on CPU (nothing is written); a CheckFailed whose
+            message names the worst mismatch, with each failed graph's report.
     """
     start = time.perf_counter()
     check_precision(precision)
@@ -167,8 +178,13 @@ def build_bundle(
     # the portable and the plugin graph (each with the weights), samples, PTX and the plugin package
     check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
     with temp_dir(dest) as tmp:
-        export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision, step=step)
-        rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
+        if graphs is not None and _take_graphs(graphs, source, dest, tmp, opset=opset, precision=precision):
+            export, rewritten = graphs
+        else:
+            export = export_onnx(
+                loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision, step=step
+            )
+            rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
         headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
         header = headers[PORTABLE]
         sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
@@ -179,20 +195,20 @@ def build_bundle(
         feeds = {reference.input_name: reference.images}
         parity: dict[str, ParityReport] = {}
         for name in (PORTABLE, PLUGINS):
-            with step(f"Checking {name} against PyTorch (ONNX Runtime, CPU)"):
-                actual, routers = onnxruntime_outputs(tmp / name, headers[name], feeds)
-            parity[name] = compare_to_reference(
+            parity[name] = onnx_parity(
                 reference,
-                actual,
+                tmp / name,
                 headers[name],
                 graph=name,
-                backend=ort_backend_name(headers[name]),
                 tolerances=settings.TOLERANCES[precision],
-                routers=routers,
+                step=step,
+                doing=f"Checking {name} against PyTorch (ONNX Runtime, CPU)",
             )
-        failed = [n for n, r in parity.items() if not r.passed]
-        if failed:
-            raise CheckFailed(f"{', '.join(failed)} of {source.name} do not match PyTorch on CPU; no bundle written")
+        if failed := {n: r for n, r in parity.items() if not r.passed}:
+            why = "; ".join(f"{n}: {r.worst()}" for n, r in failed.items())
+            raise ParityFailed(
+                f"{', '.join(failed)} of {source.name} do not match PyTorch on CPU ({why}); no bundle written", failed
+            )
         expected = reference.named_outputs(header)
         with step("Writing sample inputs and PyTorch's reference outputs"):
             _write_samples(tmp, feeds, expected)
@@ -231,6 +247,45 @@ def build_bundle(
         declined=[d.to_dict() for d in rewritten.declined],
         notes=notes,
     )
+
+
+def _take_graphs(
+    graphs: tuple[ExportResult, RewriteResult],
+    source: ModelSource,
+    dest: Path,
+    tmp: Path,
+    *,
+    opset: int,
+    precision: str,
+) -> bool:
+    """Copies an export of ``source`` and its rewrite into the bundle being assembled in ``tmp``, their
+    recorded model anchored at ``dest``; False (nothing copied) for graphs with their weights in a
+    ``.data`` file. A user error for graphs of another model, precision or opset, or without routing outputs."""
+    export, rewritten = graphs
+    if rewritten.path is None or Path(rewritten.source) != Path(export.path):
+        raise UserError(f"{rewritten.path or 'the rewrite'} is not the rewrite of {export.path}")
+    paths = (Path(export.path), Path(rewritten.path))
+    if any(p.with_name(p.name + ".data").exists() for p in paths):
+        return False
+    headers = [read_header(p) for p in paths]
+    routing = routing_layers(headers[0]) or not vmoe_layers(headers[0])
+    if export.opset != opset or precision_of(headers[0])[0] != precision or not routing:
+        raise UserError(
+            f"{paths[0]} is not a bundle's graph: export it at opset {opset} in {precision} with --routing-outputs"
+        )
+    for path, header in zip(paths, headers):
+        recorded = metadata(header).get(SOURCE_KEY)
+        if recorded != source.relative_to(path.parent).to_json():
+            raise UserError(f"{path} was not exported from {source.name} as the bundle builds it")
+    anchored = source.relative_to(dest).to_json()
+    for path, name in zip(paths, (PORTABLE, PLUGINS)):
+        if anchored == source.relative_to(path.parent).to_json():
+            shutil.copyfile(path, tmp / name)
+        else:  # file paths the graph records are relative to the graph's folder
+            proto = onnx.load(str(path))
+            onnx.helper.set_model_props(proto, {**metadata(proto), SOURCE_KEY: anchored})
+            onnx.save(proto, str(tmp / name))
+    return True
 
 
 # --- sample data -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter import settings
 from exporter.errors import UserError
@@ -29,9 +30,10 @@ from exporter.formats.bundle import (
     read_manifest,
 )
 from exporter.formats.graph import ROUTING_PREFIX, batch_multiple, read_header
-from exporter.parity.parity import ParityReport, stored_reference
-from exporter.parity.validate import validate_engine
 from exporter.sources.choice import ModelChoice
+
+if TYPE_CHECKING:  # parity imports torch: only once TensorRT is known to be here (a refusal is instant)
+    from exporter.parity.parity import ParityReport
 
 
 @dataclass
@@ -87,7 +89,10 @@ def build_bundle_engine(
     check_files(bundle, None, manifest)  # never build on a changed file (the old engine included)
     graph = bundle / (PORTABLE if portable else PLUGINS)
     graph_precision(graph, options.precision)  # strongly typed: the graph's own precision, or refused
-    require_tensorrt(f"building the engine of {bundle}")
+    require_tensorrt(f"building the engine of {bundle}")  # before torch is imported: a refusal is instant
+    from exporter.parity.parity import stored_reference
+    from exporter.parity.validate import validate_engine
+
     os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
     # built and checked beside the bundle's engine, then moved onto it just before the manifest that
     # records it: a failure on the way leaves the bundle as it was
@@ -183,6 +188,8 @@ def build_onnx_engine(
     options.check()
     graph_precision(graph, options.precision)
     require_tensorrt(f"building an engine from {graph}")
+    from exporter.parity.validate import validate_engine
+
     group = batch_multiple(header)
     engine = Path(out_dir) / f"{graph.stem}.engine"
     build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)

@@ -55,6 +55,14 @@ def render_readme(manifest: dict) -> str:
             "rounding may take the other expert, and Polygraphy reports that routing output as a mismatch: "
             "`moe-export validate .` counts such flips per layer, allows the precision's share and explains each."
         )
+    if (model.get("source", {}).get("config") or {}).get("bf16_dispatch") and precision == "fp32":
+        routing_rule += (
+            " This model rounds its expert inputs and outputs to bfloat16 (bf16 dispatch): an element within "
+            "float32 noise of the midpoint between two bfloat16 values can round the other way in TensorRT than "
+            "in PyTorch, and a few such elements can move an output past its `--atol` with every routing "
+            "decision equal. On CPU, `moe-export validate model.plugins.onnx --inputs inputs.json` exposes the "
+            "rounded tensors and accounts for them; an engine exposes none, so its check compares as it stands."
+        )
     return f"""# Deploy bundle: {model["name"]}
 
 Made by moe-export {manifest["versions"]["moe-export"]} (manifest.json says when). Family: {model["family"]},

@@ -28,6 +28,7 @@ from exporter.export.precision import PrecisionResult, check_precision, reduce_p
 from exporter.export.tracing import Traced
 from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import (
+    BATCH_KEY,
     INPUT_NAME,
     PRECISION_KEY,
     PREPROCESSING_KEY,
@@ -141,8 +142,9 @@ def export_onnx(
         dest: The .onnx file to write (weights over 2 GB go to ``<dest>.data`` beside it).
         opset: ONNX opset, at least 18.
         routing_outputs: Also output each V-MoE layer's expert index, kept mask and buffer slot.
-        example_batch: Images in the tracing example; defaults to ``settings.EXPORT_EXAMPLE_GROUPS``
-            routing groups (one would let torch.export fix the batch).
+        example_batch: Images in the tracing example (the N of ``--input-shape``, recorded in the graph
+            for validate); defaults to ``settings.EXPORT_EXAMPLE_GROUPS`` routing groups (one would let
+            torch.export fix the batch).
         precision: ``fp32``, or ``fp16``/``bf16``: tokens, weights and experts in that type, the routing
             in FP32 (``exporter.export.precision``); the input and outputs stay FP32.
         routing_precision: ``fp32`` (pinned), or ``reduced``: the routing in the reduced type too, to
@@ -190,6 +192,8 @@ def export_onnx(
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
     program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING
+    if example_batch is not None:  # the user's N: validate runs it too
+        program.model.metadata_props[BATCH_KEY] = str(batch)
     program.model.producer_name, program.model.producer_version = "moe-export", package_version("moe-export") or ""
 
     with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:

@@ -308,7 +308,11 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
         if manifest is None:
             raise UserError(f"{path} is not a moe-export bundle (no {MANIFEST})")
         if not manifest.get("engine") or not (path / ENGINE).is_file():
-            raise UserError(f"{path} has no engine yet: build it with `moe-export build engine {path}`")
+            raise UserError(
+                f"{path} has no engine yet: build it with `moe-export build engine {path}` where TensorRT and a GPU "
+                f"are; on this machine, check its graphs on CPU against PyTorch on its sample images with "
+                f"`moe-export validate {path / PLUGINS} --inputs {path / INPUTS_JSON}` (or {PORTABLE})"
+            )
         engine = path / ENGINE
     elif path.is_file():
         engine = path

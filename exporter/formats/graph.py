@@ -27,6 +27,7 @@ ROUTING_LAYERS_KEY = "moe_export.routing_layers"  # V-MoE layers whose routing t
 VMOE_LAYERS_KEY = "moe_export.vmoe_layers"  # {layer: routing settings}, for the plugin rewrite
 REWRITE_KEY = "moe_export.rewrite"  # {plugin: count}, set by the rewrite
 PRECISION_KEY = "moe_export.precision"  # {"precision": fp32|fp16|bf16, "routing": fp32|reduced}
+BATCH_KEY = "moe_export.batch"  # the N of --input-shape N,C,H,W: the images validate runs unless --batch
 
 # Routing outputs: three per V-MoE layer, ``routing.<layer>.<field>``.
 ROUTING_PREFIX = "routing."
@@ -136,6 +137,16 @@ _WEIGHT_TYPES = {
     "fp16": {onnx.TensorProto.FLOAT16},
     "bf16": {onnx.TensorProto.BFLOAT16},
 }
+
+
+def recorded_batch(model: onnx.ModelProto) -> int | None:
+    """The batch export was given (``--input-shape N,C,H,W``), or None when none was."""
+    text = metadata(model).get(BATCH_KEY)
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"the graph records a batch of {text[:40]!r}; a whole number of images >= 1 was expected")
+    return int(text)
 
 
 def precision(model: onnx.ModelProto) -> tuple[str, str]:
@@ -256,3 +267,19 @@ def router_tensors(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
         elif node.op_type == "SoftRoute":
             found[layer] = {"dispatch": node.output[0], "combine": node.output[1]}
     return found
+
+
+def bfloat16_roundings(model: onnx.ModelProto) -> list[str]:
+    """The roundings of an FP32 graph exported with ``--bf16-dispatch``, in node order: the output of
+    each Cast back to float of a Cast to bfloat16 (the expert inputs and outputs of every MoE layer,
+    ``exporter.models.experts.round_to_bfloat16``). Empty for FP16/BF16 graphs, whose Casts to the
+    reduced type are the precision's own boundaries."""
+    if precision(model)[0] != "fp32":
+        return []
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and not n.domain]
+    to = {n.output[0]: next((a.i for a in n.attribute if a.name == "to"), None) for n in casts}
+    return [
+        n.output[0]
+        for n in casts
+        if to.get(n.input[0]) == onnx.TensorProto.BFLOAT16 and to[n.output[0]] == onnx.TensorProto.FLOAT
+    ]

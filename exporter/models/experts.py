@@ -1,8 +1,12 @@
-"""Stacked MLP experts, run as two batched matmuls (never a Python loop over experts)."""
+"""Stacked MLP experts, run as two batched matmuls (never a Python loop over experts); the bfloat16
+rounding of their inputs and outputs (``bf16_dispatch``)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,26 @@ class StackedMlpExperts(nn.Module):
         return torch.matmul(h, self.w2) + self.b2.unsqueeze(1)
 
 
+# Called with (x, x rounded) at every bfloat16 rounding of a forward pass, in order; what it returns is
+# used instead of the rounded value. Unset (None) everywhere but inside ``bfloat16_rounding``.
+_ROUNDING = contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None](
+    "moe_export_bfloat16_rounding", default=None
+)
+
+
 def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to bfloat16 (nearest even) and back to its own dtype: a Cast pair in ONNX."""
-    return x.to(torch.bfloat16).to(x.dtype)
+    rounded = x.to(torch.bfloat16).to(x.dtype)
+    hook = _ROUNDING.get()
+    return rounded if hook is None else hook(x, rounded)
+
+
+@contextlib.contextmanager
+def bfloat16_rounding(hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, every ``round_to_bfloat16`` of the models calls ``hook(x, rounded)`` and uses
+    what it returns (``exporter.backends.torch.rounding_as``: PyTorch rounding as a graph did)."""
+    token = _ROUNDING.set(hook)
+    try:
+        yield
+    finally:
+        _ROUNDING.reset(token)

@@ -6,8 +6,11 @@ expert and kept/dropped decision for every (token, choice), buffer slots compare
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -19,9 +22,10 @@ import numpy as np
 import onnx
 
 from exporter import settings
-from exporter.backends.torch import router_outputs, run_torch
+from exporter.backends.torch import rounding_as, router_outputs, run_torch
 from exporter.compare import (
     OutputParity,
+    RoundingParity,
     RoutingArrays,
     RoutingParity,
     SoftRoutingParity,
@@ -37,6 +41,7 @@ from exporter.formats.bundle import read_stored_outputs
 from exporter.formats.graph import (
     ROUTING_PREFIX,
     SOURCE_KEY,
+    bfloat16_roundings,
     image_input,
     input_dims,
     metadata,
@@ -67,10 +72,12 @@ class ParityReport:
     precision: str = "fp32"  # of the graph (or engine): fp32, fp16, bf16
     routing_precision: str = "fp32"  # fp32 (pinned) or reduced
     soft_routing: list[SoftRoutingParity] = field(default_factory=list)
+    rounding: RoundingParity | None = None  # bf16 dispatch: the graph's roundings, when they decided
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+        rounding_ok = self.rounding is None or self.rounding.passed
+        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing) and rounding_ok
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,6 +86,22 @@ class ParityReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def worst(self) -> str:
+        """What failed, in one line: the output furthest beyond the tolerance, else the V-MoE layer with the
+        fewest agreeing decisions (or flips its gates do not explain), else the bfloat16 roundings."""
+        rtol, agreement = self.tolerances["rtol"], self.tolerances["routing_agreement"]
+        if failed := [o for o in self.outputs if not o.passed]:
+            o = max(failed, key=lambda o: o.max_rel)
+            return f"{o.name} max rel err {o.max_rel:.3g} (tolerance {rtol:g})"
+        if failed := [r for r in self.routing if not r.passed]:
+            r = min(failed, key=lambda r: (r.decisions, -r.unexplained))
+            if r.unexplained:
+                return f"{r.layer}: {r.unexplained} flipped routing decisions its gates do not explain"
+            return f"{r.layer}: routing decisions {math.floor(r.decisions * 1e4) / 1e2:.2f}% (at least {agreement:.2%})"
+        if self.rounding is not None and not self.rounding.passed:
+            return f"{self.rounding.unexplained} elements rounded to bfloat16 unlike PyTorch, not at a midpoint"
+        return "passed"
 
     def summary(self) -> dict:
         """The few numbers a bundle manifest records."""
@@ -92,6 +115,7 @@ class ParityReport:
             "slot_swaps": sum(r.slot_swaps for r in self.routing),
             "precision": self.precision,
             "routing_flips": sum(r.flip_count for r in self.routing),
+            "bf16_rounded_at_midpoint": self.rounding.at_midpoint if self.rounding else 0,
         }
 
 
@@ -188,6 +212,7 @@ class Reference:
     seed: int | None  # None when the images came from a file
     stored: str | None = None  # where stored outputs came from, when PyTorch did not run now
     routers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # router outputs per MoE layer
+    source: ModelSource | None = None  # the model that ran, to run again (None: stored outputs)
 
     def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
@@ -216,24 +241,33 @@ def reference_run(
         with step(f"Building {source.name} in PyTorch"):
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
-    with step(f"Running PyTorch on {images.shape[0]} images"), router_outputs(loaded.module) as routers:
-        expected, routing = run_torch(loaded.module, images)
-    routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}
+    with step(f"Running PyTorch on {images.shape[0]} images"):
+        expected, routing, routers = _torch_run(loaded.module, images)
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
-    return Reference(source.name, name, images, expected, routing, None if inputs_npz else seed, routers=routers)
+    seed = None if inputs_npz else seed
+    return Reference(source.name, name, images, expected, routing, seed, routers=routers, source=source)
+
+
+def _torch_run(module, images: np.ndarray) -> tuple[list[np.ndarray], dict[str, RoutingArrays], dict]:
+    """PyTorch's outputs, routing and router outputs on the images."""
+    with router_outputs(module) as routers:
+        expected, routing = run_torch(module, images)
+    return expected, {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}, routers
 
 
 def onnxruntime_outputs(
     path: str | Path, header: onnx.ModelProto, feeds: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(outputs, router tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
-    (``router_tensors``) are exposed too, for ``compare_to_reference(routers=...)``. BF16 graphs, and
-    FP16 graphs whose routing is FP16, run emulated (``exporter.backends.emulation.emulation_type``)."""
+    """(outputs, internal tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
+    (``router_tensors``, for ``compare_to_reference(routers=...)``) and the bfloat16 roundings of bf16
+    dispatch (``bfloat16_roundings``) are exposed too. BF16 graphs, and FP16 graphs whose routing is
+    FP16, run emulated (``exporter.backends.emulation.emulation_type``)."""
     from exporter.backends.onnxruntime import run_exposing
 
     names = [o.name for o in header.graph.output]
-    internals = sorted({n for layer in router_tensors(header).values() for n in layer.values()})
+    routers = {n for layer in router_tensors(header).values() for n in layer.values()}
+    internals = sorted(routers | set(bfloat16_roundings(header)))
     values = run_exposing(Path(path), header, names + [n for n in internals if n not in names], feeds)
     return {n: values[n] for n in names}, {n: values[n] for n in internals}
 
@@ -350,6 +384,67 @@ def compare_to_reference(
     )
 
 
+def onnx_parity(
+    reference: Reference,
+    path: str | Path,
+    header: onnx.ModelProto,
+    *,
+    graph: str,
+    tolerances: settings.Tolerances,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    doing: str | None = None,
+    start: float | None = None,
+) -> ParityReport:
+    """A graph in ONNX Runtime (CPU) against the reference (``compare_to_reference``), its router
+    tensors exposed. An FP32 graph with bfloat16 dispatch whose check fails is checked again against
+    PyTorch rounding to bfloat16 as the graph did where float32 noise decides (``RoundingParity``):
+    FP32's tolerance then holds for a correct graph, and the report says how many elements that took.
+    ``doing`` names the ONNX Runtime step (default: "Running ONNX Runtime (<backend>)")."""
+    backend = ort_backend_name(header)
+    with step(doing or f"Running ONNX Runtime ({backend})"):
+        actual, internals = onnxruntime_outputs(path, header, {reference.input_name: reference.images})
+    compare = functools.partial(
+        compare_to_reference, actual=actual, header=header, graph=graph, backend=backend, tolerances=tolerances
+    )
+    report = compare(reference, start=start, routers=internals)
+    roundings = bfloat16_roundings(header)
+    if report.passed or reference.source is None:
+        return report
+    if not roundings:
+        config = reference.source.config
+        if config is not None and config.bf16_dispatch:
+            report.notes.append(
+                f"{reference.model} rounds its expert inputs and outputs to bfloat16 (bf16 dispatch) and the "
+                "graph rounds nothing: export it with --bf16-dispatch, or validate with --no-bf16-dispatch"
+            )
+        return report
+    with step("Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
+        loaded = load(reference.source)
+        with rounding_as([internals[n] for n in roundings], tolerances.rtol) as found:
+            outputs, routing, routers = _torch_run(loaded.module, reference.images)
+        del loaded
+        gc.collect()
+    if len(found) != len(roundings) or None in found:
+        report.notes.append(
+            f"the graph rounds {len(roundings)} tensors to bfloat16 and the model {len(found)}, not the same ones: "
+            "was the graph exported from this model with the same --bf16-dispatch?"
+        )
+        return report
+    rerun = dataclasses.replace(reference, outputs=outputs, routing=routing, routers=routers)
+    before = max((o.max_rel for o in report.outputs), default=0.0)
+    report = compare(rerun, start=start, routers=internals)
+    at_midpoint, unexplained = sum(f[1] for f in found), sum(f[2] for f in found)
+    report.rounding = RoundingParity(
+        roundings=len(found),
+        elements=sum(f[0] for f in found),
+        at_midpoint=at_midpoint,
+        unexplained=unexplained,
+        max_rel_before=before,
+        passed=unexplained == 0,
+    )
+    return report
+
+
 __all__ = [
     "OutputParity",
     "ParityReport",
@@ -357,6 +452,7 @@ __all__ = [
     "RoutingParity",
     "compare_to_reference",
     "make_inputs",
+    "onnx_parity",
     "recorded_source",
     "reference_run",
     "stored_reference",

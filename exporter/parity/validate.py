@@ -15,13 +15,12 @@ import onnx
 from exporter import settings
 from exporter.errors import UserError
 from exporter.formats.bundle import is_bundle, open_bundle, resolve_engine
-from exporter.formats.graph import precision, read_header
+from exporter.formats.graph import precision, read_header, recorded_batch
 from exporter.parity.parity import (
     ParityReport,
     Reference,
     compare_to_reference,
-    onnxruntime_outputs,
-    ort_backend_name,
+    onnx_parity,
     recorded_source,
     reference_run,
     stored_reference,
@@ -51,7 +50,9 @@ def validate(
     ``target`` is an .onnx file (run with ONNX Runtime on CPU), an engine file (with ``engine_graph``,
     the ONNX graph it was built from, or beside a bundle manifest) or a bundle folder (its engine on
     its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
-    is the one the graph records, changed by whatever ``choice`` gives. ``rtol`` and
+    is the one the graph records, changed by whatever ``choice`` gives; so is the batch (``batch``, else
+    the N of ``choice``'s input shape, else the N export was given: ``formats.graph.recorded_batch``,
+    else one routing group). ``rtol`` and
     ``routing_agreement`` override the tolerances of the precision (an ONNX graph's as its metadata
     records it; an engine's as its bundle records it). A user module the graph records is imported only
     with ``trust_module`` (or when ``choice`` names it): a graph is data, never code to run. With
@@ -65,6 +66,7 @@ def validate(
         if verify_key:
             raise UserError("--verify-key checks a bundle's signature: give the bundle folder (or its engine)")
         header = read_header(target)
+        batch = batch if batch is not None or inputs_npz else recorded_batch(header)
         source, notes = _source(choice, target, header, trust_module)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         report = validate_onnx(
@@ -167,18 +169,8 @@ def validate_onnx(
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header, trust_module=trust_module)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    backend = ort_backend_name(header)
-    with step(f"Running ONNX Runtime ({backend})"):
-        actual, routers = onnxruntime_outputs(graph_path, header, {reference.input_name: reference.images})
-    return compare_to_reference(
-        reference,
-        actual,
-        header,
-        graph=str(graph_path),
-        backend=backend,
-        tolerances=tolerances,
-        start=start,
-        routers=routers,
+    return onnx_parity(
+        reference, graph_path, header, graph=str(graph_path), tolerances=tolerances, step=step, start=start
     )
 
 

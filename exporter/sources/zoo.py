@@ -10,6 +10,11 @@ from exporter import settings
 from exporter.errors import UserError
 
 VMOE, SOFT_MOE = "vmoe", "soft_moe"
+# The config fields of one family only: a config records those of its own family (``ModelConfig.to_dict``).
+FAMILY_FIELDS = {
+    VMOE: ("k", "capacity_factor", "batch_priority", "group_images", "ceil_or_round", "multiple_of"),
+    SOFT_MOE: ("slots_per_expert",),
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class ModelConfig:
         """A copy with the non-``None`` overrides applied and checked."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if self.family != VMOE:
-            vmoe_only = sorted(set(overrides) & {"k", "capacity_factor", "batch_priority", "group_images"})
+            vmoe_only = sorted(set(overrides) & set(FAMILY_FIELDS[VMOE]))
             if vmoe_only:
                 raise UserError(f"{', '.join(vmoe_only)} only apply to V-MoE models, not to {self.name}")
         config = dataclasses.replace(self, **overrides)
@@ -103,8 +108,9 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("tags")
+        """The config as JSON data: every field but the tags and the other family's routing fields."""
+        other = {f for family, fields in FAMILY_FIELDS.items() if family != self.family for f in fields}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in other and k != "tags"}
         d["moe_layers"] = list(self.moe_layers)
         return d
 

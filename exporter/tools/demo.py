@@ -1,6 +1,7 @@
 """The main job on built-in defaults (``moe-export demo``): export and validate a small V-MoE that
 drops tokens and a small Soft-MoE, rewrite both into plugin graphs and validate those too, then make
-each one's deploy bundle (the kernels precompiled to PTX: needs Triton), all on CPU."""
+each one's deploy bundle from those graphs (the kernels precompiled to PTX: needs Triton) and draw
+its routing, all on CPU."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from exporter.parity.parity import ParityReport
 from exporter.parity.validate import validate_onnx
 from exporter.rewrite.plan import RewriteResult
 from exporter.rewrite.rewrite import rewrite_onnx
-from exporter.sources.loading import from_zoo
+from exporter.sources.loading import ModelSource, from_zoo
 
 
 @dataclass
@@ -35,6 +36,7 @@ class DemoRun:
     plugin_parity: ParityReport
     bundle: BundleResult | None = None  # None when Triton is missing (``bundle_note`` says so)
     bundle_note: str = ""
+    picture: object | None = None  # what ``demo(picture=...)`` drew: exporter.tools.inspect_routing.RoutingPicture
 
     @property
     def passed(self) -> bool:
@@ -49,10 +51,13 @@ def demo(
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     started: Callable[[str, dict], None] = lambda name, overrides: None,
     done: Callable[[DemoRun], None] = lambda run: None,
+    picture: Callable[[ModelSource, Path, Path], object] | None = None,
 ) -> list[DemoRun]:
     """Runs each (zoo model, routing overrides) of ``runs``; graphs, JSON parity reports and the deploy
     bundle ``<model>.bundle/`` go to ``output_dir``. ``started`` and ``done`` are called around each
-    model (the CLI prints there). Without Triton the bundles are skipped, with a note."""
+    model (the CLI prints there). Without Triton the bundles are skipped, with a note. ``picture(source,
+    graph, dest)`` draws each model's routing to ``<model>.routing.png`` (the CLI passes
+    ``exporter.tools.inspect_routing``'s: tools do not import each other)."""
     out = check_output(output_dir, folder=True)
     try:
         ptx.check_triton()
@@ -70,8 +75,11 @@ def demo(
         rewritten = rewrite_onnx(path, plugin_path, step=step)
         plugin_report = validate_onnx(plugin_path, source, step=step)
         write_json(out / f"{name}.plugins.parity.json", plugin_report.to_dict())
-        bundle = None if no_triton else build_bundle(source, out / f"{name}.bundle", step=step)
-        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report, bundle, no_triton)
+        bundle = None
+        if not no_triton:  # the graphs above go into the bundle as they are: no second trace and rewrite
+            bundle = build_bundle(source, out / f"{name}.bundle", graphs=(exported, rewritten), step=step)
+        drawn = None if picture is None else picture(source, path, out / f"{name}.routing.png")
+        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report, bundle, no_triton, drawn)
         done(run)
         results.append(run)
     return results

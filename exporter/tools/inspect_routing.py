@@ -1,9 +1,10 @@
 """Pictures of the routing of one image: where each patch goes, in PyTorch or in an exported graph.
 
-V-MoE: one panel per MoE layer (rows) and routing setting (columns: capacity factors, each vanilla and
-Batch Prioritized). Every patch is coloured by its first-choice expert (the outer square) and its
-second choice (the inner square); a dropped (token, choice) pair is grey. The class token has no
-patch: it counts in the dropped share of the title but is not drawn.
+V-MoE: one row per MoE layer: the input image, then a panel per routing setting (columns: capacity
+factors, each vanilla and Batch Prioritized). Every patch is coloured by its first-choice expert (the
+outer square) and its second choice (the inner square), translucent over the image in grey, so the
+shade within a colour is the image's brightness; a dropped (token, choice) pair is grey. The class
+token has no patch: it counts in the dropped share of the title but is not drawn.
 
 The pictured image is routed in a group of its own (``settings.INSPECT_GROUP_IMAGES`` = 1 image), the
 batch-1 deployment setting: capacity is per image and no other image competes for the buffers. A
@@ -11,8 +12,9 @@ graph exported with larger groups is fed the image repeated to fill its group, a
 pictured (both the graph and PyTorch columns then use that same group).
 
 Soft-MoE: per MoE layer, the image, then for a few slots the dispatch weights over the patches (which
-patches the slot mixes), then the spread of each patch's combine weights as the effective number of
-slots it reads from, ``exp(entropy)``, between 1 and ``n*p``.
+patches the slot mixes; one colour scale per row, its bar beside the last slot), then the spread of
+each patch's combine weights as the effective number of slots it reads from, ``exp(entropy)``,
+between 1 and ``n*p``.
 
 matplotlib is imported inside the drawing functions only.
 """
@@ -47,6 +49,8 @@ from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SOFT_MOE, VMOE
 
 GREY = (0.55, 0.55, 0.55)
+# The V-MoE legend's title: the expert colours are drawn translucent over the image in grey.
+LEGEND_SHADE = "colour: the patch's expert; a lighter or darker shade of it: the image's brightness beneath"
 MIN_FIGURE_WIDTH = 6.5  # inches: room for the title of a two-column picture
 
 
@@ -86,6 +90,8 @@ class FigureLayout:
     titles: list[str]
     width: int
     height: int
+    legend: str = ""  # the V-MoE legend's title: what the colours and their shades mean
+    colorbars: list[str] = field(default_factory=list)  # "<layer> | <what it scales>", one per colour bar
 
     @property
     def panels(self) -> int:
@@ -389,7 +395,8 @@ def _figure(rows: int, cols: int, panel: tuple[float, float], dpi: int, top: flo
 def draw_vmoe(
     dest, display: np.ndarray, columns: list[Column], loaded: LoadedModel, *, title: str, dpi: int
 ) -> FigureLayout:
-    """Rows: V-MoE layers; columns: routing settings. Outer square: first choice, inner: second."""
+    """Rows: V-MoE layers; columns: the input, then the routing settings. Outer square: first choice,
+    inner: second."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Patch, Rectangle
 
@@ -398,10 +405,19 @@ def draw_vmoe(
     colors = expert_colors(num_experts)
     tokens = columns[0].experts[layers[0]].shape[0]
     side, px, skip = patch_grid(tokens, display.shape[0])
-    fig, axes = _figure(len(layers), len(columns), (2.3, 2.5), dpi, top=0.75 if len(columns) > 2 else 1.0, bottom=0.55)
+    fig, axes = _figure(
+        len(layers), len(columns) + 1, (2.3, 2.5), dpi, top=0.75 if len(columns) > 1 else 1.0, bottom=0.75
+    )
     titles = []
     for r, layer in enumerate(layers):
-        for c, column in enumerate(columns):
+        ax = axes[r][0]
+        ax.imshow(display, interpolation="nearest")
+        ax.set_title("input", fontsize=8)
+        ax.set_ylabel(layer, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        titles.append(f"{layer} | input")
+        for c, column in enumerate(columns, start=1):
             ax = axes[r][c]
             ax.imshow(display.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             experts, kept = column.experts[layer], column.kept[layer]
@@ -425,19 +441,25 @@ def draw_vmoe(
             if column.capacity.get(layer) is not None:
                 panel_title += f", capacity {column.capacity[layer]}"
             ax.set_title(panel_title, fontsize=7.5)
-            if c == 0:
-                ax.set_ylabel(layer, fontsize=8)
             titles.append(f"{layer} | {column.label}")
     handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(num_experts)]
     handles.append(Patch(color=GREY, label="dropped"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=7.5, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 9),
+        fontsize=7.5,
+        frameon=False,
+        title=LEGEND_SHADE,
+        title_fontsize=7.5,
+    )
     k = columns[0].experts[layers[0]].shape[1]
     subtitle = "outer square: 1st choice, inner square: 2nd choice" if k > 1 else "colour: the chosen expert"
     fig.suptitle(
         _wrap(fig, f"{title}\n{subtitle}; dropped: share of (token, choice) pairs, class token included"), fontsize=9
     )
     width, height = _save(fig, dest, dpi)
-    return FigureLayout(VMOE, len(layers), len(columns), titles, width, height)
+    return FigureLayout(VMOE, len(layers), len(columns) + 1, titles, width, height, legend=LEGEND_SHADE)
 
 
 def _outline(ax, display: np.ndarray) -> None:
@@ -482,9 +504,9 @@ def draw_soft_moe(
             raise UserError("give at least one slot")
     count = len(slots) if slots is not None else min(settings.INSPECT_SLOTS, total_slots)
     side, _, skip = patch_grid(tokens, display.shape[0])
-    fig, axes = _figure(len(layers), count + 2, (2.1, 2.3), dpi, top=0.7, bottom=0.2, right=0.45)
+    fig, axes = _figure(len(layers), count + 2, (2.3, 2.3), dpi, top=0.7, bottom=0.2, right=0.45)
     extent = (-0.5, display.shape[1] - 0.5, display.shape[0] - 0.5, -0.5)
-    titles, stats = [], []
+    titles, stats, colorbars = [], [], []
     for r, layer in enumerate(layers):
         dispatch, combine = weights[layer]
         per_expert = modules[layer].slots_per_expert
@@ -494,11 +516,12 @@ def draw_soft_moe(
         ax.set_title("input", fontsize=8)
         ax.set_ylabel(layer, fontsize=8)
         titles.append(f"{layer} | input")
+        top = float(dispatch[skip:, chosen].max())  # one colour scale for the row's dispatch panels
         for c, s in enumerate(chosen, start=1):
             ax = axes[r][c]
             heat = dispatch[skip:, s].reshape(side, side)
             ax.imshow(display.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.imshow(heat, cmap="magma", alpha=0.75, extent=extent, interpolation="nearest", vmin=0)
+            shown = ax.imshow(heat, cmap="magma", alpha=0.75, extent=extent, interpolation="nearest", vmin=0, vmax=top)
             _outline(ax, display)
             expert, j = divmod(s, per_expert)
             ax.set_title(f"slot {s}: expert {expert}, its slot {j}\nmax dispatch {heat.max():.2f}", fontsize=7.5)
@@ -512,10 +535,15 @@ def draw_soft_moe(
                     "mean_effective_slots": None,
                 }
             )
+        bar = fig.colorbar(shown, ax=axes[r][count], fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=6)
+        bar.ax.set_title("weight", fontsize=6.5)
+        colorbars.append(f"{layer} | dispatch weight, slots {', '.join(map(str, chosen))}")
         ax = axes[r][count + 1]
         spread = _entropy_slots(combine[skip:]).reshape(side, side)
         im = ax.imshow(spread, cmap="viridis", vmin=1, vmax=total_slots, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+        colorbars.append(f"{layer} | combine spread")
         ax.set_title(f"combine spread (eff. slots\nof {total_slots}): mean {spread.mean():.1f}", fontsize=7.5)
         titles.append(f"{layer} | combine spread")
         stats.append(
@@ -539,4 +567,5 @@ def draw_soft_moe(
         fontsize=8.5,
     )
     width, height = _save(fig, dest, dpi)
-    return FigureLayout(SOFT_MOE, len(layers), count + 2, titles, width, height), stats
+    layout = FigureLayout(SOFT_MOE, len(layers), count + 2, titles, width, height, colorbars=colorbars)
+    return layout, stats

@@ -61,7 +61,7 @@ def config_for_checkpoint(path: str | Path, *, name: str | None = None, **overri
     """The ``ModelConfig`` a vmoe checkpoint's parameter tree describes (index only, no weights)."""
     from exporter.sources.checkpoints.vit_moe import infer_config
 
-    return infer_config(read_shapes(path), name=name, **overrides)
+    return infer_config(read_shapes(path), name=name, checkpoint=resolve_prefix(path).name, **overrides)
 
 
 def state_dict_for(path: str | Path, config, module=None, *, progress: Callable[[str], None] | None = None):

@@ -120,16 +120,21 @@ def matching_release(arch: dict) -> ModelConfig | None:
     return None
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], *, name: str | None = None, **overrides) -> ModelConfig:
-    """A ``ModelConfig`` for this tree: a released config's routing settings when the architecture is
-    one of them, else the reference configs' defaults; then the non-``None`` overrides."""
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]], *, name: str | None = None, checkpoint: str = "checkpoint", **overrides
+) -> ModelConfig:
+    """A ``ModelConfig`` for this tree: a released config's (and its name) when the architecture is
+    one of them, else the reference configs' defaults, named after the family and ``checkpoint`` (the
+    prefix's file name): ``vmoe-<checkpoint>`` or ``soft-moe-<checkpoint>``; then ``name`` and the
+    non-``None`` overrides."""
     arch = infer_architecture(shapes)
     release = matching_release(arch)
     if release is not None:
         config = release
     else:
-        summary = f"imported vmoe checkpoint ({'V-MoE' if arch['family'] == VMOE else 'Soft-MoE'})"
-        config = ModelConfig(name or "vmoe-checkpoint", summary=summary, **arch)
+        family, slug = ("V-MoE", "vmoe") if arch["family"] == VMOE else ("Soft-MoE", "soft-moe")
+        default = f"{slug}-{re.sub(r'[^A-Za-z0-9_.-]', '_', checkpoint)}"  # a Triton model name too
+        config = ModelConfig(default, summary=f"imported vmoe checkpoint {checkpoint} ({family})", **arch)
     return config.replace(name=name, **overrides)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -54,6 +56,19 @@ def test_without_tensorrt_a_bundle_is_left_complete(bundled, tmp_path):
     with pytest.raises(TensorRTUnavailable, match="is complete: build its engine on the target"):
         build_engine_for(bundle)
     assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.engine").exists()
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="checks the refusal where TensorRT is absent")
+def test_without_tensorrt_build_engine_refuses_before_importing_torch(bundled):
+    """The refusal is instant: TensorRT is looked for before torch (seconds to import) is loaded."""
+    _, _, folder = bundled("soft-moe-tiny")
+    code = (
+        "import sys\nfrom cli import main\ntry:\n    main(['build', 'engine', sys.argv[1]])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert done.stderr.startswith(f"error: building the engine of {folder} needs TensorRT and a GPU")
 
 
 def test_a_changed_bundle_file_is_refused_before_building(bundled, tmp_path):

@@ -49,8 +49,26 @@ def test_onnx_option_is_for_engines(exported):
 
 def test_a_bundle_without_an_engine_says_how_to_build_one(bundled, tmp_path):
     _, _, folder = bundled("soft-moe-tiny")
-    with pytest.raises(UserError, match="has no engine yet: build it with `moe-export build engine"):
+    with pytest.raises(UserError, match="has no engine yet: build it with `moe-export build engine") as refused:
         validate(folder)
+    # and the check a CPU machine can run instead, which works as given
+    graph, inputs = folder / "model.plugins.onnx", folder / "inputs.json"
+    assert f"`moe-export validate {graph} --inputs {inputs}`" in str(refused.value)
+    report = validate(graph, inputs_npz=str(inputs))
+    assert report.passed and report.batch == settings.DEFAULT_VALIDATE_BATCH_IMAGES
+
+
+def test_the_batch_given_at_export_is_the_batch_validate_runs(tmp_path):
+    """--input-shape N,C,H,W: N is recorded in the graph; --batch (or another N) still wins."""
+    from exporter.export.export import export_model
+    from exporter.formats.graph import read_header, recorded_batch
+
+    path = tmp_path / "four.onnx"
+    export_model(ModelChoice(model="soft-moe-tiny", input_shape="4,3,32,32"), path)
+    assert recorded_batch(read_header(path)) == 4
+    assert validate(path).batch == 4
+    assert validate(path, batch=3).batch == 3
+    assert validate(path, ModelChoice(input_shape="5,3,32,32")).batch == 5
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="checks the refusal where TensorRT is absent")

@@ -41,9 +41,12 @@ def test_vmoe_picture_has_one_panel_per_layer_and_setting(tmp_path):
         from_zoo("vmoe-tiny", checkpoint=str(VMOE_CKPT)), dest, sample=3, capacity_factors=(0.5, 2)
     )
     layout = picture.layout
-    assert (layout.rows, layout.cols, layout.panels) == (2, 4, 8)
+    assert (layout.rows, layout.cols, layout.panels) == (2, 5, 10)  # the input, then two factors x two orders
     assert png_size(dest) == (layout.width, layout.height)
-    assert layout.titles[:4] == [f"blocks.1.mlp | C={c} {r}" for c in ("0.5", "2") for r in ("vanilla", "BPR")]
+    assert layout.titles[:5] == ["blocks.1.mlp | input"] + [
+        f"blocks.1.mlp | C={c} {r}" for c in ("0.5", "2") for r in ("vanilla", "BPR")
+    ]
+    assert "expert" in layout.legend and "shade" in layout.legend and "brightness" in layout.legend
     dropped = {(s["layer"], s["column"]): s["dropped"] for s in picture.stats}
     # a group of one image: 65 tokens, k=2, E=4 -> capacity ceil(65*2*2/4) = 65 at C=2: nothing dropped
     assert all(dropped[(layer, f"C=2 {r}")] == 0 for layer in picture.layers for r in ("vanilla", "BPR"))
@@ -94,7 +97,7 @@ def test_onnx_routing_equals_pytorch_routing(exported, tmp_path):
         np.testing.assert_array_equal(actual[layer].slot.numpy(), r.slot.numpy())
     dest = tmp_path / "graph.png"
     picture = inspect_routing(source, dest, sample=0, graph=result.path)
-    assert (picture.layout.rows, picture.layout.cols) == (2, 2)
+    assert (picture.layout.rows, picture.layout.cols) == (2, 3)  # the input, the graph, PyTorch
     assert png_size(dest) == (picture.layout.width, picture.layout.height)
     assert [s["agreement_with_pytorch"] for s in picture.stats] == [1.0] * 4
     assert picture.notes == []  # a graph with groups of one image: no copies needed
@@ -106,6 +109,11 @@ def test_soft_moe_picture_slots_and_combine_spread(tmp_path):
     layout = picture.layout
     assert (layout.rows, layout.cols) == (2, 5)  # input, three slots, combine spread
     assert png_size(dest) == (layout.width, layout.height)
+    assert layout.colorbars == [  # the dispatch panels of a row share one scale and its bar
+        f"{layer} | {what}"
+        for layer in ("blocks.2.mlp", "blocks.3.mlp")
+        for what in ("dispatch weight, slots 0, 3, 15", "combine spread")
+    ]
     assert layout.titles[:5] == ["blocks.2.mlp | input"] + [f"blocks.2.mlp | slot {s}" for s in (0, 3, 15)] + [
         "blocks.2.mlp | combine spread"
     ]
@@ -128,7 +136,7 @@ def test_image_file_input_and_bad_inputs(tmp_path):
     Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((6, 6), np.uint8))).save(png)
     source = from_zoo("vmoe-tiny")
     picture = inspect_routing(source, tmp_path / "a.png", image=str(png), capacity_factors=(1,))
-    assert picture.image == str(png) and picture.layout.cols == 2
+    assert picture.image == str(png) and picture.layout.cols == 3  # the input, vanilla, BPR
     with pytest.raises(UserError, match="does not exist"):
         inspect_routing(source, tmp_path / "b.png", image=str(tmp_path / "missing.png"))
     (tmp_path / "not.png").write_text("not an image")

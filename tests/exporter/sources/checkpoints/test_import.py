@@ -58,6 +58,19 @@ def test_import_writes_weights_and_config(tmp_path):
         assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~current_umask(), path
 
 
+def test_an_imported_model_is_named_after_its_checkpoint_and_family_and_records_its_fields(tmp_path):
+    import_vmoe(VMOE, tmp_path / "v")
+    import_vmoe(SOFT, tmp_path / "s")
+    vmoe, soft = (json.loads((tmp_path / d / "config.json").read_text())["model"] for d in ("v", "s"))
+    assert (vmoe["name"], soft["name"]) == ("vmoe-vmoe_small", "soft-moe-soft_small")
+    assert soft["summary"] == "imported vmoe checkpoint soft_small (Soft-MoE)"
+    vmoe_only = {"k", "capacity_factor", "batch_priority", "group_images", "ceil_or_round", "multiple_of"}
+    assert not vmoe_only & set(soft) and soft["slots_per_expert"] == 2
+    assert vmoe_only <= set(vmoe) and "slots_per_expert" not in vmoe
+    assert read_model_dir(tmp_path / "s")[0].slots_per_expert == 2  # read back whole
+    assert import_vmoe(SOFT, tmp_path / "n", name="mine").config["name"] == "mine"
+
+
 def test_import_replaces_an_import_and_refuses_other_folders(tmp_path):
     import_vmoe(VMOE, tmp_path / "m")
     import_vmoe(SOFT, tmp_path / "m")
@@ -107,7 +120,8 @@ def test_checkpoint_prefix_directly_and_a_model_folder(tmp_path):
     graph = tmp_path / "soft.onnx"
     result = run("export", "--checkpoint", SOFT, "--bf16-dispatch", "-o", graph)
     assert result.exit_code == 0, result.output
-    assert run("validate", graph).exit_code == 0
+    assert run("validate", graph, "--json", tmp_path / "report.json").exit_code == 0
+    assert json.loads((tmp_path / "report.json").read_text())["model"] == "soft-moe-soft_small"
     header = json.loads(
         {p.key: p.value for p in __import__("onnx").load(graph, load_external_data=False).metadata_props}[
             "moe_export.source"
