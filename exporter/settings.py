@@ -125,3 +125,10 @@ def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
         "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
     }[purpose]
     return batch_multiple * groups if batch_multiple > 1 else images
+
+
+# --- TensorRT for RTX (exporter/backends/tensorrt_rtx.py) ------------------------------------------------
+# A build is refused up front when it would need more memory than the machine has available: about this
+# many times the graph's bytes (weights) plus a base, from the peak RSS benchmarks/rtx_builds.py measures.
+RTX_BUILD_MEMORY_FACTOR = 3
+RTX_BUILD_MEMORY_BASE = 1 << 30
