@@ -31,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from exporter import settings
+from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.formats.graph import image_input, input_dims, read_header
 
@@ -494,6 +497,75 @@ def _monitor(trt, report: Callable[[str], None]):
     return Monitor()
 
 
+class RTXEngineRunner(Runner):
+    """A TensorRT for RTX engine on this machine's GPU as a runner (``exporter.backends.runner``):
+    deserialized with the moe:: V3 plugins registered (their kernels are in the engine), buffers and
+    copies through the CUDA runtime of cuda-python. Needs a GPU of the engine's target."""
+
+    def __init__(self, engine_path: str | Path, name: str = BACKEND):
+        require_rtx("running an engine")
+        super().__init__(name)
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path} does not exist")
+
+    def activate_impl(self) -> None:
+        if gpu_arch() is None:
+            raise RTXUnavailable(f"running {self.path.name} needs an NVIDIA GPU of its target: {GPU_ONLY_NOTE}")
+        import tensorrt_rtx as trt
+        from cuda.bindings import runtime
+
+        from plugins import v3
+
+        v3.register_all(trt)
+        self._trt, self._cuda = trt, runtime
+        self._runtime = trt.Runtime(_Logger(trt))
+        self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self._engine is None:
+            raise UserError(f"TensorRT for RTX cannot load {self.path} on this GPU (built for another target?)")
+        self._context = self._engine.create_execution_context()
+        self._stream = _cuda_check(runtime.cudaStreamCreate())
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        trt, cuda, engine, context = self._trt, self._cuda, self._engine, self._context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        buffers, outputs = [], {}
+        try:
+            for name in inputs:
+                array = np.ascontiguousarray(feed_dict[name])
+                context.set_input_shape(name, array.shape)
+                buffers.append(_cuda_check(cuda.cudaMalloc(max(array.nbytes, 1))))
+                kind = cuda.cudaMemcpyKind.cudaMemcpyHostToDevice
+                _cuda_check(cuda.cudaMemcpy(buffers[-1], array.ctypes.data, array.nbytes, kind))
+                context.set_tensor_address(name, buffers[-1])
+            for name in (n for n in names if n not in inputs):
+                shape = tuple(context.get_tensor_shape(name))
+                outputs[name] = np.empty(shape, dtype=trt.nptype(engine.get_tensor_dtype(name)))
+                buffers.append(_cuda_check(cuda.cudaMalloc(max(outputs[name].nbytes, 1))))
+                context.set_tensor_address(name, buffers[-1])
+            if not context.execute_async_v3(self._stream):
+                raise RuntimeError(f"TensorRT for RTX failed to run {self.path.name}")
+            _cuda_check(cuda.cudaStreamSynchronize(self._stream))
+            kind = cuda.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            for array, buffer in zip(outputs.values(), buffers[len(inputs) :]):
+                _cuda_check(cuda.cudaMemcpy(array.ctypes.data, buffer, array.nbytes, kind))
+        finally:
+            for buffer in buffers:
+                cuda.cudaFree(buffer)
+        return outputs
+
+    def deactivate_impl(self) -> None:
+        self._context = self._engine = self._runtime = None
+
+
+def _cuda_check(result):
+    error, *values = result
+    if int(error) != 0:
+        raise RuntimeError(f"CUDA error {error}")
+    return values[0] if len(values) == 1 else None
+
+
 def main(argv: list[str]) -> int:
     """The child process: one build, JSON lines on stdout."""
 
@@ -517,6 +589,7 @@ __all__ = [
     "BACKEND",
     "ParseReport",
     "RTXEngineBuild",
+    "RTXEngineRunner",
     "RTXUnavailable",
     "TARGETS",
     "build_engine",

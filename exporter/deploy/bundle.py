@@ -60,9 +60,8 @@ from exporter.formats.bundle import (
 from exporter.formats.graph import input_dims, read_header
 from exporter.parity.parity import (
     ParityReport,
-    compare_to_reference,
-    onnxruntime_outputs,
-    ort_backend_name,
+    compare_runner,
+    onnxruntime_runner,
     reference_run,
 )
 from exporter.rewrite.rewrite import rewrite_onnx
@@ -166,16 +165,13 @@ def build_bundle(
         feeds = {reference.input_name: reference.images}
         parity: dict[str, ParityReport] = {}
         for name in (PORTABLE, PLUGINS):
-            with step(f"Checking {name} against PyTorch (ONNX Runtime, CPU)"):
-                actual, routers = onnxruntime_outputs(tmp / name, headers[name], feeds)
-            parity[name] = compare_to_reference(
+            parity[name] = compare_runner(
                 reference,
-                actual,
+                onnxruntime_runner(tmp / name, headers[name]),
                 headers[name],
                 graph=name,
-                backend=ort_backend_name(headers[name]),
                 tolerances=settings.TOLERANCES[precision],
-                routers=routers,
+                step=lambda _, name=name: step(f"Checking {name} against PyTorch (ONNX Runtime, CPU)"),
             )
         failed = [n for n, r in parity.items() if not r.passed]
         if failed:

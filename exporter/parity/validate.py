@@ -19,9 +19,8 @@ from exporter.formats.graph import precision, read_header
 from exporter.parity.parity import (
     ParityReport,
     Reference,
-    compare_to_reference,
-    onnxruntime_outputs,
-    ort_backend_name,
+    compare_runner,
+    onnxruntime_runner,
     recorded_source,
     reference_run,
     stored_reference,
@@ -129,18 +128,9 @@ def validate_onnx(
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header)
     reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    backend = ort_backend_name(header)
-    with step(f"Running ONNX Runtime ({backend})"):
-        actual, routers = onnxruntime_outputs(graph_path, header, {reference.input_name: reference.images})
-    return compare_to_reference(
-        reference,
-        actual,
-        header,
-        graph=str(graph_path),
-        backend=backend,
-        tolerances=tolerances,
-        start=start,
-        routers=routers,
+    runner = onnxruntime_runner(graph_path, header)
+    return compare_runner(
+        reference, runner, header, graph=str(graph_path), tolerances=tolerances, step=step, start=start
     )
 
 
@@ -171,12 +161,9 @@ def validate_engine(
     if reference is None:
         source = source or recorded_source(graph_path, header)
         reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
-        actual = runner.infer({reference.input_name: reference.images})
-    order = [o.name for o in header.graph.output]
-    actual = {n: actual[n] for n in order if n in actual}
-    report = compare_to_reference(
-        reference, actual, header, graph=str(engine_path), backend="tensorrt", tolerances=tolerances, start=start
+    runner = EngineRunner(engine_path)
+    report = compare_runner(
+        reference, runner, header, graph=str(engine_path), tolerances=tolerances, step=step, start=start
     )
     if reference.stored:
         report.notes.append(f"reference: {reference.stored}")
