@@ -150,13 +150,6 @@ class ParseReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def summary(self) -> str:
-        if self.parsed:
-            return f"TensorRT for RTX {self.version} parses it ({self.layers} layers)"
-        first = self.errors[0] if self.errors else {}
-        where = f"{first.get('op')} node {first.get('node')!r}: " if first.get("node") else ""
-        return f"TensorRT for RTX {self.version} refuses it: {where}{first.get('message', 'unknown error')}"
-
 
 def parse_graph(graph) -> ParseReport:
     """Parses an ONNX graph (a path, or a ModelProto whose weights are in memory) with TensorRT for
@@ -177,6 +170,31 @@ def parse_graph(graph) -> ParseReport:
     errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
     types = Counter(str(layer.type).rsplit(".", 1)[-1] for layer in _layers(network))
     return ParseReport(bool(parsed) and not errors, trt.__version__, errors, network.num_layers, dict(types))
+
+
+def parse_structure(path: str | Path) -> ParseReport:
+    """:func:`parse_graph` of a graph file's structure: its weights (initializers of more than
+    ``SMALL_CONSTANT`` elements) become typed graph inputs, so a multi-GB model parses in seconds
+    without its weights in memory; shapes, axes and scalars stay values, as the parser reads them."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    kept = []
+    for tensor in graph.initializer:
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if count <= SMALL_CONSTANT and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(tensor)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return parse_graph(model)
+
+
+SMALL_CONSTANT = 64  # elements: an initializer up to this size is a value the parser may need (a shape)
 
 
 def _parser_error(error) -> dict:
@@ -595,6 +613,7 @@ __all__ = [
     "build_engine",
     "gpu_arch",
     "parse_graph",
+    "parse_structure",
     "parse_targets",
     "require_rtx",
     "rtx_available",
