@@ -160,6 +160,7 @@ def _classes(trt):
             self.metadata_string = ""
             self.attrs, self.arch, self.kernel = attrs, arch, kernel
             self._function = None  # the loaded CUDA function (run time)
+            self._serialized: dict[str, tuple] = {}  # get_fields_to_serialize's fields, kept alive
 
         @property
         def spec(self):
@@ -245,11 +246,19 @@ def _classes(trt):
 
         @_reported
         def get_fields_to_serialize(self):
-            fields = [_field(trt, a, self.attrs[a.name]) for a in self.spec.attributes]
-            if self.kernel is not None:
-                data = np.frombuffer(json.dumps(self.kernel).encode(), dtype=np.int8)
-                fields.append(trt.PluginField(KERNEL_FIELD, data, trt.PluginFieldType.CHAR))
-            return trt.PluginFieldCollection(fields)
+            # NOTE: a PluginField points into its array without owning it, and TensorRT reads the fields
+            # after this returns, from earlier calls too: every collection made stays alive with the plugin.
+            key = json.dumps([self.attrs, self.kernel], sort_keys=True)
+            if key not in self._serialized:
+                arrays = [_field_data(a, self.attrs[a.name]) for a in self.spec.attributes]
+                fields = [
+                    trt.PluginField(a.name, d, _FIELD_TYPES[a.type](trt)) for a, d in zip(self.spec.attributes, arrays)
+                ]
+                if self.kernel is not None:
+                    arrays.append(np.frombuffer(json.dumps(self.kernel).encode(), dtype=np.int8))
+                    fields.append(trt.PluginField(KERNEL_FIELD, arrays[-1], trt.PluginFieldType.CHAR))
+                self._serialized[key] = (trt.PluginFieldCollection(fields), fields, arrays)
+            return self._serialized[key][0]
 
         def get_workspace_size(self, inputs, outputs):
             return 0
@@ -285,7 +294,10 @@ def _classes(trt):
         def __init__(self, spec):
             trt.IPluginCreatorV3One.__init__(self)
             self.name, self.plugin_namespace, self.plugin_version = spec.name, spec.namespace, "1"
-            self.field_names = trt.PluginFieldCollection([_field(trt, a, None) for a in spec.attributes])
+            self._names = [
+                trt.PluginField(a.name, _field_data(a, None), _FIELD_TYPES[a.type](trt)) for a in spec.attributes
+            ]
+            self.field_names = trt.PluginFieldCollection(self._names)
             self.arch: int | None = None  # the build's target (sm_XX as XX); set by register_all
 
         @_reported
@@ -301,15 +313,21 @@ def _classes(trt):
     return Plugin, Creator
 
 
-def _field(trt, attr, value):
-    """A ``PluginField`` of a spec attribute (empty for the creator's field list)."""
+#: The PluginFieldType of each attribute type (the ONNX parser narrows INT to INT32).
+_FIELD_TYPES = {
+    "int": lambda trt: trt.PluginFieldType.INT32,
+    "float": lambda trt: trt.PluginFieldType.FLOAT32,
+    "str": lambda trt: trt.PluginFieldType.CHAR,
+}
+
+
+def _field_data(attr, value) -> np.ndarray:
+    """A spec attribute's value as a PluginField's data (empty for the creator's field list)."""
     if attr.type == "int":
-        data, kind = np.array([] if value is None else [value], dtype=np.int32), trt.PluginFieldType.INT32
-    elif attr.type == "float":
-        data, kind = np.array([] if value is None else [value], dtype=np.float32), trt.PluginFieldType.FLOAT32
-    else:
-        data, kind = np.frombuffer((value or "").encode(), dtype=np.int8), trt.PluginFieldType.CHAR
-    return trt.PluginField(attr.name, data, kind)
+        return np.array([] if value is None else [value], dtype=np.int32)
+    if attr.type == "float":
+        return np.array([] if value is None else [value], dtype=np.float32)
+    return np.frombuffer((value or "").encode(), dtype=np.int8)
 
 
 def _value(kind: str, data):
