@@ -58,6 +58,7 @@ BENCH_WARMUP = 2  # untimed runs per backend before the timed ones
 BENCH_RUNS = 10  # timed runs per backend: median and p90 (nearest rank) over these
 BENCH_BATCH_GROUPS = 1  # V-MoE: routing groups per benchmark batch
 BENCH_BATCH_IMAGES = 8  # Soft-MoE and models without routing groups
+BENCH_RTX_TARGET = 89  # the TensorRT for RTX engine bench builds where no RTX GPU is here (GeForce RTX 40)
 BENCH_BUSY_NOTE = 0.1  # a row notes a busy machine when other processes took this share of the CPUs while it ran
 
 # --- Demo (moe-export demo) ----------------------------------------------------------------------
