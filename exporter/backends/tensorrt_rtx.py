@@ -111,6 +111,14 @@ def parse_targets(targets) -> list[int]:
     return arches
 
 
+def check_targets(targets) -> list[int]:
+    """The targets (:func:`parse_targets`) once TensorRT for RTX is known to be here: what ``build
+    engine --backend tensorrt-rtx`` checks first, in one line each, before any heavy import."""
+    arches = parse_targets(targets or [])
+    require_rtx("building the engine")
+    return arches
+
+
 def gpu_arch() -> int | None:
     """The compute capability of this machine's first CUDA GPU (``major*10 + minor``), or None when
     there is none (or no driver). Asks the CUDA driver through cuda-python: no torch."""
@@ -379,7 +387,8 @@ def _run_child(request: dict, progress: Callable[[str], None]) -> dict:
     """Runs the build in ``python -m exporter.backends.tensorrt_rtx`` and reads its JSON lines:
     progress as it comes, then the result or the error it names."""
     with tempfile.TemporaryDirectory(prefix="moe-export-rtx-") as tmp:
-        env = dict(os.environ)
+        # the kernels compile to PTX in the child: Triton's interpreter (the kernel tests') would refuse
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         root = str(Path(__file__).resolve().parents[2])  # where `exporter` and `plugins` are, for `-m`
         for name, first in (("LD_LIBRARY_PATH", str(_library_folder(Path(tmp)))), ("PYTHONPATH", root)):
             env[name] = os.pathsep.join(p for p in (first, env.get(name)) if p)
@@ -409,7 +418,8 @@ def _run_child(request: dict, progress: Callable[[str], None]) -> dict:
             f"the TensorRT for RTX build of {request['onnx']} was killed, most likely for memory: the graph is too "
             "big to build on this machine"
         )
-    last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [f"exit code {code}"]
+    ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [ended]
     raise RuntimeError(f"the TensorRT for RTX build process failed: {last[0][:300]}")
 
 
@@ -611,6 +621,7 @@ __all__ = [
     "RTXUnavailable",
     "TARGETS",
     "build_engine",
+    "check_targets",
     "gpu_arch",
     "parse_graph",
     "parse_structure",

@@ -139,10 +139,9 @@ def build_engine(
     """
     targets = target_list(targets) if targets is not None else None
     if backend == "tensorrt-rtx":  # refused in one line before the heavy imports
-        from exporter.backends.tensorrt_rtx import parse_targets, require_rtx
+        from exporter.backends.tensorrt_rtx import check_targets
 
-        parse_targets(targets or [])
-        require_rtx("building the engine")
+        check_targets(targets)
     from exporter.backends.tensorrt import EngineOptions
     from exporter.deploy.engines import build_engine_for
 

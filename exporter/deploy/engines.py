@@ -376,10 +376,9 @@ def build_engine_for(
     if backend not in ("tensorrt", RTX_BACKEND):
         raise UserError(f"unknown backend {backend!r}; known: tensorrt, {RTX_BACKEND}")
     if rtx:
-        from exporter.backends.tensorrt_rtx import parse_targets, require_rtx
+        from exporter.backends.tensorrt_rtx import check_targets
 
-        parse_targets(targets or [])  # an RTX target or one line, before any work
-        require_rtx("building the engine")
+        check_targets(targets)  # an RTX target or one line, before any work
         if triton_repo:
             raise UserError("--triton-repo serves TensorRT engines; TensorRT for RTX engines are for RTX applications")
     if triton_repo and source_path and not is_bundle(source_path):
