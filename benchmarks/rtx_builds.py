@@ -50,8 +50,8 @@ def main() -> None:
     args = sys.argv[1:]
     target = args[args.index("--target") + 1] if "--target" in args else "sm_89"
     print(
-        f"{'model':<20}{'precision':>10}{'graph':>10}{'target':>8}{'build s':>9}{'MiB':>7}{'plugins':>9}"
-        f"{'fp32 layers':>12}{'peak GiB':>10}"
+        f"{'model':<20}{'precision':>10}{'graph':>10}{'target':>8}{'command s':>11}{'build s':>9}{'MiB':>7}"
+        f"{'plugins':>9}{'fp32 layers':>12}{'peak GiB':>10}"
     )
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         for model, precision, kind in CASES:

@@ -29,7 +29,7 @@ from plugins import registry
 from plugins.aot import compiled_kernel
 from plugins.recipe import KernelRecipe
 
-__all__ = ["KERNEL_FIELD", "errors", "register_all"]
+__all__ = ["KERNEL_FIELD", "Unknown", "errors", "recipe_dims", "register_all"]
 
 #: The serialised field holding a plugin's compiled kernel (JSON: recipe key, entry, PTX, launch).
 KERNEL_FIELD = "moe_kernel"
@@ -106,7 +106,7 @@ def _rank(tensor) -> int:
     return len(re.match(r"\[([^\]]*)\]", tensor.shape).group(1).split(","))
 
 
-def _dims(dims, dynamic=()) -> tuple:
+def recipe_dims(dims, dynamic=()) -> tuple:
     """Build-time or run-time dims as the recipes take them: ints, and ``Unknown`` where ``dynamic``
     (the build saw -1 there) marks them."""
     return tuple(Unknown(None if d < 0 else d) if d < 0 or i in dynamic else int(d) for i, d in enumerate(dims))
@@ -227,7 +227,7 @@ def _classes(trt):
                 return  # a creator without a target (parsing only): nothing to compile
             dims = [tuple(d.desc.dims) for d in inputs]
             dtypes = [names[d.desc.type] for d in inputs]
-            recipe = self._recipe([_dims(d) for d in dims], dtypes)
+            recipe = self._recipe([recipe_dims(d) for d in dims], dtypes)
             compiled = compiled_kernel(recipe, self.arch)
             self.kernel = {
                 "key": recipe.key(),
@@ -280,7 +280,7 @@ def _classes(trt):
             if self.kernel is None:
                 raise RuntimeError("the engine holds no kernel for this plugin (built without a target)")
             dynamic = self.kernel["dynamic"]
-            shapes = [_dims(tuple(d.dims), dynamic[i]) for i, d in enumerate(input_desc)]
+            shapes = [recipe_dims(tuple(d.dims), dynamic[i]) for i, d in enumerate(input_desc)]
             recipe = self._recipe(shapes, [names[d.type] for d in input_desc])
             if recipe.key() != self.kernel["key"]:
                 raise RuntimeError(

@@ -268,6 +268,7 @@ class RTXEngineBuild:
     plugin_layers: dict[str, int]
     expected_plugins: dict[str, int]
     fp32_layers: int | None
+    plugin_outputs: dict[str, list] = field(default_factory=dict)  # node -> [[dims (-1 dynamic), dtype], ...]
     ran: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -368,6 +369,7 @@ def build_engine(
         plugin_layers=result["plugin_layers"],
         expected_plugins=dict(Counter(nodes.values())),
         fp32_layers=result["fp32_layers"],
+        plugin_outputs=result["plugin_outputs"],
         notes=result["notes"],
     )
 
@@ -481,6 +483,14 @@ def _build_here(request: dict, emit: Callable[[dict], None]) -> dict:
         "layers": network.num_layers,
         "plugin_layers": plugin_layers,
         "fp32_layers": _fp32_layers(trt, network) if request["precision"] != "fp32" else None,
+        "plugin_outputs": {
+            layer.name: [
+                [list(layer.get_output(i).shape), str(layer.get_output(i).dtype).rsplit(".", 1)[-1]]
+                for i in range(layer.num_outputs)
+            ]
+            for layer in _layers(network)
+            if layer.name in nodes
+        },
         "notes": notes,
     }
 
