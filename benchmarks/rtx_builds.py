@@ -53,7 +53,7 @@ def main() -> None:
         f"{'model':<20}{'precision':>10}{'graph':>10}{'target':>8}{'command s':>11}{'build s':>9}{'MiB':>7}"
         f"{'plugins':>9}{'fp32 layers':>12}{'peak GiB':>10}"
     )
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="moe-export-rtx-builds-") as tmp:
         for model, precision, kind in CASES:
             graph = Path(tmp) / f"{model}.{precision}.onnx"
             if not graph.exists():

@@ -51,7 +51,8 @@ ELSEWHERE = {
     103: "Blackwell data-center GPUs: build with --backend tensorrt",
     110: "Jetson Thor: build with --backend tensorrt on the device (JetPack 7's TensorRT)",
 }
-GPU_ONLY_NOTE = "not run: no GPU here (an RTX engine runs on a GPU of its target)"
+#: What the report and the last line say of an engine built where no GPU of its target is.
+NOT_RUN = "not run: no GPU of its target here"
 
 
 class RTXUnavailable(UserError):
@@ -549,7 +550,7 @@ class RTXEngineRunner(Runner):
 
     def activate_impl(self) -> None:
         if gpu_arch() is None:
-            raise RTXUnavailable(f"running {self.path.name} needs an NVIDIA GPU of its target: {GPU_ONLY_NOTE}")
+            raise RTXUnavailable(f"running {self.path.name} needs an NVIDIA RTX GPU of its target ({NOT_RUN})")
         import tensorrt_rtx as trt
         from cuda.bindings import runtime
 

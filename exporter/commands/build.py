@@ -25,7 +25,6 @@ from exporter.commands.common import (
 from exporter.errors import CheckFailed
 
 BACKENDS = ("tensorrt", "tensorrt-rtx")
-GPU_NOTE = "not run: no GPU of its target here (an RTX engine runs on an RTX GPU of its target)"
 
 TARGETS_HELP = (
     "CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200, "
@@ -194,4 +193,6 @@ def _print_rtx(run) -> None:
     for report in run.parity.values():
         print_report(report)
     if run.not_run:
-        out.print(f"built, {GPU_NOTE}: {', '.join(run.not_run)}")
+        from exporter.backends.tensorrt_rtx import NOT_RUN
+
+        out.print(f"built, {NOT_RUN} (an RTX engine runs on an RTX GPU of its target): {', '.join(run.not_run)}")

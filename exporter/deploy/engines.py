@@ -15,6 +15,7 @@ from pathlib import Path
 
 from exporter import settings
 from exporter.backends.tensorrt_rtx import BACKEND as RTX_BACKEND
+from exporter.backends.tensorrt_rtx import NOT_RUN
 from exporter.errors import UserError
 from exporter.fileio import atomic_path, write_json
 from exporter.formats.bundle import (
@@ -229,12 +230,9 @@ class RTXEngines:
         engines = []
         for b in self.builds:
             parity = self.parity.get(b.target)
-            run = {"parity": parity.to_dict() if parity else None, "run": "ran" if parity else GPU_NOTE}
+            run = {"parity": parity.to_dict() if parity else None, "run": "ran" if parity else NOT_RUN}
             engines.append({**b.to_dict(), **run})
         return {"folder": str(self.folder), "backend": "tensorrt-rtx", "engines": engines, "passed": self.passed}
-
-
-GPU_NOTE = "not run: no GPU of its target here"  # as the CLI's last line says
 
 
 def build_rtx_engines(
@@ -336,7 +334,7 @@ def build_bundle_rtx_engines(
             "plugin_layers": b.plugin_layers,
             "fp32_layers": b.fp32_layers,
             "build_seconds": round(b.seconds, 2),
-            "parity": parity.summary() if parity else GPU_NOTE,
+            "parity": parity.summary() if parity else NOT_RUN,
         }
         manifest["files"][b.path.name] = file_entry(b.path)
     manifest["rtx_engines"] = engines
