@@ -188,9 +188,9 @@ def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
     return dict(Counter(plugin_node_names(onnx_path).values()))
 
 
-def _monitor(report: Callable[[str], None]):
-    """A trt.IProgressMonitor that reports each build phase and its steps."""
-    import tensorrt as trt
+def progress_monitor(trt, report: Callable[[str], None]):
+    """A ``trt.IProgressMonitor`` (of TensorRT or TensorRT for RTX: ``trt`` is the module) that
+    reports each build phase and its steps."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
@@ -346,7 +346,7 @@ def build_engine(
         memory_pool_limits=pools,
         builder_optimization_level=options.opt_level,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        progress_monitor=_monitor(progress),
+        progress_monitor=progress_monitor(trt, progress),
     )
     building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
     with step(building), quiet_polygraphy("WARNING"):

@@ -83,14 +83,6 @@ def require_rtx(doing: str) -> None:
         raise RTXUnavailable(f"{doing} needs TensorRT for RTX: {reason}; {INSTALL_HINT}")
 
 
-def rtx_version() -> str | None:
-    if rtx_available() is not None:
-        return None
-    import tensorrt_rtx
-
-    return tensorrt_rtx.__version__
-
-
 def parse_targets(targets) -> list[int]:
     """``["sm_89", "120"]`` -> ``[89, 120]``: each one TensorRT for RTX builds for, or one line saying
     which backend builds it (sm_87, sm_90, sm_110) or which targets there are."""
@@ -430,6 +422,7 @@ def _build_here(request: dict, emit: Callable[[dict], None]) -> dict:
     """The child's build (see :func:`build_engine`); returns the result the parent reads."""
     import tensorrt_rtx as trt
 
+    from exporter.backends.tensorrt import progress_monitor
     from plugins import v3
 
     logger = _Logger(trt)
@@ -464,7 +457,7 @@ def _build_here(request: dict, emit: Callable[[dict], None]) -> dict:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, request["workspace_mib"] << 20)
     if request["opt_level"] is not None:
         config.builder_optimization_level = request["opt_level"]
-    config.progress_monitor = _monitor(trt, lambda text: emit({"progress": text}))
+    config.progress_monitor = progress_monitor(trt, lambda text: emit({"progress": text}))
     emit({"progress": f"Building for sm_{request['target']}"})
     with _quiet_native():
         serialized = builder.build_serialized_network(network, config)
@@ -514,26 +507,6 @@ def _fp32_layers(trt, network) -> int:
         for layer in _layers(network)
         if layer.type not in skipped and any(layer.get_output(i).dtype == trt.float32 for i in range(layer.num_outputs))
     )
-
-
-def _monitor(trt, report: Callable[[str], None]):
-    class Monitor(trt.IProgressMonitor):
-        def __init__(self):
-            trt.IProgressMonitor.__init__(self)
-            self.steps: dict[str, int] = {}
-
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            self.steps[phase_name] = num_steps
-            report(f"{phase_name} (0/{num_steps})")
-
-        def step_complete(self, phase_name, step):
-            report(f"{phase_name} ({step + 1}/{self.steps.get(phase_name, '?')})")
-            return True
-
-        def phase_finish(self, phase_name):
-            self.steps.pop(phase_name, None)
-
-    return Monitor()
 
 
 class RTXEngineRunner(Runner):
@@ -639,5 +612,4 @@ __all__ = [
     "parse_targets",
     "require_rtx",
     "rtx_available",
-    "rtx_version",
 ]

@@ -126,7 +126,9 @@ def build_engine(
     Registers the moe:: plugins (AOT, precompiled PTX from the bundle), builds model.engine in the
     bundle, checks with the engine inspector that every plugin node became a plugin layer, and
     validates the engine on the bundle's sample inputs. Exit 0 on parity, 1 when parity fails, 2 on bad
-    input or without TensorRT (the bundle is kept).
+    input or without TensorRT (the bundle is kept). With --backend tensorrt-rtx: one TensorRT for RTX
+    engine per --target into the bundle and its manifest, built on any machine (no GPU needed), run
+    against PyTorch where a GPU of its target is; otherwise built, not run (exit 0, the last line says so).
 
     \b
     Examples:
