@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 
 import numpy as np
 
@@ -33,7 +32,6 @@ __all__ = ["KERNEL_FIELD", "Unknown", "errors", "recipe_dims", "register_all"]
 
 #: The serialised field holding a plugin's compiled kernel (JSON: recipe key, entry, PTX, launch).
 KERNEL_FIELD = "moe_kernel"
-_DTYPES = ("float32", "float16", "bfloat16", "int32")
 _errors: list[str] = []  # what plugin callbacks raised: TensorRT reports only "non-zero return code"
 
 
@@ -99,11 +97,6 @@ class Unknown:
         if self.value is None:
             raise ValueError("a dynamic dimension has no value while building")
         return self.value
-
-
-def _rank(tensor) -> int:
-    """A spec tensor's rank, from its symbolic shape ("[G, S, E]")."""
-    return len(re.match(r"\[([^\]]*)\]", tensor.shape).group(1).split(","))
 
 
 def recipe_dims(dims, dynamic=()) -> tuple:
