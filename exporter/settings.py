@@ -63,6 +63,7 @@ BENCH_WARMUP = 2  # untimed runs per backend before the timed ones
 BENCH_RUNS = 10  # timed runs per backend: median and p90 (nearest rank) over these
 BENCH_BATCH_GROUPS = 1  # V-MoE: routing groups per benchmark batch
 BENCH_BATCH_IMAGES = 8  # Soft-MoE and models without routing groups
+BENCH_RTX_TARGET = 89  # the TensorRT for RTX engine bench builds where no RTX GPU is here (GeForce RTX 40)
 BENCH_BUSY_NOTE = 0.1  # a row notes a busy machine when other processes took this share of the CPUs while it ran
 
 # --- Demo (moe-export demo) ----------------------------------------------------------------------
@@ -147,3 +148,9 @@ MAX_NPZ_MEMBERS = 256  # arrays in one .npz (inputs: one; a bundle's reference o
 # SOURCE_DATE_EPOCH (reproducible-builds.org) sets a bundle's "created" time, so that two builds of one
 # model from two checkouts are byte-identical; otherwise it is the build's time, named in the manifest.
 REPRODUCIBLE_TIME_ENV = "SOURCE_DATE_EPOCH"
+
+# --- TensorRT for RTX (exporter/backends/tensorrt_rtx.py) ------------------------------------------------
+# A build is refused up front when it would need more memory than the machine has available: about this
+# many times the graph's bytes (weights) plus a base, from the peak RSS benchmarks/rtx_builds.py measures.
+RTX_BUILD_MEMORY_FACTOR = 3
+RTX_BUILD_MEMORY_BASE = 1 << 30

@@ -22,6 +22,19 @@ def dtype_name(trt_dtype) -> str:
     return names[trt_dtype]
 
 
+def descs(shapes, inputs, **attrs):
+    """A plugin's output ``TensorDesc``s from its ``shapes`` module (``plugins/<op>/shapes.py``, which
+    the V3 plugins of TensorRT for RTX evaluate too) and its input descs: one, or a tuple of several."""
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    types = {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}
+    dims = shapes.output_shapes([x.shape_expr for x in inputs], smax=trtp.max, smin=trtp.min, **attrs)
+    dtypes = shapes.output_dtypes([dtype_name(x.dtype) for x in inputs], **attrs)
+    out = tuple(trtp.from_shape_expr(tuple(d), dtype=types[t]) for d, t in zip(dims, dtypes, strict=True))
+    return out[0] if len(out) == 1 else out
+
+
 def combinations(pattern: str) -> list:
     """One LINEAR ``AutoTuneCombination`` per token dtype: ``pattern`` has ``{T}`` where FP32|FP16|BF16 go.
     (A strongly typed network fixes the type; the graph's own is the one used.)"""

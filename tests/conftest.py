@@ -24,6 +24,13 @@ def _has_gpu_and_tensorrt() -> bool:
 
 
 SLOW_SKIP_REASON = "slow (minutes): run with -m slow"
+RTX_GPU_SKIP_REASON = "needs an NVIDIA GPU that TensorRT for RTX builds for (sm_75 to sm_121, not Hopper)"
+
+
+def _has_rtx_gpu() -> bool:
+    from exporter.backends.tensorrt_rtx import TARGETS, gpu_arch, rtx_available
+
+    return rtx_available() is None and gpu_arch() in TARGETS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +39,10 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if any("rtx_gpu" in item.keywords for item in items) and not _has_rtx_gpu():
+        for item in items:
+            if "rtx_gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=RTX_GPU_SKIP_REASON))
     if "slow" not in (config.getoption("markexpr") or ""):
         for item in items:
             if "slow" in item.keywords:

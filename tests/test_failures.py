@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from exporter.backends.tensorrt_rtx import rtx_available
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_MODULES = ROOT / "tests" / "fixtures" / "user_modules.py"
@@ -178,6 +179,31 @@ CATALOGUE = [
     ("--inputs two iterations", "validate {d}/v.onnx --inputs {d}/two_iterations.json", 2, "holds 2 iterations"),
     ("--inputs missing", "validate {d}/v.onnx --inputs {d}/none.npz", 2, "cannot read inputs"),
     ("model name typo", "export --model vmoe-tny -o {d}/x.onnx", 2, "did you mean 'vmoe-tiny'"),
+    (
+        "an RTX build for Jetson Orin",
+        "build engine --model vmoe-tiny --backend tensorrt-rtx --target sm_87 -o {d}/b",
+        2,
+        "TensorRT for RTX cannot build for sm_87 (Jetson Orin: build with --backend tensorrt",
+    ),
+    (
+        "an RTX build for Hopper",
+        "build engine {d}/v.onnx --backend tensorrt-rtx --target sm_90 -o {d}/e",
+        2,
+        "cannot build for sm_90 (Hopper (H100/H200): build with --backend tensorrt",
+    ),
+    (
+        "an RTX build for Thor",
+        "build engine {d}/v.onnx --backend tensorrt-rtx --target sm_110 -o {d}/e",
+        2,
+        "cannot build for sm_110 (Jetson Thor",
+    ),
+    ("an RTX build without a target", "build engine {d}/v.onnx --backend tensorrt-rtx -o {d}/e", 2, "give --target"),
+    (
+        "an unknown backend",
+        "build engine {d}/v.onnx --backend tensorrt-llm -o {d}/e",
+        2,
+        "'tensorrt-llm' is not one of",
+    ),
     ("unknown command", "exprot", 2, "No such command 'exprot'"),
 ]
 
@@ -935,3 +961,31 @@ def test_bundles_from_two_checkouts_are_byte_identical_and_hold_no_path(bundled,
     assert manifests[0] == manifests[1]
     for path in {str(ROOT), str(checkout), sys.prefix, str(Path.home()), str(tmp_path)}:
         assert not [name for name, data in {**ours, **theirs}.items() if path.encode() in data], path
+
+
+def test_an_rtx_build_without_tensorrt_rtx_says_how_to_install_it(scene, monkeypatch):
+    from exporter.backends import tensorrt_rtx
+
+    monkeypatch.setattr(tensorrt_rtx, "_installed", lambda: False)
+    before = snapshot(scene)
+    result = run(
+        "build", "engine", scene / "v.onnx", "--backend", "tensorrt-rtx", "--target", "sm_89", "-o", scene / "e"
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "TensorRT for RTX is not installed; pip install tensorrt-rtx-cu12" in errors[0]
+    assert snapshot(scene) == before
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason="needs TensorRT for RTX (pip install tensorrt-rtx-cu12)")
+def test_a_graph_too_big_for_the_rtx_build_gets_one_line(scene, monkeypatch):
+    from exporter.backends import tensorrt_rtx
+
+    monkeypatch.setattr(tensorrt_rtx, "available_memory", lambda: 256 << 20)
+    result = run(
+        "build", "engine", scene / "v.onnx", "--backend", "tensorrt-rtx", "--target", "sm_89", "-o", scene / "e"
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "too big to build here: the build needs about" in errors[0]
+    assert not (scene / "e").exists() or not list((scene / "e").iterdir())

@@ -54,7 +54,7 @@ def test_the_library_never_imports_the_cli():
 def test_every_registered_plugin_folder_has_its_parts():
     for entry in plugins.PLUGINS:
         folder = ROOT / "plugins" / entry
-        for part in ("spec", "reference", "function", "kernels", "trt"):
+        for part in ("spec", "reference", "function", "kernels", "shapes", "trt"):
             assert (folder / f"{part}.py").is_file(), (entry, part)
     folders = {p.parent.name for p in (ROOT / "plugins").glob("*/spec.py")}
     assert folders == set(plugins.PLUGINS), "a plugin folder is missing from plugins.PLUGINS (or the reverse)"

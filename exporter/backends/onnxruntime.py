@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.backends.runner import Runner
 from exporter.errors import UserError, one_line
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -109,24 +110,65 @@ def run_onnxruntime(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str,
 
 def run_exposing(path: Path, header, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A run of the graph at ``path`` (its weights-free ``header``) whose outputs are the tensors ``names``."""
-    import onnx
+    with OnnxRuntimeRunner(path, header=header, outputs=names) as runner:
+        return runner.infer(feeds)
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(header)
-    known = {v.name: v for v in [*header.graph.value_info, *header.graph.output]}
-    del exposed.graph.output[:]
-    exposed.graph.output.extend(known.get(n, onnx.ValueInfoProto(name=n)) for n in names)  # typed where known
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
-    with contextlib.ExitStack() as stack:
-        if external:  # relative weight paths resolve from the model's folder
-            fd, tmp = tempfile.mkstemp(prefix=".exposed-", suffix=".onnx", dir=path.parent)
-            os.close(fd)
-            stack.callback(os.unlink, tmp)
-            onnx.save(exposed, tmp)
-            sess = session(tmp)
-        else:
-            sess = session(exposed)
-        return run(sess, feeds, what=str(path))
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on one provider (CPU by default) as a runner (``exporter.backends.runner``).
+
+    ``outputs`` names the tensors a run returns (default: the graph's outputs): any internal tensor,
+    such as the router tensors ``compare_runner`` reads, is exposed as an output (typed where the
+    graph knows its type, so a BF16 tensor is emulated like the rest). BF16 graphs, and FP16 graphs
+    whose routing is FP16, run emulated on CPU (``exporter.backends.emulation``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        header=None,
+        outputs: list[str] | None = None,
+        provider: str = CPU,
+        threads: int | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(name or ("onnxruntime-cpu" if provider == CPU else "onnxruntime-cuda"))
+        self.path, self.header, self.outputs = Path(path), header, outputs
+        self.provider, self.threads = provider, threads
+        self._session = None
+
+    def activate_impl(self) -> None:
+        if self.outputs is None:
+            self._session = session(self.path, provider=self.provider, threads=self.threads)
+            return
+        import onnx
+
+        header = self.header if self.header is not None else onnx.load(str(self.path), load_external_data=False)
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(header)
+        known = {v.name: v for v in [*header.graph.value_info, *header.graph.output]}
+        del exposed.graph.output[:]
+        exposed.graph.output.extend(known.get(n, onnx.ValueInfoProto(name=n)) for n in self.outputs)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+        with contextlib.ExitStack() as stack:
+            if external:  # relative weight paths resolve from the model's folder
+                fd, tmp = tempfile.mkstemp(prefix=".exposed-", suffix=".onnx", dir=self.path.parent)
+                os.close(fd)
+                stack.callback(os.unlink, tmp)
+                onnx.save(exposed, tmp)
+                exposed = tmp
+            self._session = session(exposed, provider=self.provider, threads=self.threads)
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run(self._session, feed_dict, what=str(self.path))
+
+    @property
+    def active_provider(self) -> str:
+        """The provider the session runs on (ONNX Runtime falls back to CPU when CUDA does not load)."""
+        return self._session.get_providers()[0]
+
+    def deactivate_impl(self) -> None:
+        self._session = None
 
 
 def _reason(e: BaseException) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter import settings
+from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.fileio import atomic_path
 from exporter.formats.graph import image_input, input_dims, precision, read_header
@@ -187,9 +188,9 @@ def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
     return dict(Counter(plugin_node_names(onnx_path).values()))
 
 
-def _monitor(report: Callable[[str], None]):
-    """A trt.IProgressMonitor that reports each build phase and its steps."""
-    import tensorrt as trt
+def progress_monitor(trt, report: Callable[[str], None]):
+    """A ``trt.IProgressMonitor`` (of TensorRT or TensorRT for RTX: ``trt`` is the module) that
+    reports each build phase and its steps."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
@@ -345,7 +346,7 @@ def build_engine(
         memory_pool_limits=pools,
         builder_optimization_level=options.opt_level,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        progress_monitor=_monitor(progress),
+        progress_monitor=progress_monitor(trt, progress),
     )
     building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
     with step(building), quiet_polygraphy("WARNING"):
@@ -414,20 +415,20 @@ def profile_batch(static: int | None, options: EngineOptions, multiple: int = 1)
     return {"min": options.min_batch or multiple, "opt": opt, "max": options.max_batch or opt}
 
 
-class EngineRunner:
-    """Runs a serialized engine on numpy inputs with Polygraphy's TrtRunner.
-
-    ``with EngineRunner(path) as runner: outputs = runner.infer({name: array})``
+class EngineRunner(Runner):
+    """Runs a serialized engine on numpy inputs with Polygraphy's TrtRunner, as a runner
+    (``exporter.backends.runner``): ``with EngineRunner(path) as runner: outputs = runner.infer({name: array})``
     """
 
-    def __init__(self, engine_path: str | Path):
+    def __init__(self, engine_path: str | Path, name: str = "tensorrt"):
         require_tensorrt("running an engine")
+        super().__init__(name)
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise UserError(f"{self.path} does not exist")
         self._runner = None
 
-    def __enter__(self) -> EngineRunner:
+    def activate_impl(self) -> None:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         if _installed("tensorrt.plugin"):
@@ -435,9 +436,8 @@ class EngineRunner:
         self._runner = TrtRunner(EngineFromBytes(self.path.read_bytes()), name=f"tensorrt:{self.path.name}")
         with quiet_polygraphy("WARNING"):
             self._runner.activate()
-        return self
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with quiet_polygraphy("WARNING"):
             outputs = self._runner.infer(feeds)
         return {k: np.asarray(v) for k, v in outputs.items()}
@@ -451,7 +451,7 @@ class EngineRunner:
     def last_inference_ms(self) -> float:
         return self._runner.last_inference_time() * 1e3
 
-    def __exit__(self, *exc) -> None:
+    def deactivate_impl(self) -> None:
         if self._runner is not None:
             self._runner.deactivate()
             self._runner = None

@@ -7,6 +7,7 @@ import contextlib
 import numpy as np
 import torch
 
+from exporter.backends.runner import Runner
 from exporter.models.capture import run_with_routing
 from exporter.models.experts import bfloat16_rounding
 from exporter.models.routing import TopKRouting
@@ -72,3 +73,22 @@ def rounding_as(values: list[np.ndarray], rtol: float):
 
     with bfloat16_rounding(hook):
         yield found
+
+
+class TorchRunner(Runner):
+    """A PyTorch module on CPU as a runner (``exporter.backends.runner``): ``infer({name: images})``
+    gives the flat outputs as ``output_0``, ``output_1``, ...; after a run ``routing`` holds every
+    V-MoE layer's routing and ``routers`` every MoE layer's router outputs (``router_outputs``)."""
+
+    def __init__(self, module: torch.nn.Module, name: str = "pytorch"):
+        super().__init__(name)
+        self.module = module
+        self.routing: dict[str, TopKRouting] = {}
+        self.routers: dict[str, dict[str, np.ndarray]] = {}
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (images,) = feed_dict.values()
+        with router_outputs(self.module) as routers:
+            outputs, self.routing = run_torch(self.module, images)
+        self.routers = routers
+        return {f"output_{i}": o for i, o in enumerate(outputs)}

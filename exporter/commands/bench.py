@@ -29,7 +29,8 @@ from exporter.commands.common import (
     "--backends",
     default="all",
     show_default=True,
-    help="Comma-separated: torch-eager, torch-compile, onnxruntime-cpu, onnxruntime-cuda, tensorrt, tensorrt-plugins.",
+    help="Comma-separated: torch-eager, torch-compile, onnxruntime-cpu, onnxruntime-cuda, tensorrt, tensorrt-plugins, "
+    "tensorrt-rtx (built, and run on an RTX GPU).",
 )
 @click.option("--threads", type=COUNT, help="PyTorch and ONNX Runtime intra-op threads. Default: every CPU core.")
 @json_option("the rows")

@@ -26,6 +26,8 @@ from exporter.commands.common import (
 )
 from exporter.errors import CheckFailed
 
+BACKENDS = ("tensorrt", "tensorrt-rtx")
+
 TARGETS_HELP = (
     "CUDA architectures to precompile the plugin kernels for (sm_87 Jetson Orin, sm_90 H100/H200, "
     "sm_110 Jetson Thor with Triton >= 3.9). Default: "
@@ -129,7 +131,19 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign
 @click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), help="0-5 (TensorRT: 3).")
 @click.option("--portable", is_flag=True, help="Build from the portable graph (no plugins).")
 @click.option(
-    "--target", "targets", metavar="SM_XX,...", help="PTX targets of the bundle written first. " + TARGETS_HELP
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=BACKENDS[0],
+    show_default=True,
+    help="tensorrt: TensorRT on the GPU at hand. tensorrt-rtx: TensorRT for RTX, one engine per --target "
+    "(RTX GPUs: sm_75, sm_80, sm_86, sm_89, sm_120, sm_121), built on any machine; run where a GPU of the target is.",
+)
+@click.option(
+    "--target",
+    "targets",
+    metavar="SM_XX,...",
+    help="PTX targets of the bundle written first; with --backend tensorrt-rtx also the engines' targets. "
+    + TARGETS_HELP,
 )
 @folder_option(
     "--triton-repo",
@@ -144,6 +158,7 @@ def build_engine(
     output_dir,
     precision,
     portable,
+    backend,
     targets,
     triton_repo,
     verify_key,
@@ -158,7 +173,9 @@ def build_engine(
     Registers the moe:: plugins (AOT, precompiled PTX from the bundle), builds model.engine in the
     bundle, checks with the engine inspector that every plugin node became a plugin layer, and
     validates the engine on the bundle's sample inputs. Exit 0 on parity, 1 when parity fails, 2 on bad
-    input or without TensorRT (the bundle is kept).
+    input or without TensorRT (the bundle is kept). With --backend tensorrt-rtx: one TensorRT for RTX
+    engine per --target into the bundle and its manifest, built on any machine (no GPU needed), run
+    against PyTorch where a GPU of its target is; otherwise built, not run (exit 0, the last line says so).
 
     \b
     Examples:
@@ -166,7 +183,13 @@ def build_engine(
       moe-export build engine --model vmoe-s32-last2-e8 --precision fp16 -o vmoe-fp16-bundle
       moe-export build engine vmoe-fp16-bundle --max-batch 32 --timing-cache trt.cache
       moe-export build engine vmoe-bundle --triton-repo model_repository
+      moe-export build engine --model vmoe-tiny --backend tensorrt-rtx --target sm_89,sm_120 -o tiny-rtx
     """
+    targets = target_list(targets) if targets is not None else None
+    if backend == "tensorrt-rtx":  # refused in one line before the heavy imports
+        from exporter.backends.tensorrt_rtx import check_targets
+
+        check_targets(targets)
     from exporter.backends.tensorrt import EngineOptions
     from exporter.deploy.engines import build_engine_for
 
@@ -176,7 +199,8 @@ def build_engine(
         output_dir=output_dir,
         options=EngineOptions(precision=precision, **profile),
         portable=portable,
-        targets=target_list(targets) if targets is not None else None,
+        targets=targets,
+        backend=backend,
         triton_repo=triton_repo,
         step=step,
         progress=progress_once(),
@@ -184,9 +208,10 @@ def build_engine(
         verify_key=verify_key,
         trust_module=trust_module,
     )
-    emit(run, _print_engine, json_out)
+    emit(run, _print_engine if backend == "tensorrt" else _print_rtx, json_out)
     if not run.passed:
-        raise CheckFailed(f"the engine in {run.built.bundle} does not match PyTorch (see the table above)")
+        where = run.built.bundle if backend == "tensorrt" else run.folder
+        raise CheckFailed(f"the engine in {where} does not match PyTorch (see the table above)")
 
 
 def _print_engine(run) -> None:
@@ -203,3 +228,22 @@ def _print_engine(run) -> None:
     if run.triton is not None:
         out.print(f"wrote Triton Inference Server entry [bold]{escape(str(run.triton.path))}[/bold]")
         print_notes(run.triton.notes)
+
+
+def _print_rtx(run) -> None:
+    out = console()
+    for b in run.builds:
+        plugins = ", ".join(f"{n} {op}" for op, n in b.plugin_layers.items()) or "none"
+        fp32 = "" if b.fp32_layers is None else f"; {b.fp32_layers} layers in FP32"
+        out.print(
+            f"wrote [bold]{escape(str(b.path))}[/bold] (TensorRT for RTX {b.tensorrt_rtx}, {b.target}, "
+            f"{b.size_bytes / 2**20:,.1f} MiB, {b.precision}, batch {b.batch['min']}-{b.batch['max']}, "
+            f"{b.layers} layers; plugin layers: {plugins}{fp32}; {b.seconds:.1f}s)"
+        )
+        print_notes(b.notes)
+    for report in run.parity.values():
+        print_report(report)
+    if run.not_run:
+        from exporter.backends.tensorrt_rtx import NOT_RUN
+
+        out.print(f"built, {NOT_RUN} (an RTX engine runs on an RTX GPU of its target): {', '.join(run.not_run)}")

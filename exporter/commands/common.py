@@ -486,6 +486,16 @@ def print_export(result) -> None:
             out.print(escape(f"  - {f}"))
     else:
         out.print("portable: standard ONNX ops only, none of the TensorRT hazards")
+    if result.rtx_parse is not None:  # TensorRT for RTX's parser, beside the allow-list
+        parsed = result.rtx_parse
+        if parsed["parsed"]:
+            out.print(f"TensorRT for RTX {parsed['version']} parses it ({parsed['layers']} layers)")
+        else:
+            first = parsed["errors"][0] if parsed["errors"] else {"op": "?", "node": "?", "message": "unknown"}
+            out.print(
+                f"[yellow]warning:[/yellow] TensorRT for RTX {parsed['version']} refuses it: {escape(first['op'])} "
+                f"node {escape(repr(first['node']))}: {escape(first['message'])}"
+            )
     print_notes(result.notes)
 
 

@@ -3,6 +3,7 @@ manifest; and a Triton Inference Server entry for a bundle's engine."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exporter import settings
+from exporter.backends.tensorrt_rtx import BACKEND as RTX_BACKEND
+from exporter.backends.tensorrt_rtx import NOT_RUN
 from exporter.errors import UserError
 from exporter.fileio import atomic_path, write_json
 from exporter.formats.bundle import (
@@ -218,6 +221,141 @@ class EngineRun:
         return data
 
 
+@dataclass
+class RTXEngines:
+    """``build engine --backend tensorrt-rtx``: one engine per target (``RTXEngineBuild``), each run
+    against PyTorch where this machine's GPU is of its target, and the bundle written first (if any)."""
+
+    folder: Path
+    builds: list  # exporter.backends.tensorrt_rtx.RTXEngineBuild, one per target
+    parity: dict[str, ParityReport]  # target -> parity of the engines this machine could run
+    bundle: object | None = None  # exporter.deploy.bundle.BundleResult
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parity.values())
+
+    @property
+    def not_run(self) -> list[str]:
+        return [b.target for b in self.builds if b.target not in self.parity]
+
+    def to_dict(self) -> dict:
+        engines = []
+        for b in self.builds:
+            parity = self.parity.get(b.target)
+            run = {"parity": parity.to_dict() if parity else None, "run": "ran" if parity else NOT_RUN}
+            engines.append({**b.to_dict(), **run})
+        return {"folder": str(self.folder), "backend": "tensorrt-rtx", "engines": engines, "passed": self.passed}
+
+
+def build_rtx_engines(
+    graph: str | Path,
+    folder: str | Path,
+    targets,
+    options=None,
+    *,
+    batch_multiple: int = 1,
+    reference=None,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> RTXEngines:
+    """Builds ``graph`` with TensorRT for RTX for each target into ``folder`` (``<stem>.sm_XX.engine``,
+    each written atomically once every target has built) and, for a target this machine's GPU has,
+    runs it against ``reference`` (default: PyTorch on the model the graph records). The library call
+    behind ``build engine --backend tensorrt-rtx`` (and Q/DQ graphs alike)."""
+    from exporter.backends.tensorrt import EngineOptions, graph_precision
+    from exporter.backends.tensorrt_rtx import RTXEngineRunner, build_engine, gpu_arch, parse_targets, require_rtx
+
+    graph, folder = Path(graph), Path(folder)
+    arches = parse_targets(targets)
+    options = options or EngineOptions()
+    options.check()
+    graph_precision(graph, options.precision)
+    require_rtx(f"building the engines of {graph}")
+    stem = graph.name.removesuffix(".onnx").removesuffix(".plugins")
+    builds = []
+    with contextlib.ExitStack() as stack:  # every engine, or none of them
+        for arch in arches:
+            path = folder / f"{stem}.sm_{arch}.engine"
+            tmp = stack.enter_context(atomic_path(path))
+            with step(f"Building {path.name} with TensorRT for RTX (strongly typed, {graph.name})"):
+                build = build_engine(graph, tmp, arch, options, batch_multiple=batch_multiple, progress=progress)
+            builds.append(dataclasses.replace(build, path=path))
+    parity = {}
+    here = gpu_arch()
+    for build in builds:
+        if here is not None and build.target == f"sm_{here}":
+            header = read_header(graph)
+            from exporter.parity.parity import compare_runner, recorded_source, reference_run
+
+            if reference is None:
+                reference = reference_run(recorded_source(graph, header), header, step=step)
+            tolerances = settings.TOLERANCES[build.precision]
+            runner = RTXEngineRunner(build.path)
+            parity[build.target] = compare_runner(
+                reference, runner, header, graph=str(build.path), tolerances=tolerances, step=step
+            )
+            build.ran = True
+    return RTXEngines(folder, builds, parity)
+
+
+def build_bundle_rtx_engines(
+    bundle: str | Path,
+    targets,
+    options=None,
+    *,
+    portable: bool = False,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> RTXEngines:
+    """TensorRT for RTX engines of a bundle's plugin graph (``portable``: its portable graph), one per
+    target, with the bundle's precompiled PTX where it has the target's; recorded with their hashes in
+    the manifest (``rtx_engines``) and, where this machine's GPU can run one, its parity against the
+    PyTorch outputs the bundle stores."""
+    from exporter.backends.tensorrt import EngineOptions
+    from exporter.parity.parity import stored_reference
+    from plugins.aot import PTX_DIR_ENV
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    options = options or EngineOptions()
+    options.check()
+    check_files(bundle, None, manifest)
+    sample = manifest["sample"]["batch"]
+    if options.opt_batch is None and options.max_batch is None:
+        options = dataclasses.replace(options, opt_batch=sample, max_batch=sample)
+    os.environ.setdefault(PTX_DIR_ENV, str((bundle / PTX_DIR).resolve()))
+    graph = bundle / (PORTABLE if portable else PLUGINS)
+    built = build_rtx_engines(
+        graph,
+        bundle,
+        targets,
+        options,
+        batch_multiple=manifest["model"]["batch_multiple"],
+        reference=stored_reference(bundle),
+        step=step,
+        progress=progress,
+    )
+    engines = manifest.get("rtx_engines") or {}
+    for b in built.builds:
+        parity = built.parity.get(b.target)
+        engines[b.target] = {
+            "file": b.path.name,
+            "graph": graph.name,
+            "precision": b.precision,
+            "tensorrt_rtx": b.tensorrt_rtx,
+            "batch": b.batch,
+            "plugin_layers": b.plugin_layers,
+            "fp32_layers": b.fp32_layers,
+            "build_seconds": round(b.seconds, 2),
+            "parity": parity.summary() if parity else NOT_RUN,
+        }
+        manifest["files"][b.path.name] = file_entry(b.path)
+    manifest["rtx_engines"] = engines
+    write_json(bundle / MANIFEST, manifest)
+    return built
+
+
 def build_engine_for(
     source_path: str | Path | None = None,
     model: ModelChoice = ModelChoice(),
@@ -226,6 +364,7 @@ def build_engine_for(
     options=None,
     portable: bool = False,
     targets=None,
+    backend: str = "tensorrt",
     triton_repo: str | Path | None = None,
     step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     progress: Callable[[str], None] = lambda _: None,
@@ -238,6 +377,8 @@ def build_engine_for(
     on CPU, and ``bundle_written`` is called with it). With ``triton_repo``, an engine that passed
     parity also gets a Triton Inference Server entry. ``verify_key`` (a bundle): its Ed25519
     signature is checked first. ``trust_module`` (an .onnx): the user module it records may be imported.
+    ``backend="tensorrt-rtx"`` builds one TensorRT for RTX engine per target instead (``targets``: the
+    RTX GPUs, which the bundle written first precompiles its kernels for too) and returns ``RTXEngines``.
 
     Raises:
         TensorRTUnavailable: no TensorRT or GPU here; a bundle written first is kept and complete.
@@ -246,6 +387,15 @@ def build_engine_for(
 
     options = options or EngineOptions()
     options.check()
+    rtx = backend == RTX_BACKEND
+    if backend not in ("tensorrt", RTX_BACKEND):
+        raise UserError(f"unknown backend {backend!r}; known: tensorrt, {RTX_BACKEND}")
+    if rtx:
+        from exporter.backends.tensorrt_rtx import check_targets
+
+        check_targets(targets)  # an RTX target or one line, before any work
+        if triton_repo:
+            raise UserError("--triton-repo serves TensorRT engines; TensorRT for RTX engines are for RTX applications")
     if triton_repo and source_path and not is_bundle(source_path):
         raise UserError("--triton-repo needs a bundle (its manifest names the inputs and outputs)")
     written, notes = None, []
@@ -270,6 +420,11 @@ def build_engine_for(
     elif source_path and Path(source_path).suffix == ".onnx":
         if not output_dir:
             raise UserError("give -o DIR: the folder for the engine")
+        if rtx:
+            group = batch_multiple(read_header(source_path))
+            return build_rtx_engines(
+                source_path, output_dir, targets, options, batch_multiple=group, step=step, progress=progress
+            )
         return EngineRun(
             build_onnx_engine(source_path, output_dir, options, step=step, progress=progress, trust_module=trust_module)
         )
@@ -277,6 +432,10 @@ def build_engine_for(
         raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
     else:
         raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
+    if rtx:
+        built = build_bundle_rtx_engines(bundle, targets, options, portable=portable, step=step, progress=progress)
+        built.bundle = written
+        return built
     try:
         built = build_bundle_engine(bundle, options, portable=portable, step=step, progress=progress)
     except TensorRTUnavailable as e:

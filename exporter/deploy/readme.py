@@ -144,4 +144,21 @@ trtexec --loadEngine=model.portable.engine --shapes={_shape(inp["name"], batch, 
 default, which misses the FP32 parity rule. trtexec cannot build
 `{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
 or Polygraphy built: `trtexec --loadEngine={ENGINE} --shapes={_shape(inp["name"], batch, image)}`.
+
+## RTX GPUs (TensorRT for RTX: GeForce RTX 30/40/50, RTX PRO, laptops)
+
+TensorRT for RTX builds for named compute capabilities on any machine, GPU or not
+(`pip install tensorrt-rtx-cu12 cuda-python`): sm_75, sm_80, sm_86 (RTX 30), sm_89 (RTX 40), sm_120
+(RTX 50), sm_121. Its parser takes the plugin graph's moe:: nodes as IPluginV3 plugins whose kernels are
+compiled for the target and kept in the engine (Triton, or this folder's `{PTX_DIR}/` where it has the
+target's), so the engine runs with Python, `tensorrt_rtx` and cuda-python, and no Triton or torch:
+
+```bash
+moe-export build engine . --backend tensorrt-rtx --target sm_89,sm_120   # model.sm_89.engine, model.sm_120.engine
+moe-export build engine . --backend tensorrt-rtx --target sm_89 --portable  # from {PORTABLE}
+```
+
+Each engine is listed in `{MANIFEST}` (`rtx_engines`, with its hash). Built where no GPU of its target
+is, it is not run ("not run" in the manifest and the command's last line); on an RTX GPU of a target,
+`build engine` runs that target's engine on the sample images against PyTorch's stored outputs.
 """

@@ -22,6 +22,7 @@ import onnx_ir as ir
 import torch
 
 from exporter import settings
+from exporter.backends.tensorrt_rtx import parse_structure, rtx_available
 from exporter.errors import DEBUG_ENV, CheckFailed, UserError
 from exporter.export.portable import check_portable
 from exporter.export.precision import PrecisionResult, check_precision, reduce_precision
@@ -68,6 +69,7 @@ class ExportResult:
     # substitutions, a fixed batch and why, replaced draws, options that did not apply: each said once
     notes: list[str] = field(default_factory=list)
     checked: dict[int, float] = field(default_factory=dict)  # batch -> max rel err of the graph against PyTorch
+    rtx_parse: dict | None = None  # TensorRT for RTX's parser on the graph, where it is installed (ParseReport)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -215,6 +217,10 @@ def export_onnx(
             checked = check_graph(path, model, loaded.source.input_shape, batches, batch, trace=trace)
         del exported
     seconds = time.perf_counter() - start
+    rtx_parse = None
+    if rtx_available() is None:  # the real parser's word beside the allow-list's
+        with step("Parsing with TensorRT for RTX"):
+            rtx_parse = parse_structure(dest).to_dict()
     return ExportResult(
         path=dest,
         seconds=seconds,
@@ -241,6 +247,7 @@ def export_onnx(
             else []
         ),
         checked=checked,
+        rtx_parse=rtx_parse,
     )
 
 
@@ -299,6 +306,9 @@ def vmoe_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
     }
 
 
+SMALL_CONSTANT = 64  # elements: what trace_structure keeps as initializers (shapes, axes, scalars)
+
+
 def trace_structure(
     config,
     *,
@@ -309,8 +319,9 @@ def trace_structure(
     """The graph a zoo config exports to, without its weights: uninitialised parameter memory that is
     never touched, so every zoo model's op set can be checked in seconds (0.5 GB for a 3.7B model).
 
-    With a reduced ``precision`` the graph is converted as ``export --precision`` does, and its weights
-    become typed graph inputs, so that ``onnx.checker``'s full check types every node."""
+    With a reduced ``precision`` the graph is converted as ``export --precision`` does. Its weights
+    become typed graph inputs (constants of up to ``SMALL_CONSTANT`` elements stay), so that
+    ``onnx.checker``'s full check types every node and TensorRT's parser takes the graph."""
     import tempfile
 
     from exporter.sources.loading import describe
@@ -324,15 +335,17 @@ def trace_structure(
     if routing_outputs:
         names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
     program, _, _ = _torch_export(module, [images], loaded.batch_multiple, opset, names, routing_outputs)
+    graph = program.model.graph
     if precision != "fp32":
-        graph = program.model.graph
         reduce_precision(program.model, precision, vmoe_layers=[n for n, _ in vmoe_layers(module)])
-        for value in list(graph.initializers.values()):
-            graph.initializers.pop(value.name)
-            value.const_value = None
-            graph.inputs.append(value)
+    for value in list(graph.initializers.values()):
+        if value.const_value is not None and value.const_value.size <= SMALL_CONSTANT:
+            continue  # shapes, axes and scalars stay: parsers read them as values
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        graph.inputs.append(value)
     with tempfile.TemporaryDirectory() as tmp:
-        program.save(f"{tmp}/graph.onnx", include_initializers=False)
+        program.save(f"{tmp}/graph.onnx")
         return onnx.load(f"{tmp}/graph.onnx")
 
 

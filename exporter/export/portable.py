@@ -33,6 +33,24 @@ FORBIDDEN_OPS = {
 }
 MAX_TOPK = 3840  # NVIDIA/TensorRT#4244
 
+# The allow-list against a real parser: TensorRT for RTX 1.7's ONNX parser parses every op of
+# ALLOWED_OPS (tests/exporter/export/test_portable.py parses a one-op graph of each, and every zoo
+# graph). Where it and the rules above differ, the rule stands for the reason it gives, which a parse
+# cannot see (wrong results, control flow, one-hot sizes, full TensorRT's limits); the tests check
+# each verdict, so a parser that changes its mind is noticed.
+RTX_PARSER_DIFFERENCES = {
+    "CumSum": "parses; forbidden for full TensorRT's wrong results with several CumSums",
+    "Einsum": "parses (three inputs too); forbidden for full TensorRT's restricted Einsum",
+    "OneHot": "parses; forbidden: an Equal against a Range is what TensorRT handles well",
+    "If": "parses; forbidden: control flow on tensor values",
+    "Loop": "parses; forbidden: a traced loop freezes routing decisions",
+    "Scan": "parses; forbidden: control flow",
+    "TopK": f"parses with k > {MAX_TOPK}; refused above it for full TensorRT's limit",
+    "NonZero": "refused too: TensorRT for RTX registers no NonZero plugin",
+    "Unique": "refused too",
+    "Compress": "refused too",
+}
+
 
 def _initializer_values(graph: onnx.GraphProto) -> dict:
     values = {}

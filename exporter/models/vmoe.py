@@ -61,13 +61,17 @@ def slot_tokens(routing: TopKRouting, num_experts: int, capacity: int) -> torch.
     """``[G, E*C]`` int64: the group-local token in each buffer slot ``e*C + c``, ``-1`` when empty.
 
     A ScatterElements without reduction: every kept (token, choice) writes its token index to its
-    own slot; dropped choices all write to one spare slot that is cut off afterwards.
+    own slot; dropped choices all write to one spare slot that is cut off afterwards. The table is at
+    least as wide as the S*k writes: TensorRT's ONNX parser refuses a ScatterElements whose indices
+    are wider than its data on any axis ("Indices dimensions must be less than data dimensions"),
+    which a capacity factor below 1 would otherwise give.
     """
     num_groups, group_size, k = routing.slot.shape
     spare = num_experts * capacity
     target = torch.where(routing.slot >= 0, routing.expert * capacity + routing.slot, spare)
     token = torch.arange(group_size, device=target.device).view(1, group_size, 1).expand_as(target)
-    table = torch.full((num_groups, spare + 1), -1, dtype=torch.int64, device=target.device)
+    width = max(spare + 1, group_size * k)
+    table = torch.full((num_groups, width), -1, dtype=torch.int64, device=target.device)
     table = table.scatter(1, target.reshape(num_groups, group_size * k), token.reshape(num_groups, group_size * k))
     return table[:, :spare]
 

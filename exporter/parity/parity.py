@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from exporter import settings
-from exporter.backends.torch import rounding_as, router_outputs, run_torch
+from exporter.backends.runner import Runner
+from exporter.backends.torch import TorchRunner, rounding_as
 from exporter.compare import (
     OutputParity,
     RoundingParity,
@@ -250,26 +251,67 @@ def reference_run(
 
 
 def _torch_run(module, images: np.ndarray) -> tuple[list[np.ndarray], dict[str, RoutingArrays], dict]:
-    """PyTorch's outputs, routing and router outputs on the images."""
-    with router_outputs(module) as routers:
-        expected, routing = run_torch(module, images)
-    return expected, {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in routing.items()}, routers
+    """PyTorch's outputs, routing and router outputs on the images (a ``TorchRunner``)."""
+    with TorchRunner(module) as runner:
+        expected = list(runner.infer({"images": images}).values())
+    routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in runner.routing.items()}
+    return expected, routing, runner.routers
+
+
+def onnxruntime_runner(path: str | Path, header: onnx.ModelProto):
+    """An ONNX Runtime (CPU) runner of a graph that also returns its internal tensors: the router
+    tensors (``router_tensors``, for ``compare_to_reference(routers=...)``) and the bfloat16 roundings
+    of bf16 dispatch (``bfloat16_roundings``). BF16 graphs, and FP16 graphs whose routing is FP16, run
+    emulated (``exporter.backends.emulation.emulation_type``)."""
+    from exporter.backends.onnxruntime import OnnxRuntimeRunner
+
+    names = [o.name for o in header.graph.output]
+    routers = {n for layer in router_tensors(header).values() for n in layer.values()}
+    internals = sorted(routers | set(bfloat16_roundings(header)))
+    outputs = names + [n for n in internals if n not in names]
+    return OnnxRuntimeRunner(Path(path), header=header, outputs=outputs, name=ort_backend_name(header))
 
 
 def onnxruntime_outputs(
     path: str | Path, header: onnx.ModelProto, feeds: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(outputs, internal tensors) of one ONNX Runtime (CPU) run of a graph: the router tensors
-    (``router_tensors``, for ``compare_to_reference(routers=...)``) and the bfloat16 roundings of bf16
-    dispatch (``bfloat16_roundings``) are exposed too. BF16 graphs, and FP16 graphs whose routing is
-    FP16, run emulated (``exporter.backends.emulation.emulation_type``)."""
-    from exporter.backends.onnxruntime import run_exposing
-
+    """(outputs, internal tensors) of one ONNX Runtime (CPU) run of a graph (``onnxruntime_runner``)."""
     names = [o.name for o in header.graph.output]
-    routers = {n for layer in router_tensors(header).values() for n in layer.values()}
-    internals = sorted(routers | set(bfloat16_roundings(header)))
-    values = run_exposing(Path(path), header, names + [n for n in internals if n not in names], feeds)
-    return {n: values[n] for n in names}, {n: values[n] for n in internals}
+    with onnxruntime_runner(path, header) as runner:
+        values = runner.infer(feeds)
+    return {n: values[n] for n in names}, {n: v for n, v in values.items() if n not in names}
+
+
+def compare_runner(
+    reference: Reference,
+    runner: Runner,
+    header: onnx.ModelProto,
+    *,
+    graph: str,
+    tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+    start: float | None = None,
+) -> ParityReport:
+    """The one comparison loop (validate, the bundle, the engines): runs any runner
+    (``exporter.backends.runner``) on the reference's images and compares its outputs, in the graph's
+    output order, with PyTorch's (``compare_to_reference``); the other tensors it returns are the
+    graph's router tensors, whose flips and weights are then explained."""
+    names = [o.name for o in header.graph.output]
+    with step(f"Running {runner.name} on {reference.images.shape[0]} images"), runner:
+        values = runner.infer({reference.input_name: reference.images})
+    actual = {n: values[n] for n in names if n in values}
+    router_names = {n for layer in router_tensors(header).values() for n in layer.values()}
+    routers = {n: v for n, v in values.items() if n in router_names and n not in names}
+    return compare_to_reference(
+        reference,
+        actual,
+        header,
+        graph=graph,
+        backend=runner.name,
+        tolerances=tolerances,
+        start=start,
+        routers=routers or None,
+    )
 
 
 def ort_backend_name(header: onnx.ModelProto) -> str:
@@ -450,6 +492,7 @@ __all__ = [
     "ParityReport",
     "Reference",
     "RoutingParity",
+    "compare_runner",
     "compare_to_reference",
     "make_inputs",
     "onnx_parity",

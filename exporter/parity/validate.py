@@ -19,7 +19,7 @@ from exporter.formats.graph import precision, read_header, recorded_batch
 from exporter.parity.parity import (
     ParityReport,
     Reference,
-    compare_to_reference,
+    compare_runner,
     onnx_parity,
     recorded_source,
     reference_run,
@@ -202,12 +202,9 @@ def validate_engine(
     if reference is None:
         source = source or recorded_source(graph_path, header, trust_module=trust_module)
         reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    with step("Running the TensorRT engine"), EngineRunner(engine_path) as runner:
-        actual = runner.infer({reference.input_name: reference.images})
-    order = [o.name for o in header.graph.output]
-    actual = {n: actual[n] for n in order if n in actual}
-    report = compare_to_reference(
-        reference, actual, header, graph=str(engine_path), backend="tensorrt", tolerances=tolerances, start=start
+    runner = EngineRunner(engine_path)
+    report = compare_runner(
+        reference, runner, header, graph=str(engine_path), tolerances=tolerances, step=step, start=start
     )
     if reference.stored:
         report.notes.append(f"reference: {reference.stored}")

@@ -39,10 +39,10 @@ from exporter.versions import package_version
 
 TORCH_EAGER, TORCH_COMPILE = "torch-eager", "torch-compile"
 ORT_CPU, ORT_CUDA = "onnxruntime-cpu", "onnxruntime-cuda"
-TENSORRT, TENSORRT_PLUGINS = "tensorrt", "tensorrt-plugins"
-BACKENDS = (TORCH_EAGER, TORCH_COMPILE, ORT_CPU, ORT_CUDA, TENSORRT, TENSORRT_PLUGINS)
-ONNX_BACKENDS = (ORT_CPU, ORT_CUDA, TENSORRT, TENSORRT_PLUGINS)
-OK, NOT_AVAILABLE, SKIPPED = "ok", "n/a", "skipped"
+TENSORRT, TENSORRT_PLUGINS, TENSORRT_RTX = "tensorrt", "tensorrt-plugins", "tensorrt-rtx"
+BACKENDS = (TORCH_EAGER, TORCH_COMPILE, ORT_CPU, ORT_CUDA, TENSORRT, TENSORRT_PLUGINS, TENSORRT_RTX)
+ONNX_BACKENDS = (ORT_CPU, ORT_CUDA, TENSORRT, TENSORRT_PLUGINS, TENSORRT_RTX)
+OK, NOT_AVAILABLE, SKIPPED, BUILT = "ok", "n/a", "skipped", "built"
 
 
 @dataclass
@@ -217,6 +217,10 @@ def _unavailable(backend: str) -> str | None:
         return ort_cuda_reason()
     if backend in (TENSORRT, TENSORRT_PLUGINS):
         return tensorrt_reason()
+    if backend == TENSORRT_RTX:
+        from exporter.backends.tensorrt_rtx import rtx_available
+
+        return rtx_available()
     return None
 
 
@@ -390,10 +394,10 @@ def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note=
         (times, last), busy = busy_elsewhere(lambda: time_runs(fn, warmup, runs))
     if busy is not None and busy >= settings.BENCH_BUSY_NOTE:
         note = "; ".join(n for n in (note, f"busy machine: other processes used {busy:.0%} of the CPUs") if n)
-    if isinstance(last, dict):  # named outputs (TensorRT: CUDA torch tensors)
+    if isinstance(last, dict):  # named outputs (the runners'; TensorRT's on device: CUDA torch tensors)
         last = next(iter(last.values()))
         last = last.float().cpu().numpy() if isinstance(last, torch.Tensor) else last
-    elif isinstance(last, list):  # ONNX Runtime outputs
+    elif isinstance(last, list):
         last = last[0]
     else:
         last = _first_tensor(last).float().cpu().numpy()
@@ -418,6 +422,8 @@ def _bench_graph(name, graph, folder: Path, images, reference, threads, multiple
     try:
         if name in (ORT_CPU, ORT_CUDA):
             return _bench_ort(name, graph, images, reference, threads, warmup, runs, step)
+        if name == TENSORRT_RTX:
+            return _bench_rtx(graph, folder, images, reference, multiple, warmup, runs, step)
         return _bench_tensorrt(name, graph, folder, images, reference, multiple, warmup, runs, step)
     except KeyboardInterrupt:
         raise
@@ -429,15 +435,57 @@ def _bench_graph(name, graph, folder: Path, images, reference, threads, multiple
 
 def _bench_ort(name, graph, images, reference, threads, warmup, runs, step) -> BenchRow:
     provider = ort_backend.CPU if name == ORT_CPU else ort_backend.CUDA
+    runner = ort_backend.OnnxRuntimeRunner(graph, provider=provider, threads=threads, name=name)
     with step(f"Creating the {name} session"):
         start = time.perf_counter()
-        session = ort_backend.session(graph, provider=provider, threads=threads)
+        runner.activate()
         setup = time.perf_counter() - start
-    if session.get_providers()[0] != provider:
-        return BenchRow(name, images.shape[0], status=NOT_AVAILABLE, note=f"{provider} did not load", device="cuda")
-    feed = {session.get_inputs()[0].name: images}
-    row = _timed_row(name, images.shape[0], lambda: session.run(None, feed), setup, reference, warmup, runs, step)
+    try:
+        if runner.active_provider != provider:
+            return BenchRow(name, images.shape[0], status=NOT_AVAILABLE, note=f"{provider} did not load", device="cuda")
+        feed = {image_input(read_header(graph)).name: images}
+        row = _timed_row(name, images.shape[0], lambda: runner.infer(feed), setup, reference, warmup, runs, step)
+    finally:
+        runner.deactivate()
     row.device = "cpu" if name == ORT_CPU else "cuda"
+    return row
+
+
+def _plugin_graph(graph, folder: Path, step) -> tuple[Path, float, str]:
+    """The plugin graph of the exported one: (path, rewrite seconds, the row's note)."""
+    from exporter.rewrite.rewrite import rewrite_onnx
+
+    rewritten = rewrite_onnx(graph, folder / "plugins.onnx", step=step)
+    note = f"plugin graph, {sum(rewritten.counts.values())} plugin nodes"
+    if rewritten.declined:
+        note += f", {len(rewritten.declined)} layers left standard"
+    return folder / "plugins.onnx", rewritten.seconds, note
+
+
+def _bench_rtx(graph, folder: Path, images, reference, multiple, warmup, runs, step) -> BenchRow:
+    """TensorRT for RTX: the plugin graph's engine for this machine's GPU, timed; without an RTX GPU,
+    built for ``settings.BENCH_RTX_TARGET`` and listed as built, not run."""
+    from exporter.backends.tensorrt import EngineOptions
+    from exporter.backends.tensorrt_rtx import TARGETS, RTXEngineRunner, build_engine, gpu_arch
+
+    batch = images.shape[0]
+    graph, setup, note = _plugin_graph(graph, folder, step)
+    here = gpu_arch()
+    target = here if here in TARGETS else settings.BENCH_RTX_TARGET
+    options = EngineOptions(min_batch=batch, opt_batch=batch, max_batch=batch)
+    with step(f"Building the TensorRT for RTX engine for sm_{target}"):
+        built = build_engine(graph, folder / "rtx.engine", target, options, batch_multiple=multiple)
+    setup += built.seconds
+    note += f" ({sum(built.plugin_layers.values())} plugin layers in the engine, sm_{target})"
+    if here not in TARGETS:
+        why = "no GPU here" if here is None else f"this GPU is sm_{here}, not an RTX target"
+        return BenchRow(TENSORRT_RTX, batch, setup_s=setup, status=BUILT, note=f"{note}; not run: {why}", device="cuda")
+    feeds = {image_input(read_header(graph)).name: images}
+    with RTXEngineRunner(built.path) as runner:
+        row = _timed_row(
+            TENSORRT_RTX, batch, lambda: runner.infer(feeds), setup, reference, warmup, runs, step, note=note
+        )
+    row.device = "cuda"
     return row
 
 
@@ -446,13 +494,7 @@ def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warm
 
     batch, setup, note = images.shape[0], 0.0, "portable graph"
     if name == TENSORRT_PLUGINS:
-        from exporter.rewrite.rewrite import rewrite_onnx
-
-        rewritten = rewrite_onnx(graph, folder / "plugins.onnx", step=step)
-        graph, setup = folder / "plugins.onnx", rewritten.seconds
-        note = f"plugin graph, {sum(rewritten.counts.values())} plugin nodes"
-        if rewritten.declined:
-            note += f", {len(rewritten.declined)} layers left standard"
+        graph, setup, note = _plugin_graph(graph, folder, step)
     input_name = image_input(read_header(graph)).name
     engine = folder / f"{name}.engine"
     options = EngineOptions(precision="fp32", min_batch=batch, opt_batch=batch, max_batch=batch)

@@ -9,11 +9,13 @@ layout; float32 accumulation, ``ieee`` for float32 and TF32 for float16 slot out
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import dtype_name, run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, require_static, static_dim
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -107,6 +109,8 @@ def launch(
     slot_out: torch.Tensor, combine: torch.Tensor, num_experts: int, expert_major: int, out=None
 ) -> torch.Tensor:
     """Tokens ``[B, m, D]`` in the dtype of ``slot_out``."""
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     images, tokens, slots = combine.shape
     dim = slot_out.shape[2]
     expected = (num_experts, images * (slots // num_experts), dim) if expert_major else (images, slots, dim)

@@ -10,15 +10,14 @@ def register() -> None:
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.soft_combine import kernels
+    from plugins.soft_combine import kernels, shapes
     from plugins.soft_combine.spec import SPEC
 
     @trtp.register(SPEC.id)
     def soft_combine_desc(
         slot_out: trtp.TensorDesc, combine: trtp.TensorDesc, num_experts: int, expert_major: int
     ) -> trtp.TensorDesc:
-        images, tokens, _ = combine.shape_expr
-        return trtp.from_shape_expr((images, tokens, slot_out.shape_expr[2]), dtype=slot_out.dtype)
+        return qdp.descs(shapes, (slot_out, combine), num_experts=num_experts, expert_major=expert_major)
 
     @trtp.autotune(SPEC.id)
     def soft_combine_autotune(

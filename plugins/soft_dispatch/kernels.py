@@ -10,11 +10,13 @@ is ``b*S + s`` (``expert_major=0``) or ``(e*B + b)*p + q`` (``expert_major=1``).
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import dtype_name, run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, require_static, static_dim
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -104,6 +106,8 @@ def kernel(name: str = "soft_dispatch_kernel"):
 
 def launch(x: torch.Tensor, dispatch: torch.Tensor, num_experts: int, expert_major: int, out=None) -> torch.Tensor:
     """Slots ``[B, S, D]`` (expert_major=0) or ``[n, B*p, D]`` (expert_major=1) in the dtype of ``x``."""
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     images, tokens, dim = x.shape
     slots = dispatch.shape[2]
     if dispatch.shape[:2] != x.shape[:2]:

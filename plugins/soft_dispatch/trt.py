@@ -10,17 +10,14 @@ def register() -> None:
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.soft_dispatch import kernels
+    from plugins.soft_dispatch import kernels, shapes
     from plugins.soft_dispatch.spec import SPEC
 
     @trtp.register(SPEC.id)
     def soft_dispatch_desc(
         x: trtp.TensorDesc, dispatch: trtp.TensorDesc, num_experts: int, expert_major: int
     ) -> trtp.TensorDesc:
-        images, _, dim = x.shape_expr
-        slots = dispatch.shape_expr[2]
-        shape = (num_experts, images * (slots // num_experts), dim) if expert_major else (images, slots, dim)
-        return trtp.from_shape_expr(shape, dtype=x.dtype)
+        return qdp.descs(shapes, (x, dispatch), num_experts=num_experts, expert_major=expert_major)
 
     @trtp.autotune(SPEC.id)
     def soft_dispatch_autotune(

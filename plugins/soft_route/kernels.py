@@ -8,11 +8,13 @@ the tokens. Pass 2: ``dispatch = exp(x - max) / sum`` per slot.
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import run
 from plugins.recipe import KernelRecipe, next_pow2, require_static, static_dim
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -96,6 +98,8 @@ def kernel(name: str = "soft_route_kernel"):
 
 def launch(logits: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dispatch, combine)`` for logits ``[B, m, S]`` float32 (written to ``out`` when given)."""
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     images, tokens, slots = logits.shape
     dispatch, combine = out or (torch.empty_like(logits), torch.empty_like(logits))
     run(kernel(), recipe(images, tokens, slots), [logits], [dispatch, combine])

@@ -7,19 +7,15 @@ import annotations`` here: TensorRT reads the decorated functions' annotations a
 
 def register() -> None:
     """Registers the plugin with TensorRT (call once per process: ``plugins.register.register_all``)."""
-    import tensorrt as trt
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.soft_route import kernels
+    from plugins.soft_route import kernels, shapes
     from plugins.soft_route.spec import SPEC
 
     @trtp.register(SPEC.id)
     def soft_route_desc(logits: trtp.TensorDesc) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return (
-            trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
-            trtp.from_shape_expr(logits.shape_expr, dtype=trt.float32),
-        )
+        return qdp.descs(shapes, (logits,))
 
     @trtp.autotune(SPEC.id)
     def soft_route_autotune(logits: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:

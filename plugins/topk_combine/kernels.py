@@ -8,11 +8,13 @@ nothing.
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import dtype_name, run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, static_dim
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -97,6 +99,8 @@ def kernel(name: str = "topk_combine_kernel"):
 
 def launch(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
     """Tokens ``[G, S, D]`` in the dtype of ``expert_out`` (written to ``out`` when given)."""
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     num_experts, rows, dim = expert_out.shape
     groups, tokens, k = slot.shape
     capacity = rows // groups

@@ -10,15 +10,14 @@ def register() -> None:
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.topk_combine import kernels
+    from plugins.topk_combine import kernels, shapes
     from plugins.topk_combine.spec import SPEC
 
     @trtp.register(SPEC.id)
     def topk_combine_desc(
         expert_out: trtp.TensorDesc, slot: trtp.TensorDesc, weight: trtp.TensorDesc
     ) -> trtp.TensorDesc:
-        groups, tokens, _ = slot.shape_expr
-        return trtp.from_shape_expr((groups, tokens, expert_out.shape_expr[2]), dtype=expert_out.dtype)
+        return qdp.descs(shapes, (expert_out, slot, weight))
 
     @trtp.autotune(SPEC.id)
     def topk_combine_autotune(

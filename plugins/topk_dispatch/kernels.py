@@ -7,11 +7,13 @@ needs, one write of every slot row (zeros for an empty slot, which reads nothing
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import dtype_name, run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, static_dim
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 
@@ -87,6 +89,8 @@ def kernel(name: str = "topk_dispatch_kernel"):
 
 def launch(x: torch.Tensor, slot_token: torch.Tensor, num_experts: int, out=None) -> torch.Tensor:
     """Expert inputs ``[E, G*C, D]`` in the dtype of ``x`` (written to ``out`` when given)."""
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     groups, tokens, dim = x.shape
     slots = slot_token.shape[1]
     if slot_token.shape[0] != groups or slots % num_experts:

@@ -10,14 +10,12 @@ def register() -> None:
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.topk_dispatch import kernels
+    from plugins.topk_dispatch import kernels, shapes
     from plugins.topk_dispatch.spec import SPEC
 
     @trtp.register(SPEC.id)
     def topk_dispatch_desc(x: trtp.TensorDesc, slot_token: trtp.TensorDesc, num_experts: int) -> trtp.TensorDesc:
-        groups, _, dim = x.shape_expr
-        capacity = slot_token.shape_expr[1] // num_experts
-        return trtp.from_shape_expr((num_experts, groups * capacity, dim), dtype=x.dtype)
+        return qdp.descs(shapes, (x, slot_token), num_experts=num_experts)
 
     @trtp.autotune(SPEC.id)
     def topk_dispatch_autotune(

@@ -22,13 +22,15 @@ at V-MoE B/16 (S = 1,576) 25 programs per group, at 384 px (S = 4,616) 73. Exact
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from plugins.launch import run
 from plugins.recipe import KernelRecipe, cdiv, next_pow2, require_static
 from plugins.topk_route.capacity import capacity as capacity_of
 from plugins.topk_route.spec import DEFAULTS, NORMALIZE
+
+if TYPE_CHECKING:
+    import torch
 
 triton = tl = None  # bound on first use by _kernels(): importing this module needs no triton
 _top_k = _column = None  # the kernel's @triton.jit helpers, bound there too
@@ -230,6 +232,8 @@ def launch(gates: torch.Tensor, k: int, capacity: int, batch_priority: int, out=
     ``out`` may give the four output tensors to write (TensorRT's, in the JIT implementation);
     ``capacity`` 0 takes the capacity rule in ``attrs`` (the node's ``cap_*``).
     """
+    import torch  # here: the recipes above are read without torch (the V3 plugins at run time)
+
     groups, tokens, num_experts = gates.shape
     capacity = capacity_of(tokens, {**attrs, "capacity": capacity})
     plan = recipe(groups, tokens, num_experts, k, capacity, batch_priority, **attrs)

@@ -8,12 +8,10 @@ attributes as the parameters after the tensors (all of ``spec.SPEC.attributes``,
 
 def register() -> None:
     """Registers the plugin with TensorRT (call once per process: ``plugins.register.register_all``)."""
-    import tensorrt as trt
     import tensorrt.plugin as trtp
 
     from plugins import qdp
-    from plugins.topk_route import kernels
-    from plugins.topk_route.capacity import capacity as capacity_of
+    from plugins.topk_route import kernels, shapes
     from plugins.topk_route.spec import SPEC
 
     @trtp.register(SPEC.id)
@@ -34,8 +32,10 @@ def register() -> None:
         cap_min: int,
         cap_clamp: int,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        groups, tokens, experts = gates.shape_expr
         attrs = dict(
+            k=k,
+            capacity=capacity,
+            batch_priority=batch_priority,
             by_token=by_token,
             normalize=normalize,
             eps=eps,
@@ -48,16 +48,7 @@ def register() -> None:
             cap_min=cap_min,
             cap_clamp=cap_clamp,
         )
-        slots = capacity_of(
-            tokens, {**attrs, "capacity": capacity}, smax=trtp.max, smin=trtp.min
-        )  # may follow the group size
-        per_choice = (groups, tokens, k)
-        return (
-            trtp.from_shape_expr(per_choice, dtype=trt.int32),
-            trtp.from_shape_expr(per_choice, dtype=trt.int32),
-            trtp.from_shape_expr(per_choice, dtype=trt.float32),
-            trtp.from_shape_expr((groups, experts * slots), dtype=trt.int32),
-        )
+        return qdp.descs(shapes, (gates,), **attrs)  # the slot table's width may follow the group size
 
     @trtp.autotune(SPEC.id)
     def topk_route_autotune(gates: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:

@@ -251,7 +251,7 @@ def test_rebuilding_over_a_bundle_replaces_it(tmp_path):
 
 
 def test_a_graph_that_fails_parity_writes_no_bundle(tmp_path, monkeypatch):
-    import exporter.parity.parity as parity_module
+    import exporter.parity.parity as parity_module  # the bundle's comparison (onnx_parity) calls it
 
     real = parity_module.compare_to_reference
 

@@ -5,6 +5,7 @@ builds themselves are GPU-marked in tests/exporter/backends/test_tensorrt.py).""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from exporter.backends.tensorrt import EngineOptions, TensorRTUnavailable, tensorrt_available
+from exporter.backends.tensorrt_rtx import rtx_available
 from exporter.deploy.engines import build_engine_for
 from exporter.errors import UserError
 from exporter.sources.choice import ModelChoice
@@ -111,3 +113,43 @@ def test_every_file_of_a_bundle_is_checked_by_validate_and_build_engine(bundled,
                 run(bundle)
             assert expected in str(raised.value), (name, str(raised.value))
         shutil.rmtree(bundle)
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason="needs TensorRT for RTX (pip install tensorrt-rtx-cu12)")
+def test_the_bundle_readme_rtx_command_builds_engines_into_the_bundle_and_its_manifest(bundled, tmp_path):
+    """`moe-export build engine . --backend tensorrt-rtx --target ...` in the bundle folder, as its README
+    says: one engine per target, in the manifest with its hash (validate then checks it), not run here."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from cli import main
+    from exporter.backends.tensorrt_rtx import TARGETS, gpu_arch
+    from exporter.formats.bundle import check_files, read_manifest
+
+    _, _, folder = bundled("soft-moe-tiny")
+    bundle = tmp_path / "b"
+    shutil.copytree(folder, bundle)
+    text = (bundle / "README.md").read_text()
+    lines = [x for x in text.splitlines() if x.startswith("moe-export build engine . --backend tensorrt-rtx")]
+    assert len(lines) == 2 and "--portable" in lines[1]
+    line = lines[0]
+    args = shlex.split(line.split("#")[0])[1:] + ["--json", str(tmp_path / "r.json")]
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(bundle)
+    assert set(manifest["rtx_engines"]) == {"sm_89", "sm_120"}
+    for target, entry in manifest["rtx_engines"].items():
+        assert entry["file"] == f"model.{target}.engine" and entry["graph"] == "model.plugins.onnx"
+        assert entry["plugin_layers"] == manifest["plugins"]["nodes"]
+    check_files(bundle, None, manifest)  # the engines' hashes are recorded
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [e["target"] for e in report["engines"]] == ["sm_89", "sm_120"] and report["passed"]
+    if gpu_arch() not in TARGETS:
+        assert result.output.strip().splitlines()[-1].startswith("built, not run: no GPU of its target here")
+        assert all(e["run"].startswith("not run") for e in report["engines"])

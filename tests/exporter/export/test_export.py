@@ -7,6 +7,7 @@ import json
 import onnx
 import pytest
 
+from exporter.backends.tensorrt_rtx import rtx_available
 from exporter.export.export import export_onnx
 from exporter.formats.graph import SOURCE_KEY as METADATA_KEY
 from exporter.sources.loading import ModelSource, from_zoo, load
@@ -94,3 +95,12 @@ def test_export_model_is_what_the_export_command_runs(tmp_path):
     recorded = ModelSource.from_json(metadata(onnx.load(str(result.path), load_external_data=False))[METADATA_KEY])
     assert recorded == from_zoo("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
     assert result.routing_layers == ["blocks.1.mlp", "blocks.3.mlp"] and not result.findings
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason="needs TensorRT for RTX (pip install tensorrt-rtx-cu12)")
+@pytest.mark.parametrize("name", ["vmoe-tiny", "soft-moe-tiny"])
+def test_export_reports_the_rtx_parsers_word_beside_the_allow_list(exported, name):
+    _, result = exported(name)
+    assert result.findings == [] and result.rtx_parse["parsed"] and result.rtx_parse["errors"] == []
+    assert result.rtx_parse["layers"] > 0 and result.rtx_parse["version"].startswith("1.")
+    assert json.loads(json.dumps(result.to_dict()))["rtx_parse"] == result.rtx_parse

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from exporter.backends.tensorrt_rtx import rtx_available
 from exporter.errors import UserError
 from exporter.sources.loading import from_zoo
 from exporter.tools.bench import (
@@ -151,3 +152,16 @@ def test_tensorrt_rows_on_a_gpu(name):
         assert row.device == "cuda" and 0 < row.median_ms <= row.p90_ms and math.isfinite(row.images_per_s)
         assert row.setup_s > report.export_s and row.max_rel_err < 1e-3
     assert "plugin graph" in report.row("tensorrt-plugins").note
+
+
+@pytest.mark.skipif(rtx_available() is not None, reason="needs TensorRT for RTX (pip install tensorrt-rtx-cu12)")
+def test_an_rtx_engine_is_built_and_listed_as_not_runnable_without_a_gpu():
+    from exporter.backends.tensorrt_rtx import TARGETS, gpu_arch
+    from exporter.tools.bench import BUILT
+
+    if gpu_arch() in TARGETS:
+        pytest.skip("an RTX GPU is here: the row is timed (rtx_gpu tests)")
+    report = bench(from_zoo("soft-moe-tiny"), batch=2, warmup=0, runs=1, backends=["torch-eager", "tensorrt-rtx"])
+    row = report.row("tensorrt-rtx")
+    assert row.status == BUILT and row.median_ms is None and row.setup_s > report.export_s > 0
+    assert "6 plugin layers in the engine, sm_89" in row.note and row.note.endswith("not run: no GPU here")
