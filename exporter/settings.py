@@ -125,3 +125,13 @@ def default_batch(batch_multiple: int, purpose: str = "validate") -> int:
         "bundle": (BUNDLE_SAMPLE_BATCHES, DEFAULT_VALIDATE_BATCH_IMAGES),
     }[purpose]
     return batch_multiple * groups if batch_multiple > 1 else images
+
+
+# --- Swin-MoE (microsoft/Swin-Transformer with microsoft/tutel) --------------------------------------
+# Swin's eval transform: resize, ToTensor, Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SWIN_MOE_PREPROCESSING = (
+    "RGB images, NCHW float32, ImageNet-normalised: (pixel / 255 - mean) / std with mean (0.485, 0.456, 0.406), "
+    "std (0.229, 0.224, 0.225) (Swin-Transformer's eval transform)"
+)
