@@ -169,6 +169,8 @@ def export_onnx(
         program, dynamic = _torch_export(
             model, images, multiple, opset, names, routing_outputs, user_code=loaded.source.kind == "module"
         )
+    # torch.export can fix a dynamic size without an error (e.g. a tensor made from it): say so
+    dynamic = dynamic and not isinstance(program.model.graph.inputs[0].shape[0], int)
     if routing_outputs and dynamic and multiple > 1:
         for value in program.model.graph.outputs:  # name the routing outputs' group axis
             if value.name.startswith(ROUTING_PREFIX) and value.shape is not None:

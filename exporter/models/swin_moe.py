@@ -41,8 +41,14 @@ class CosineRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        logits = torch.matmul(F.normalize(self.projector(x), dim=-1), F.normalize(self.sim_matrix, dim=0))
+        logits = torch.matmul(l2_normalize(self.projector(x), dim=-1), l2_normalize(self.sim_matrix, dim=0))
         return logits * torch.clamp(self.temperature, max=COSINE_LOGIT_SCALE_MAX).exp()
+
+
+def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize``: ``x / max(||x||, eps)``, written with ReduceSum and Sqrt (ONNX's ReduceL2 is not
+    on the portable list)."""
+    return x / torch.sqrt((x * x).sum(dim=dim, keepdim=True)).clamp(min=eps)
 
 
 class TutelExperts(nn.Module):

@@ -162,6 +162,7 @@ def route_tutel(
     offset = torch.stack(earlier_passes)  # [k, 1, E]
     location = ((same_pass + offset) * choice).sum(dim=-1).to(torch.int64)  # [k, N]
 
+    bound = None  # cf < 0: the dynamic capacity is clipped to this (aligned, as tutel aligns the clipped value)
     if capacity_factor > 0:
         capacity = tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment)
     else:  # tutel: locations2[-1] + 1, its largest entry
@@ -170,11 +171,9 @@ def route_tutel(
             load = offset[k - 1, 0] + 1 + choice[k - 1, -1] * last
         else:
             load = per_pass.sum(dim=0)[0]
-        capacity = load.max().to(torch.int64)
-        if capacity_factor < 0:
-            bound = tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment)
-            capacity = torch.minimum(capacity, torch.as_tensor(bound, dtype=torch.int64, device=gates.device))
-        capacity = align(capacity, alignment)
+        capacity = align(load.max().to(torch.int64), alignment)
+        if capacity_factor < 0:  # align(min(c, b)) == min(align(c), align(b)): compared with each, no tensor
+            bound = align(tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment), alignment)
 
     weights = values
     if normalize_gate and k > 1:
@@ -185,6 +184,10 @@ def route_tutel(
         weights = [v / denom for v in values]
     location = location.transpose(0, 1).unsqueeze(0)  # [1, N, k]
     kept = location < capacity
+    if bound is not None:  # a symbolic bound stays shape arithmetic (a tensor of it would fix the batch size)
+        kept = kept & (location < bound)
+        if isinstance(bound, int):
+            capacity = torch.clamp(capacity, max=bound)
     weight = torch.stack(weights, dim=-1).unsqueeze(0)
     routing = TopKRouting(
         expert=torch.stack(indices, dim=-1).unsqueeze(0),

@@ -318,3 +318,115 @@ __all__ = [
     "read_checkpoint",
     "state_dict_for",
 ]
+
+
+def import_swin_moe(
+    checkpoint: str | Path,
+    config: str | Path,
+    output_dir: str | Path,
+    *,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides,
+):
+    """Converts a Swin-MoE checkpoint (per-rank files or a merged file) and Swin's YAML into
+    ``output_dir/{model.safetensors,config.json}``, the folder every ``--model`` takes. The folder is
+    assembled beside ``output_dir`` and moved into place; an existing import there is replaced, any other
+    non-empty folder refused."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from exporter import settings
+    from exporter.fileio import check_output, check_space, current_umask, publish_dir, sha256, temp_dir
+    from exporter.sources.checkpoints import CONFIG_FILE, FORMAT, WEIGHTS_FILE, ImportResult, is_model_dir
+
+    out = check_output(output_dir, folder=True)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
+        raise UserError(f"{out} exists and is not a moe-export model folder: choose another -o")
+    read = read_checkpoint(checkpoint, progress=progress)
+    swin_config = config_for_checkpoint(read, config, name=name, **overrides)
+    state = state_dict_for(read, swin_config)
+    del read
+    check_space(out, sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20), "the model folder")
+    files = checkpoint_files(checkpoint)
+    if progress:
+        progress(f"hashing {len(files)} checkpoint file(s)")
+    source = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_files": [f.name for f in files],
+        "checkpoint_sha256": sha256(*files),
+        "config": str(Path(config).resolve()),
+        "config_sha256": sha256(config),
+        "parameters": int(sum(t.numel() for t in state.values())),
+    }
+    meta = {"format": FORMAT, "model": swin_config.to_dict(), "preprocessing": settings.SWIN_MOE_PREPROCESSING}
+    meta["source"] = source
+    with temp_dir(out) as tmp:
+        if progress:
+            progress(f"writing {WEIGHTS_FILE}")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        written = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        publish_dir(tmp, out)
+    return ImportResult(str(out), swin_config.to_dict(), source, written)
+
+
+def to_swin_state(state: Mapping[str, torch.Tensor], config: SwinMoEConfig) -> dict[str, torch.Tensor]:
+    """Our state dict in Swin's names and merged layout, as Swin's model holds it in one process: the
+    derived buffers and each MoE layer's ``_num_global_experts`` included, and for a bias-free model the
+    zero ``batched_fc2_bias`` tutel keeps."""
+    model = build_swin_moe(config, device="meta").derive_buffers_()
+    back = {v: k for k, v in RENAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition(".mlp.")
+        out[f"{head}.mlp.{back[tail]}" if sep and tail in back else key] = value
+    out.update((key, value.clone()) for key, value in model.named_buffers())  # the names are Swin's
+    for layer in config.moe_layer_names():
+        out[f"{layer}._moe_layer._num_global_experts"] = torch.tensor(config.num_experts)
+        if not config.mlp_fc2_bias:
+            width = out[f"{layer}._moe_layer.experts.batched_fc2_w"].shape[-1]
+            out[f"{layer}._moe_layer.experts.batched_fc2_bias"] = torch.zeros(config.num_experts, width)
+    return out
+
+
+def write_checkpoint(
+    path: str | Path, state: Mapping[str, torch.Tensor], config: SwinMoEConfig, *, ranks: int | None = None
+) -> list[Path]:
+    """Writes our state dict as Swin-MoE users have it: with ``ranks``, per-rank files ``path.rank{r}`` and
+    ``path.master`` as Swin's rank-sharded saver writes them (experts split as tutel splits them over that
+    many GPUs; a bias-free model's rank-0 zero fc2 bias in the master); without, one merged file as
+    ``tutel.checkpoint.gather`` writes it. For synthetic checkpoints of the released models' layout."""
+    swin = to_swin_state(state, config)
+    path = Path(path)
+    if ranks is None:
+        torch.save({"model": swin}, path)
+        return [path]
+    experts = config.num_experts
+    if experts % ranks and ranks % experts:
+        raise UserError(f"{ranks} ranks cannot hold {experts} experts (neither divides the other)")
+    split = max(ranks // experts, 1)  # ranks per expert (tutel's sharded_count)
+    trained = ("batched_fc1_w", "batched_fc1_bias", "batched_fc2_w") + (
+        ("batched_fc2_bias",) if config.mlp_fc2_bias else ()
+    )
+    rank_keys = [k for k in swin if EXPERTS_KEY in k and k.endswith(trained)]
+    files = []
+    for r in range(ranks):
+        own = {}
+        for key in rank_keys:
+            value = swin[key]
+            if split == 1:
+                own[key] = value.chunk(ranks)[r].clone()
+            else:  # expert r // split, slice r % split of its hidden (or, for the fc2 bias, output) width
+                own[key] = value[r // split].unsqueeze(0).chunk(split, dim=1)[r % split].clone()
+        files.append(Path(f"{path}.rank{r}"))
+        torch.save({"model": own}, files[-1])
+    master = {k: v for k, v in swin.items() if k not in rank_keys}
+    for key in [k for k in master if k.endswith(".experts.batched_fc2_bias")]:  # rank 0's frozen zeros
+        master[key] = master[key][: max(experts // ranks, 1)].chunk(split, dim=1)[0].clone()
+    files.append(Path(f"{path}.master"))
+    torch.save({"model": master}, files[-1])
+    return files
