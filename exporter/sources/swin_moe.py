@@ -234,12 +234,11 @@ def _deep_merge(a: dict, b: dict) -> dict:
 def _released(size: str, dim: int, heads: tuple[int, ...], experts: int, cosine: bool = False) -> SwinMoEConfig:
     kind = f"{'cosine_router_' if cosine else ''}{experts}expert"
     released = f"swin_moe_{size}_patch4_window12_192_{kind}_32gpu_22k"
-    weights = "weights released" if size == "small" else "config only, no weights released"
     router = "cosine" if cosine else "linear"
     return SwinMoEConfig(
         name=f"swin-moe-{size[0]}-e{experts}{'-cosine' if cosine else ''}",
-        summary=f"{released}: Swin-MoE-{size[0].upper()}, {experts} experts, {router} router, top-1, C=1.25, "
-        f"BPR, 192 px, 21,841 classes ({weights})",
+        summary=f"{released}: E={experts}, {router} router, k=1, C=1.25, BPR, 192 px"
+        + (" (config only, no weights)" if size == "base" else ""),
         image_size=192,
         num_classes=21841,
         embed_dim=dim,

@@ -168,10 +168,15 @@ def read_checkpoint(path: str | Path, *, progress: Callable[[str], None] | None 
     for k, parts in pieces.items():
         whole = torch.cat(parts, dim=0)
         if num_experts % len(ranks) == 0:
+            if whole.shape[0] < num_experts:
+                raise UserError(
+                    f"rank file {checkpoint.path}.rank{len(ranks)} is missing: {len(ranks)} rank file(s) hold "
+                    f"{whole.shape[0]} of the {num_experts} experts (_num_global_experts) of {k}"
+                )
             if whole.shape[0] != num_experts:
                 raise UserError(
-                    f"{len(ranks)} rank files hold {whole.shape[0]} experts of {k}, but the master says "
-                    f"{num_experts} (_num_global_experts): a rank file is missing or from another run"
+                    f"{len(ranks)} rank files hold {whole.shape[0]} experts of {k}, the master {num_experts} "
+                    "(_num_global_experts): the rank files are from another run"
                 )
         elif len(ranks) % num_experts == 0:
             whole = whole.reshape(num_experts, -1, *whole.shape[2:])
@@ -247,18 +252,21 @@ def _swin_name(ours: str) -> str:
 
 
 def check_rank_layout(checkpoint: SwinCheckpoint, config: SwinMoEConfig, local_experts: int) -> None:
-    """Per-rank files against the YAML's ``NUM_LOCAL_EXPERTS`` (experts per GPU, or ``-s``: one expert
-    split over ``s`` GPUs): the rank files must hold what that training run's ranks held."""
+    """Per-rank files against the YAML's ``NUM_LOCAL_EXPERTS`` (experts per GPU, or ``-s``: one expert split
+    over ``s`` GPUs): when the rank files hold what that run's ranks held, there must be as many as it had
+    (a missing slice of split experts still reads as whole experts of half the width). A layout that differs
+    from the YAML's is left to the shape check, which names the tensor."""
     if not checkpoint.ranks or checkpoint.rank_experts is None:
         return
     held, hidden_slice = checkpoint.rank_experts[0], checkpoint.rank_experts[1]
     stage = next(i for i, blocks in enumerate(config.moe_blocks) if any(b >= 0 for b in blocks))
     hidden = int(config.embed_dim * 2**stage * config.mlp_ratio)
-    want_held, want_slice = (local_experts, hidden) if local_experts > 0 else (1, hidden // -local_experts)
-    if (held, hidden_slice) != (want_held, want_slice):
+    want = (local_experts, hidden) if local_experts > 0 else (1, hidden // -local_experts)
+    ranks = config.num_experts // local_experts if local_experts > 0 else config.num_experts * -local_experts
+    if (held, hidden_slice) == want and checkpoint.ranks < ranks:
         raise UserError(
-            f"the config has NUM_LOCAL_EXPERTS: {local_experts}, but each rank file of {checkpoint.path} holds "
-            f"{held} expert(s) of hidden width {hidden_slice} (expected {want_held} of {want_slice})"
+            f"rank file {checkpoint.path}.rank{checkpoint.ranks} is missing: NUM_LOCAL_EXPERTS: {local_experts} "
+            f"puts {config.num_experts} experts on {ranks} ranks"
         )
 
 
@@ -393,40 +401,46 @@ def to_swin_state(state: Mapping[str, torch.Tensor], config: SwinMoEConfig) -> d
     return out
 
 
+def split_ranks(
+    swin: Mapping[str, torch.Tensor], config: SwinMoEConfig, ranks: int
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Swin's merged state dict (``to_swin_state``) as the ``ranks`` files of Swin's rank-sharded saver:
+    each rank's trained expert parameters (tutel's layout on that many GPUs: ``E / R`` experts a rank, or
+    each expert split over ``R / E`` ranks along its hidden width, its fc2 bias along the output width) and
+    the master (the rest; a bias-free model's frozen zero fc2 bias as rank 0 holds it)."""
+    experts = config.num_experts
+    if experts % ranks and ranks % experts:
+        raise UserError(f"{ranks} ranks cannot hold {experts} experts (neither divides the other)")
+    split = max(ranks // experts, 1)  # ranks per expert (tutel's sharded_count)
+    trained = ["batched_fc1_w", "batched_fc1_bias", "batched_fc2_w"] + (["batched_fc2_bias"] * config.mlp_fc2_bias)
+    rank_keys = [k for k in swin if EXPERTS_KEY in k and k.endswith(tuple(trained))]
+    per_rank = []
+    for r in range(ranks):
+        if split == 1:
+            per_rank.append({k: swin[k].chunk(ranks)[r].clone() for k in rank_keys})
+        else:  # expert r // split, slice r % split of its hidden (or, for the fc2 bias, output) width
+            per_rank.append(
+                {k: swin[k][r // split].unsqueeze(0).chunk(split, dim=1)[r % split].clone() for k in rank_keys}
+            )
+    master = {k: v for k, v in swin.items() if k not in rank_keys}
+    for key in [k for k in master if k.endswith(".experts.batched_fc2_bias")]:  # rank 0's frozen zeros
+        master[key] = master[key][: max(experts // ranks, 1)].chunk(split, dim=1)[0].clone()
+    return per_rank, master
+
+
 def write_checkpoint(
     path: str | Path, state: Mapping[str, torch.Tensor], config: SwinMoEConfig, *, ranks: int | None = None
 ) -> list[Path]:
     """Writes our state dict as Swin-MoE users have it: with ``ranks``, per-rank files ``path.rank{r}`` and
-    ``path.master`` as Swin's rank-sharded saver writes them (experts split as tutel splits them over that
-    many GPUs; a bias-free model's rank-0 zero fc2 bias in the master); without, one merged file as
-    ``tutel.checkpoint.gather`` writes it. For synthetic checkpoints of the released models' layout."""
+    ``path.master`` as Swin's rank-sharded saver writes them (``split_ranks``); without, one merged file as
+    ``tutel.checkpoint.gather`` writes it. For synthetic checkpoints of the released models' layouts."""
     swin = to_swin_state(state, config)
     path = Path(path)
     if ranks is None:
         torch.save({"model": swin}, path)
         return [path]
-    experts = config.num_experts
-    if experts % ranks and ranks % experts:
-        raise UserError(f"{ranks} ranks cannot hold {experts} experts (neither divides the other)")
-    split = max(ranks // experts, 1)  # ranks per expert (tutel's sharded_count)
-    trained = ("batched_fc1_w", "batched_fc1_bias", "batched_fc2_w") + (
-        ("batched_fc2_bias",) if config.mlp_fc2_bias else ()
-    )
-    rank_keys = [k for k in swin if EXPERTS_KEY in k and k.endswith(trained)]
-    files = []
-    for r in range(ranks):
-        own = {}
-        for key in rank_keys:
-            value = swin[key]
-            if split == 1:
-                own[key] = value.chunk(ranks)[r].clone()
-            else:  # expert r // split, slice r % split of its hidden (or, for the fc2 bias, output) width
-                own[key] = value[r // split].unsqueeze(0).chunk(split, dim=1)[r % split].clone()
-        files.append(Path(f"{path}.rank{r}"))
-        torch.save({"model": own}, files[-1])
-    master = {k: v for k, v in swin.items() if k not in rank_keys}
-    for key in [k for k in master if k.endswith(".experts.batched_fc2_bias")]:  # rank 0's frozen zeros
-        master[key] = master[key][: max(experts // ranks, 1)].chunk(split, dim=1)[0].clone()
-    files.append(Path(f"{path}.master"))
-    torch.save({"model": master}, files[-1])
+    per_rank, master = split_ranks(swin, config, ranks)
+    files = [Path(f"{path}.rank{r}") for r in range(ranks)] + [Path(f"{path}.master")]
+    for f, part in zip(files, [*per_rank, master]):
+        torch.save({"model": part}, f)
     return files
