@@ -50,7 +50,9 @@ RATIO_CHECK_TOKENS = 1 << 20
 def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
     """``(p, q)`` with ``(p * x) // q == int(abs(cf) * x)`` (Python float arithmetic, as tutel) for every
     ``0 <= x <= RATIO_CHECK_TOKENS``: the capacity rule as integer arithmetic a graph can do on its batch
-    size. The simplest such fraction is found from ``cf``'s continued fraction and checked exhaustively."""
+    size. The simplest such fraction is found from ``cf``'s continued fraction and checked exhaustively.
+    Some decimals have none (0.7 is a little below 7/10 in binary, and ``int(0.7 * 30) == 20`` while
+    ``int(0.7 * 10) == 7``): those are refused, naming a token count where the float product breaks the rule."""
     cf = abs(float(capacity_factor))
     if not math.isfinite(cf):
         raise UserError(f"capacity factor must be finite, got {capacity_factor}")
@@ -61,22 +63,29 @@ def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
         p, q = ratio.numerator, ratio.denominator
         if p * RATIO_CHECK_TOKENS < 2**62 and np.array_equal((p * x) // q, want):
             return p, q
+    ratio = Fraction(cf).limit_denominator(100)
+    bad = int(np.argmax((ratio.numerator * x) // ratio.denominator != want))
     raise UserError(
-        f"capacity factor {capacity_factor!r}: int(cf * tokens) is not a fraction of the token count with a "
-        "denominator up to 10**6; use a shorter decimal (e.g. 1.25)"
+        f"capacity factor {capacity_factor!r}: tutel's int({cf!r} * tokens) in floating point is no fixed fraction "
+        f"of the token count (int({cf!r} * {bad}) == {int(cf * bad)}), so a graph cannot compute it from its batch "
+        "size; use a binary-exact factor such as 0.75 or 1.25"
     )
 
 
 def tutel_capacity(num_tokens, num_experts: int, k: int, capacity_factor: float, alignment: int = 1):
     """tutel's static capacity ``k * int(cf * ceil(N / E))`` rounded up to ``alignment``, for ``cf > 0``;
     for ``cf < 0`` the bound ``k * int(-cf * ceil(N / E))`` (unaligned: the dynamic capacity is clipped to
-    it before the alignment); for ``cf == 0`` the largest possible load, ``N``. ``num_tokens`` may be a
-    symbolic size (torch.export): integer arithmetic only."""
+    it before the alignment); for ``cf == 0`` the largest possible load, ``N``. A Python ``num_tokens`` is
+    computed as tutel does, in floats; a symbolic one (torch.export) with ``capacity_ratio``'s integers,
+    equal for every token count up to ``RATIO_CHECK_TOKENS`` per expert."""
     per_expert = (num_tokens + num_experts - 1) // num_experts
     if capacity_factor == 0:
         return num_tokens
-    p, q = capacity_ratio(capacity_factor)
-    capacity = k * ((p * per_expert) // q)
+    if isinstance(per_expert, int):
+        capacity = k * int(abs(capacity_factor) * per_expert)
+    else:
+        p, q = capacity_ratio(capacity_factor)
+        capacity = k * ((p * per_expert) // q)
     return align(capacity, alignment) if capacity_factor > 0 else capacity
 
 
