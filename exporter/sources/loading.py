@@ -49,6 +49,11 @@ class ModelSource:
         """What the model's images input expects (a user module: the reference's convention)."""
         return self.config.preprocessing if self.config is not None else settings.PREPROCESSING
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) from [0, 1] pixels to the model's inputs."""
+        return self.config.normalization if self.config is not None else ((0.5,), (0.5,))
+
     def to_json(self) -> str:
         return json.dumps(
             {

@@ -94,6 +94,11 @@ class SwinMoEConfig:
     def preprocessing(self) -> str:
         return settings.SWIN_MOE_PREPROCESSING
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) from [0, 1] pixels to the inputs: ImageNet's."""
+        return settings.IMAGENET_MEAN, settings.IMAGENET_STD
+
     def stage_tokens(self, stage: int) -> int:
         """Tokens per image in stage ``stage``."""
         return (self.image_size // self.patch_size // 2**stage) ** 2

@@ -69,6 +69,11 @@ class ModelConfig:
         """What the images input expects."""
         return settings.PREPROCESSING
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) from [0, 1] pixels to the inputs: [-1, 1]."""
+        return (0.5,), (0.5,)
+
     def replace(self, **overrides) -> ModelConfig:
         """A copy with the non-``None`` overrides applied and checked."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
