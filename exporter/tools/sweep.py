@@ -137,7 +137,8 @@ def _forward(loaded: LoadedModel, images: torch.Tensor, batch: int) -> _Run:
 
 
 def _group_tokens(loaded: LoadedModel, layer: str, run: _Run, batch: int) -> int:
-    """Tokens routed together in a layer: a V-MoE group, or a Swin-MoE chunk of ``batch`` images."""
+    """Tokens routed together in a layer: a V-MoE group, or a Swin-MoE chunk of ``batch`` images (the
+    first chunk's: a last, smaller one routes fewer)."""
     tokens = run.routing[layer].slot.shape[1]
     return tokens * batch // len(run.logits) if loaded.family == SWIN_MOE else tokens
 
@@ -229,6 +230,8 @@ def sweep_capacity(
         raise UserError(f"{available} images make no whole routing group of {multiple} images")
     images, labels = split.test_images[:count], split.test_labels[:count]
     batch = multiple * max(1, settings.SWEEP_CHUNK_IMAGES // multiple)
+    if loaded.family == SWIN_MOE:  # its routing group is the batch: as many images as there are, at most a chunk
+        batch = min(batch, count)
     notes = []
     if count < len(split.test_images):
         notes.append(f"{count} of {len(split.test_images)} test images: a whole number of routing groups")

@@ -50,3 +50,9 @@ def test_swin_sweep_routes_each_chunk_as_one_group_and_the_graph_agrees(monkeypa
         assert 0.4 < point.dropped < 0.7
         assert point.parity["status"] == "pass" and point.parity["routing_agreement"] == 1.0
         assert np.isclose(point.parity["dropped_graph"], np.mean(list(point.dropped_per_layer.values())))
+
+
+def test_swin_sweep_of_fewer_images_than_a_chunk_routes_them_as_one_group():
+    report = sweep_capacity(from_zoo("swin-moe-tiny"), capacity_factors=(1.25,), images=8, parity=False)
+    assert report.group_images == 8
+    assert report.points[0].capacity == {LAYERS[0]: int(1.25 * 8 * 64 / 4), LAYERS[1]: int(1.25 * 8 * 16 / 4)}
