@@ -111,6 +111,7 @@ BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IM
 # The inputs every moe-export model takes, as the reference's input pipelines end (value_range(-1, 1));
 # recorded in graphs, bundles and imported model folders, and applied wherever an image file is read.
 PREPROCESSING = "RGB images, NCHW float32 in [-1, 1]: pixel / 127.5 - 1 (the reference takes the same values NHWC)"
+REFERENCE_NORMALIZATION = ((0.5,), (0.5,))  # the same as per-channel (mean, std) from [0, 1] pixels
 REFERENCE_K = 2  # num_selected_experts in every released config
 REFERENCE_CAPACITY_FACTOR = 1.05  # training (and in-domain eval) capacity of the paper configs
 

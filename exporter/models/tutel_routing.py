@@ -51,7 +51,7 @@ def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
     """``(p, q)`` with ``(p * x) // q == int(abs(cf) * x)`` (Python float arithmetic, as tutel) for every
     ``0 <= x <= RATIO_CHECK_TOKENS``: the capacity rule as integer arithmetic a graph can do on its batch
     size. The simplest such fraction is found from ``cf``'s continued fraction and checked exhaustively.
-    Some decimals have none (0.7 is a little below 7/10 in binary, and ``int(0.7 * 30) == 20`` while
+    Some decimals have none (0.7 is a little below 7/10 in binary, and ``int(0.7 * 90) == 62`` while
     ``int(0.7 * 10) == 7``): those are refused, naming a token count where the float product breaks the rule."""
     cf = abs(float(capacity_factor))
     if not math.isfinite(cf):

@@ -33,7 +33,7 @@ class DigitsSplit:
     test_labels: torch.Tensor
 
 
-REFERENCE_NORMALIZATION = ((0.5,), (0.5,))  # (mean, std): [-1, 1], the reference's inputs
+REFERENCE_NORMALIZATION = settings.REFERENCE_NORMALIZATION  # (mean, std): [-1, 1], the reference's inputs
 
 
 def _per_channel(values: tuple[float, ...]) -> torch.Tensor:

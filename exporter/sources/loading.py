@@ -52,7 +52,7 @@ class ModelSource:
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel (mean, std) from [0, 1] pixels to the model's inputs."""
-        return self.config.normalization if self.config is not None else ((0.5,), (0.5,))
+        return self.config.normalization if self.config is not None else settings.REFERENCE_NORMALIZATION
 
     def to_json(self) -> str:
         return json.dumps(

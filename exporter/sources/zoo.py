@@ -72,7 +72,7 @@ class ModelConfig:
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel (mean, std) from [0, 1] pixels to the inputs: [-1, 1]."""
-        return (0.5,), (0.5,)
+        return settings.REFERENCE_NORMALIZATION
 
     def replace(self, **overrides) -> ModelConfig:
         """A copy with the non-``None`` overrides applied and checked."""

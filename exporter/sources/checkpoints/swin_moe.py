@@ -221,10 +221,11 @@ def state_dict_for(checkpoint: SwinCheckpoint, config: SwinMoEConfig, module=Non
     state, problems = {}, []
     for key, value in checkpoint.state.items():
         ours = _rename(key)
-        if ours is None:
-            derived = next((k for k in buffers if key.endswith(k.split(".")[-1]) and k.rsplit(".", 1)[0] in key), None)
-            if key.endswith(DERIVED_BUFFERS) and derived is not None and tuple(value.shape) != buffers[derived]:
-                problems.append(f"{key} is {list(value.shape)}, the config's {list(buffers[derived])}")
+        if ours is None:  # the experts count (checked when read) or a buffer the model derives (same names)
+            if key.endswith(DERIVED_BUFFERS) and key not in buffers:
+                problems.append(f"{key} is not in a model of this config")
+            elif key.endswith(DERIVED_BUFFERS) and tuple(value.shape) != buffers[key]:
+                problems.append(f"{key} is {list(value.shape)}, the config's {list(buffers[key])}")
             continue
         if ours.endswith("experts.fc2_b") and not config.mlp_fc2_bias:
             if value.count_nonzero():  # tutel keeps the frozen parameter; Swin's saver leaves it in the master
