@@ -377,21 +377,22 @@ class SwinTransformerMoE(nn.Module):
     @torch.no_grad()
     def init_(self, generator: torch.Generator) -> None:
         """Seeded random weights, non-degenerate everywhere (LayerNorms and biases too), so that parity
-        checks see every path; each expert its own."""
-        for name, p in self.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if name.endswith("temperature"):
-                p.fill_(math.log(1 / 0.5))
-            elif p.ndim == 1 and ("norm" in name.rsplit(".", 2)[-2]) and name.endswith("weight"):
-                p.copy_(1.0 + 0.02 * noise)
-            elif name.endswith(("bias", "_b")):
-                p.copy_(0.02 * noise)
-            elif name.endswith("sim_matrix"):
-                p.copy_(noise)
-            elif name.endswith(("fc1_w", "fc2_w")):
-                p.copy_(noise / math.sqrt(p.shape[-1] if name.endswith("fc1_w") else p.shape[-2]))
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel() if p.ndim > 1 else 1))
+        checks see every path; each expert its own. A cosine router keeps its initial temperature."""
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=generator)
+                if isinstance(module, nn.LayerNorm):
+                    p.copy_((1.0 if name == "weight" else 0.0) + 0.02 * noise)
+                elif name == "temperature":
+                    continue
+                elif name in ("bias", "fc1_b", "fc2_b"):
+                    p.copy_(0.02 * noise)
+                elif name == "sim_matrix":
+                    p.copy_(noise)
+                elif name in ("fc1_w", "fc2_w"):  # [E, hidden, D]: fc1 reads D, fc2 reads hidden
+                    p.copy_(noise / math.sqrt(p.shape[-1] if name == "fc1_w" else p.shape[-2]))
+                else:
+                    p.copy_(noise / math.sqrt(p[0].numel() if p.ndim > 1 else 1))
 
     def derive_buffers_(self, device: str | torch.device = "cpu") -> SwinTransformerMoE:
         """(Re)computes the buffers derived from the architecture (relative coordinates and indices, the
