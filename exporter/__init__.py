@@ -28,6 +28,11 @@ _PUBLIC = {
     # reference checkpoints (google-research/vmoe)
     "load_vmoe_checkpoint": "exporter.sources.checkpoints",
     "import_vmoe": "exporter.sources.checkpoints",
+    # Swin-MoE (microsoft/Swin-Transformer with microsoft/tutel)
+    "load_swin_moe_checkpoint": "exporter.sources.checkpoints.swin_moe",
+    "import_swin_moe": "exporter.sources.checkpoints.swin_moe",
+    "route_tutel": "exporter.models.tutel_routing",
+    "SwinMoEConfig": "exporter.sources.swin_moe",
     # the pipeline, one call per stage (what each CLI command runs)
     "ModelChoice": "exporter.sources.choice",
     "ModelSource": "exporter.sources.loading",

@@ -117,6 +117,7 @@ BUNDLE_SAMPLE_BATCHES = 1  # routing groups (V-MoE) or DEFAULT_VALIDATE_BATCH_IM
 # The inputs every moe-export model takes, as the reference's input pipelines end (value_range(-1, 1));
 # recorded in graphs, bundles and imported model folders, and applied wherever an image file is read.
 PREPROCESSING = "RGB images, NCHW float32 in [-1, 1]: pixel / 127.5 - 1 (the reference takes the same values NHWC)"
+REFERENCE_NORMALIZATION = ((0.5,), (0.5,))  # the same as per-channel (mean, std) from [0, 1] pixels
 REFERENCE_K = 2  # num_selected_experts in every released config
 REFERENCE_CAPACITY_FACTOR = 1.05  # training (and in-domain eval) capacity of the paper configs
 
@@ -154,3 +155,12 @@ REPRODUCIBLE_TIME_ENV = "SOURCE_DATE_EPOCH"
 # many times the graph's bytes (weights) plus a base, from the peak RSS benchmarks/rtx_builds.py measures.
 RTX_BUILD_MEMORY_FACTOR = 3
 RTX_BUILD_MEMORY_BASE = 1 << 30
+
+# --- Swin-MoE (microsoft/Swin-Transformer with microsoft/tutel) --------------------------------------
+# Swin's eval transform: resize, ToTensor, Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SWIN_MOE_PREPROCESSING = (
+    "RGB images, NCHW float32, ImageNet-normalised: (pixel / 255 - mean) / std with mean (0.485, 0.456, 0.406), "
+    "std (0.229, 0.224, 0.225) (Swin-Transformer's eval transform)"
+)

@@ -214,7 +214,8 @@ def test_inspect_routing_bad_inputs(tmp_path):
 
 
 def test_sweep_capacity_bad_inputs(tmp_path):
-    assert_one_line_error(run("sweep", "capacity", "--model", "soft-moe-tiny", "--no-parity"), "needs a V-MoE model")
+    soft = run("sweep", "capacity", "--model", "soft-moe-tiny", "--no-parity")
+    assert_one_line_error(soft, "needs a V-MoE or Swin-MoE model")
     bad_option = run("sweep", "capacity", "--model", "vmoe-tiny", "--capacity-factor", "0.5")
     assert_one_line_error(bad_option, "No such option '--capacity-factor'", "--factors")
     zero = run("sweep", "capacity", "--model", "vmoe-tiny", "--factors", "0,1")

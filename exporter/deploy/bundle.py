@@ -390,7 +390,7 @@ def _manifest(header, source, model, export, rewritten, parity, expected, feeds,
             "plugins": {"file": PLUGINS, "plugin_nodes": rewritten.counts, "declined": len(rewritten.declined)},
         },
         "inputs": _io(list(header.graph.input), initializers),
-        "preprocessing": settings.PREPROCESSING,
+        "preprocessing": source.preprocessing,
         "outputs": _io(list(header.graph.output), set()),
         "sample": {
             "batch": int(images.shape[0]),

@@ -36,6 +36,7 @@ from exporter.formats.graph import (
     ROUTING_LAYERS_KEY,
     SCOPE_KEY,
     SOURCE_KEY,
+    TUTEL_LAYERS_KEY,
     VMOE_LAYERS_KEY,
     image_input,
     input_dims,
@@ -193,7 +194,9 @@ def export_onnx(
     program.model.metadata_props[SOURCE_KEY] = loaded.source.relative_to(dest.parent).to_json()
     program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
     program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
-    program.model.metadata_props[PREPROCESSING_KEY] = settings.PREPROCESSING
+    if tutel := tutel_layer_settings(model):
+        program.model.metadata_props[TUTEL_LAYERS_KEY] = json.dumps(tutel)
+    program.model.metadata_props[PREPROCESSING_KEY] = loaded.source.preprocessing
     if example_batch is not None:  # the user's N: validate runs it too
         program.model.metadata_props[BATCH_KEY] = str(batch)
     program.model.producer_name, program.model.producer_version = "moe-export", package_version("moe-export") or ""
@@ -307,6 +310,28 @@ def vmoe_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
 
 
 SMALL_CONSTANT = 64  # elements: what trace_structure keeps as initializers (shapes, axes, scalars)
+
+
+def tutel_layer_settings(model: torch.nn.Module) -> dict[str, dict]:
+    """Routing settings of every Swin-MoE (tutel) layer, stored in the graph: the whole batch is one routing
+    group, and the capacity rule (not a number: it follows the batch size) is tutel's
+    ``align(k * int(capacity_factor * ceil(tokens / num_experts)), alignment)``
+    (``exporter.models.tutel_routing``)."""
+    from exporter.models.swin_moe import swin_moe_layers
+
+    return {
+        name: dict(
+            routing="tutel",
+            group="batch",
+            num_experts=m.num_experts,
+            k=m.routing.k,
+            capacity_factor=m.routing.capacity_factor,
+            batch_priority=bool(m.routing.batch_priority),
+            normalize_gate=bool(m.routing.normalize_gate),
+            alignment=m.routing.alignment,
+        )
+        for name, m in swin_moe_layers(model)
+    }
 
 
 def trace_structure(

@@ -25,6 +25,7 @@ SOURCE_KEY = "moe_export.source"  # the ModelSource the graph was exported from
 PREPROCESSING_KEY = "moe_export.preprocessing"  # text: what the images input expects (settings.PREPROCESSING)
 ROUTING_LAYERS_KEY = "moe_export.routing_layers"  # V-MoE layers whose routing the graph outputs
 VMOE_LAYERS_KEY = "moe_export.vmoe_layers"  # {layer: routing settings}, for the plugin rewrite
+TUTEL_LAYERS_KEY = "moe_export.tutel_layers"  # {layer: routing settings} of Swin-MoE (tutel) layers
 REWRITE_KEY = "moe_export.rewrite"  # {plugin: count}, set by the rewrite
 PRECISION_KEY = "moe_export.precision"  # {"precision": fp32|fp16|bf16, "routing": fp32|reduced}
 BATCH_KEY = "moe_export.batch"  # the N of --input-shape N,C,H,W: the images validate runs unless --batch

@@ -2,7 +2,8 @@
 samples in ``samples/02_digits``, of ``sweep capacity``'s accuracy and of ``inspect routing --sample``.
 
 The 8x8 images (values 0..16, ink bright) are scaled to [0, 1], upsampled bilinearly to the model's
-image size, repeated over its channels and normalised to [-1, 1]: ``(x - 0.5) / 0.5``. Image files go
+image size, repeated over its channels and normalised to [-1, 1]: ``(x - 0.5) / 0.5``, or to the model's
+own ``normalization`` (``(x - mean) / std`` per channel: ImageNet's for Swin-MoE). Image files go
 through the same steps from [0, 1] (``image_file``), so a picture of a digit must be a light digit on
 a dark background to look like the training data.
 """
@@ -32,8 +33,18 @@ class DigitsSplit:
     test_labels: torch.Tensor
 
 
-def to_model_input(images01: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """``[N, h, w]`` or ``[N, c, h, w]`` images in [0, 1] -> ``[N, *input_shape]`` normalised inputs."""
+REFERENCE_NORMALIZATION = settings.REFERENCE_NORMALIZATION  # (mean, std): [-1, 1], the reference's inputs
+
+
+def _per_channel(values: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def to_model_input(
+    images01: torch.Tensor, input_shape: tuple[int, ...], normalization=REFERENCE_NORMALIZATION
+) -> torch.Tensor:
+    """``[N, h, w]`` or ``[N, c, h, w]`` images in [0, 1] -> ``[N, *input_shape]`` normalised inputs
+    (``normalization``: per-channel (mean, std))."""
     if images01.ndim == 3:
         images01 = images01.unsqueeze(1)
     chans, height, width = input_shape
@@ -42,12 +53,16 @@ def to_model_input(images01: torch.Tensor, input_shape: tuple[int, ...]) -> torc
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     if x.shape[1] != chans:
         x = x.mean(dim=1, keepdim=True).expand(-1, chans, -1, -1)  # grey to every channel
-    return ((x - 0.5) / 0.5).contiguous()
+    if normalization == REFERENCE_NORMALIZATION:
+        return ((x - 0.5) / 0.5).contiguous()
+    mean, std = normalization
+    return ((x - _per_channel(mean)) / _per_channel(std)).contiguous()
 
 
-def to_display(inputs: torch.Tensor) -> np.ndarray:
+def to_display(inputs: torch.Tensor, normalization=REFERENCE_NORMALIZATION) -> np.ndarray:
     """Normalised model inputs ``[C, H, W]`` -> an ``[H, W, 3]`` picture in [0, 1]."""
-    x = (inputs.detach().float() * 0.5 + 0.5).clamp(0, 1)
+    mean, std = normalization
+    x = (inputs.detach().float() * _per_channel(std)[0] + _per_channel(mean)[0]).clamp(0, 1)
     if x.shape[0] != 3:
         x = x.mean(dim=0, keepdim=True).expand(3, -1, -1)
     return x.permute(1, 2, 0).numpy()
@@ -58,6 +73,7 @@ def load_split(
     *,
     test_size: int = settings.DIGITS_TEST_IMAGES,
     seed: int = settings.DIGITS_SPLIT_SEED,
+    normalization=REFERENCE_NORMALIZATION,
 ) -> DigitsSplit:
     """The fixed, stratified train/test split of the 1797 digits, as inputs of ``input_shape`` (C, H, W)."""
     from sklearn.datasets import load_digits
@@ -69,14 +85,14 @@ def load_split(
         images, digits.target, test_size=test_size, random_state=seed, stratify=digits.target
     )
     return DigitsSplit(
-        to_model_input(torch.from_numpy(x_train), input_shape),
+        to_model_input(torch.from_numpy(x_train), input_shape, normalization),
         torch.from_numpy(y_train).long(),
-        to_model_input(torch.from_numpy(x_test), input_shape),
+        to_model_input(torch.from_numpy(x_test), input_shape, normalization),
         torch.from_numpy(y_test).long(),
     )
 
 
-def image_file(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
+def image_file(path: str | Path, input_shape: tuple[int, ...], normalization=REFERENCE_NORMALIZATION) -> torch.Tensor:
     """A PNG or JPEG file -> ``[1, *input_shape]`` normalised input (resized, grey if one channel)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -98,7 +114,7 @@ def image_file(path: str | Path, input_shape: tuple[int, ...]) -> torch.Tensor:
         raise UserError(f"{path} is not a readable PNG or JPEG image ({type(e).__name__})") from None
     x = torch.from_numpy(array)
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    return to_model_input(x.unsqueeze(0), input_shape)
+    return to_model_input(x.unsqueeze(0), input_shape, normalization)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from torch import nn
 from exporter import settings
 from exporter.errors import UserError, one_line
 from exporter.fileio import sha256
-from exporter.sources.zoo import VMOE, ModelConfig, build_model, get_config
+from exporter.sources.swin_moe import SWIN_MOE, SwinMoEConfig
+from exporter.sources.zoo import VMOE, ModelConfig, build_model, config_from_dict, get_config
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelSource:
     kind: str
     spec: str
     input_shape: tuple[int, ...]  # one image, e.g. (3, 224, 224)
-    config: ModelConfig | None = None
+    config: ModelConfig | SwinMoEConfig | None = None
     seed: int = settings.DEFAULT_SEED
     checkpoint: str | None = None
     checkpoint_sha256: str | None = field(default=None, compare=False)
@@ -42,6 +43,16 @@ class ModelSource:
     @property
     def name(self) -> str:
         return self.spec
+
+    @property
+    def preprocessing(self) -> str:
+        """What the model's images input expects (a user module: the reference's convention)."""
+        return self.config.preprocessing if self.config is not None else settings.PREPROCESSING
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) from [0, 1] pixels to the model's inputs."""
+        return self.config.normalization if self.config is not None else settings.REFERENCE_NORMALIZATION
 
     def to_json(self) -> str:
         return json.dumps(
@@ -117,7 +128,7 @@ class ModelSource:
         if bad:
             raise UserError(f"{where} has a missing, unknown or out-of-range {bad[0]!r}")
         try:
-            config = ModelConfig.from_dict(d["config"]) if d["config"] is not None else None
+            config = config_from_dict(d["config"]) if d["config"] is not None else None
             if config is not None:
                 config.check()
         except UserError as e:
@@ -139,10 +150,10 @@ class ModelSource:
 class LoadedModel:
     module: nn.Module
     source: ModelSource
-    family: str  # "vmoe", "soft_moe", "mixed" or "dense"
+    family: str  # "vmoe", "soft_moe", "swin_moe", "mixed" or "dense"
     batch_multiple: int  # images per batch must be a multiple of this (V-MoE routing groups)
     moe_layers: list[str]
-    routing_layers: list[str]  # the V-MoE layers among them, whose routing parity can be checked
+    routing_layers: list[str]  # the V-MoE and Swin-MoE layers among them, whose routing parity can be checked
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -222,6 +233,10 @@ def checkpoint_info(path: str | None) -> tuple[str | None, str | None]:
     if is_vmoe_checkpoint(path) or Path(path).is_dir():
         prefix = resolve_prefix(path)
         return str(prefix.resolve()), checkpoint_sha256(prefix)
+    from exporter.sources.checkpoints import swin_moe
+
+    if swin_moe.is_swin_checkpoint(path):  # Swin's per-rank files X.pth.rank* and X.pth.master
+        return str(Path(path).resolve()), swin_moe.checkpoint_sha256(path)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -259,9 +274,17 @@ def _import_factory(spec: str):
     return factory
 
 
-def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | None = None) -> None:
+def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | SwinMoEConfig | None = None) -> None:
     from exporter.sources.checkpoints import is_vmoe_checkpoint, state_dict_for
 
+    if isinstance(config, SwinMoEConfig) and not path.endswith(".safetensors"):  # Swin's rank files or merged file
+        from exporter.sources.checkpoints import swin_moe
+
+        checkpoint = swin_moe.read_checkpoint(path)
+        if checkpoint.num_experts != config.num_experts:
+            raise UserError(f"{path} has {checkpoint.num_experts} experts, {config.name} {config.num_experts}")
+        module.load_state_dict(swin_moe.state_dict_for(checkpoint, config, module), strict=True)
+        return
     if is_vmoe_checkpoint(path):
         if config is None:
             raise UserError(
@@ -301,15 +324,19 @@ def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | None = 
 
 
 def describe(module: nn.Module) -> tuple[str, int, list[str], list[str]]:
-    """(family, batch multiple, MoE layer names, V-MoE layer names) of any module."""
+    """(family, batch multiple, MoE layer names, names of the layers with top-k routing) of any module."""
     from exporter.models.soft_moe import soft_moe_layers
+    from exporter.models.swin_moe import swin_moe_layers
     from exporter.models.vmoe import vmoe_layers
 
     vmoe = vmoe_layers(module)
     soft = [n for n, _ in soft_moe_layers(module)]
+    swin = [n for n, _ in swin_moe_layers(module)]
     family = "mixed" if vmoe and soft else VMOE if vmoe else "soft_moe" if soft else "dense"
+    if swin:  # Swin-MoE routes each batch as one group: any batch size
+        family = SWIN_MOE if not (vmoe or soft) else "mixed"
     multiple = math.lcm(*(m.group_images for _, m in vmoe)) if vmoe else 1
-    return family, multiple, [n for n, _ in vmoe] + soft, [n for n, _ in vmoe]
+    return family, multiple, [n for n, _ in vmoe] + soft + swin, [n for n, _ in vmoe] + swin
 
 
 def load(source: ModelSource, *, device: str = "cpu") -> LoadedModel:

@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 
 from exporter import settings
 from exporter.errors import UserError
+from exporter.sources.swin_moe import (
+    SWIN_MOE,
+    SWIN_MOE_ZOO,
+    SwinMoEConfig,
+    build_swin_moe,
+    swin_moe_param_count,
+)
 
 VMOE, SOFT_MOE = "vmoe", "soft_moe"
 # The config fields of one family only: a config records those of its own family (``ModelConfig.to_dict``).
@@ -62,6 +69,16 @@ class ModelConfig:
     def batch_multiple(self) -> int:
         """Images per batch must be a multiple of this (the routing group for V-MoE)."""
         return self.group_images if self.family == VMOE else 1
+
+    @property
+    def preprocessing(self) -> str:
+        """What the images input expects."""
+        return settings.PREPROCESSING
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) from [0, 1] pixels to the inputs: [-1, 1]."""
+        return settings.REFERENCE_NORMALIZATION
 
     def replace(self, **overrides) -> ModelConfig:
         """A copy with the non-``None`` overrides applied and checked."""
@@ -326,7 +343,15 @@ ZOO: dict[str, ModelConfig] = {
 }
 
 
-def get_config(name: str) -> ModelConfig:
+ZOO.update(SWIN_MOE_ZOO)  # Swin-MoE (microsoft/Swin-Transformer with tutel): exporter.sources.swin_moe
+
+
+def config_from_dict(d: dict) -> ModelConfig | SwinMoEConfig:
+    """A config written by ``to_dict`` (a graph's or model folder's record), of either kind."""
+    return SwinMoEConfig.from_dict(d) if d.get("family") == SWIN_MOE else ModelConfig.from_dict(d)
+
+
+def get_config(name: str) -> ModelConfig | SwinMoEConfig:
     try:
         return ZOO[name]
     except KeyError:
@@ -341,6 +366,8 @@ def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, devic
     """The PyTorch model of a config, seeded random init, eval mode. ``device="meta"`` allocates nothing."""
     import torch
 
+    if config.family == SWIN_MOE:
+        return build_swin_moe(config, seed=seed, device=device)
     from exporter.models.soft_moe import SoftMoEMlp
     from exporter.models.vit import VisionTransformer
     from exporter.models.vmoe import VMoEMlp
@@ -395,6 +422,8 @@ def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, devic
 
 def param_count(config: ModelConfig) -> int:
     """Parameters from the papers' formulas (moe-semantics.md §5.1), without building the model."""
+    if config.family == SWIN_MOE:
+        return swin_moe_param_count(config)
     d, m = config.dim, config.mlp_dim
     mlp = 2 * d * m + m + d
     vit = config.in_chans * config.patch_size**2 * d + d  # patch embedding

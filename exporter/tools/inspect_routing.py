@@ -11,6 +11,10 @@ batch-1 deployment setting: capacity is per image and no other image competes fo
 graph exported with larger groups is fed the image repeated to fill its group, and the first copy is
 pictured (both the graph and PyTorch columns then use that same group).
 
+Swin-MoE: as V-MoE, each MoE layer at its own stage's token grid (one square per token, 16 px at
+192 px in stage 3), with the attention windows of its block drawn on the image (shifted blocks'
+windows wrap around the edges). The image is routed alone: a batch of 1, so the capacity is one image's.
+
 Soft-MoE: per MoE layer, the image, then for a few slots the dispatch weights over the patches (which
 patches the slot mixes; one colour scale per row, its bar beside the last slot), then the spread of
 each patch's combine weights as the effective number of slots it reads from, ``exp(entropy)``,
@@ -41,12 +45,14 @@ from exporter.formats.graph import image_input, read_header, routing_layers, rou
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting
 from exporter.models.soft_moe import SoftMoEMlp, SoftRouter
+from exporter.models.swin_moe import SwinBlock, swin_moe_layers
+from exporter.models.swin_moe import routing_settings as swin_routing_settings
 from exporter.models.vmoe import routing_settings, vmoe_layers
 from exporter.parity.parity import recorded_source
 from exporter.sources.choice import ModelChoice, as_source
-from exporter.sources.digits import image_file, load_split, to_display
+from exporter.sources.digits import REFERENCE_NORMALIZATION, image_file, load_split, to_display
 from exporter.sources.loading import LoadedModel, ModelSource, load
-from exporter.sources.zoo import SOFT_MOE, VMOE
+from exporter.sources.zoo import SOFT_MOE, SWIN_MOE, VMOE
 
 GREY = (0.55, 0.55, 0.55)
 # The V-MoE legend's title: the expert colours are drawn translucent over the image in grey.
@@ -84,7 +90,7 @@ class Column:
 class FigureLayout:
     """What was drawn: ``rows`` x ``cols`` panels, their titles row by row, the PNG's pixel size."""
 
-    kind: str  # "vmoe" or "soft_moe"
+    kind: str  # "vmoe", "swin_moe" or "soft_moe"
     rows: int
     cols: int
     titles: list[str]
@@ -121,14 +127,17 @@ class RoutingPicture:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-def pictured_image(input_shape: tuple[int, ...], *, image: str | None, sample: int | None) -> tuple[torch.Tensor, str]:
-    """``[1, C, H, W]`` input from an image file or a digits test sample (sample 0 by default)."""
+def pictured_image(
+    input_shape: tuple[int, ...], *, image: str | None, sample: int | None, normalization=REFERENCE_NORMALIZATION
+) -> tuple[torch.Tensor, str]:
+    """``[1, C, H, W]`` input from an image file or a digits test sample (sample 0 by default),
+    normalised as the model takes it."""
     if image is not None and sample is not None:
         raise UserError("give either --image or --sample, not both")
     if image is not None:
-        return image_file(image, input_shape), str(image)
+        return image_file(image, input_shape, normalization), str(image)
     sample = 0 if sample is None else sample
-    split = load_split(input_shape)
+    split = load_split(input_shape, normalization=normalization)
     if not 0 <= sample < len(split.test_images):
         raise UserError(f"--sample must be between 0 and {len(split.test_images) - 1}, got {sample}")
     label = int(split.test_labels[sample])
@@ -266,14 +275,17 @@ def inspect_routing(
         source = as_source(source, recorded)
     with step(f"Building {source.name}"):
         loaded = load(source)
-    images, where = pictured_image(tuple(source.input_shape), image=image, sample=sample)
-    display = to_display(images[0])
-    if loaded.family == VMOE:
-        columns, notes = _vmoe_columns(loaded, images, capacity_factors, graph, step)
+    images, where = pictured_image(
+        tuple(source.input_shape), image=image, sample=sample, normalization=source.normalization
+    )
+    display = to_display(images[0], source.normalization)
+    if loaded.family in (VMOE, SWIN_MOE):
+        swin = loaded.family == SWIN_MOE
+        columns, notes = (_swin_columns if swin else _vmoe_columns)(loaded, images, capacity_factors, graph, step)
         layers = list(columns[0].experts)
-        title = f"{source.name}: V-MoE routing of {where}"
+        title = f"{source.name}: {'Swin-MoE' if swin else 'V-MoE'} routing of {where}"
         with step(f"Drawing {len(layers)}x{len(columns)} panels"):
-            layout = draw_vmoe(dest, display, columns, loaded, title=title, dpi=dpi)
+            layout = (draw_swin_moe if swin else draw_vmoe)(dest, display, columns, loaded, title=title, dpi=dpi)
         stats = [
             {"layer": layer, "column": c.label, "capacity": c.capacity.get(layer), "dropped": c.dropped(layer)}
             for layer in layers
@@ -283,7 +295,7 @@ def inspect_routing(
             agree = {layer: _agreement(columns[0], columns[1], layer) for layer in layers}
             for row in stats:
                 row["agreement_with_pytorch"] = agree[row["layer"]]
-        return RoutingPicture(Path(dest), source.name, VMOE, where, layout, layers, stats, notes)
+        return RoutingPicture(Path(dest), source.name, loaded.family, where, layout, layers, stats, notes)
     if loaded.family == SOFT_MOE:
         if graph is not None:
             raise UserError(
@@ -335,6 +347,40 @@ def _vmoe_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[C
 
 def _own_bpr(module: nn.Module) -> bool:
     return vmoe_layers(module)[0][1].batch_priority
+
+
+def swin_column(module: nn.Module, image: torch.Tensor, setting: Routing, *, label: str | None = None) -> Column:
+    """The routing PyTorch gives one image of a Swin-MoE (a batch of 1: the capacity is one image's)."""
+    with swin_routing_settings(module, capacity_factor=setting.capacity_factor, batch_priority=setting.batch_priority):
+        _, routing = run_with_routing(module, image)
+        capacity = {n: m.capacity(routing[n].expert.shape[1]) for n, m in swin_moe_layers(module)}
+    experts = {n: r.expert[0].numpy() for n, r in routing.items()}
+    kept = {n: (r.slot[0] >= 0).numpy() for n, r in routing.items()}
+    return Column(label or setting.label, experts, kept, capacity)
+
+
+def _swin_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[Column], list[str]]:
+    module = loaded.module
+    if graph is None:
+        capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
+        if not capacity_factors:
+            raise UserError("give at least one capacity factor")
+        with step(f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
+            columns = [swin_column(module, images, Routing(c, bpr)) for c in capacity_factors for bpr in (False, True)]
+        return columns, []
+    header = read_header(graph)
+    with step(f"Running {Path(graph).name} in ONNX Runtime"):
+        routing = onnx_routing(graph, header, images.numpy())
+    bpr = swin_moe_layers(module)[0][1].batch_priority
+    own = swin_column(module, images, Routing(None, bpr), label="PyTorch")
+    missing = sorted(set(own.experts) - set(routing))
+    if missing:
+        raise UserError(f"{graph} has no routing outputs for {missing}; was it exported from {loaded.source.name}?")
+    experts = {n: routing[n].expert[0].numpy() for n in own.experts}
+    kept = {n: (routing[n].slot[0] >= 0).numpy() for n in own.experts}
+    config = loaded.source.config
+    own.label = f"PyTorch: C={config.capacity_factor:g} {'BPR' if config.batch_priority else 'vanilla'}"
+    return [Column(f"ONNX Runtime: {Path(graph).name}", experts, kept, own.capacity), own], []
 
 
 def _agreement(a: Column, b: Column, layer: str) -> float:
@@ -397,8 +443,7 @@ def draw_vmoe(
 ) -> FigureLayout:
     """Rows: V-MoE layers; columns: the input, then the routing settings. Outer square: first choice,
     inner: second."""
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Patch
 
     layers = list(columns[0].experts)
     num_experts = max(m.num_experts for _, m in vmoe_layers(loaded.module))
@@ -420,20 +465,7 @@ def draw_vmoe(
         for c, column in enumerate(columns, start=1):
             ax = axes[r][c]
             ax.imshow(display.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            experts, kept = column.experts[layer], column.kept[layer]
-            outer, inner = [], []
-            outer_colors, inner_colors = [], []
-            for t in range(skip, tokens):
-                i, j = divmod(t - skip, side)
-                x0, y0 = j * px - 0.5, i * px - 0.5
-                outer.append(Rectangle((x0, y0), px, px))
-                outer_colors.append((*colors[experts[t, 0]], 0.55) if kept[t, 0] else (*GREY, 0.85))
-                if experts.shape[1] > 1:
-                    inner.append(Rectangle((x0 + px / 4, y0 + px / 4), px / 2, px / 2))
-                    inner_colors.append((*colors[experts[t, 1]], 0.95) if kept[t, 1] else (*GREY, 0.95))
-            ax.add_collection(PatchCollection(outer, facecolors=outer_colors, edgecolors=(1, 1, 1, 0.25), lw=0.3))
-            if inner:
-                ax.add_collection(PatchCollection(inner, facecolors=inner_colors, edgecolors="none"))
+            _draw_choices(ax, column.experts[layer], column.kept[layer], side, px, skip, colors)
             _outline(ax, display)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -460,6 +492,75 @@ def draw_vmoe(
     )
     width, height = _save(fig, dest, dpi)
     return FigureLayout(VMOE, len(layers), len(columns) + 1, titles, width, height, legend=LEGEND_SHADE)
+
+
+def _draw_choices(ax, experts: np.ndarray, kept: np.ndarray, side: int, px: float, skip: int, colors) -> None:
+    """One square per patch token, coloured by its first choice (a centred inner square: its second);
+    a dropped choice grey."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    outer, inner = [], []
+    outer_colors, inner_colors = [], []
+    for t in range(skip, experts.shape[0]):
+        i, j = divmod(t - skip, side)
+        x0, y0 = j * px - 0.5, i * px - 0.5
+        outer.append(Rectangle((x0, y0), px, px))
+        outer_colors.append((*colors[experts[t, 0]], 0.55) if kept[t, 0] else (*GREY, 0.85))
+        if experts.shape[1] > 1:
+            inner.append(Rectangle((x0 + px / 4, y0 + px / 4), px / 2, px / 2))
+            inner_colors.append((*colors[experts[t, 1]], 0.95) if kept[t, 1] else (*GREY, 0.95))
+    ax.add_collection(PatchCollection(outer, facecolors=outer_colors, edgecolors=(1, 1, 1, 0.25), lw=0.3))
+    if inner:
+        ax.add_collection(PatchCollection(inner, facecolors=inner_colors, edgecolors="none"))
+
+
+def draw_swin_moe(
+    dest, display: np.ndarray, columns: list[Column], loaded: LoadedModel, *, title: str, dpi: int
+) -> FigureLayout:
+    """Rows: Swin-MoE layers, each at its stage's token grid with its block's attention windows drawn
+    (black lines: a shifted block's windows start ``shift`` tokens in and wrap around); columns: routing
+    settings. Outer square: first choice, inner: second."""
+    from matplotlib.patches import Patch
+
+    layers = list(columns[0].experts)
+    modules = dict(loaded.module.named_modules())
+    num_experts = max(m.num_experts for _, m in swin_moe_layers(loaded.module))
+    colors = expert_colors(num_experts)
+    fig, axes = _figure(len(layers), len(columns), (2.3, 2.5), dpi, top=0.75 if len(columns) > 2 else 1.0, bottom=0.55)
+    titles = []
+    for r, layer in enumerate(layers):
+        block: SwinBlock = modules[layer.removesuffix(".mlp")]
+        side, px = block.resolution, display.shape[0] / block.resolution
+        edges = sorted({(i * block.window + block.shift) % side for i in range(side // block.window)} - {0})
+        for c, column in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(display, interpolation="nearest")
+            _draw_choices(ax, column.experts[layer], column.kept[layer], side, px, 0, colors)
+            for edge in edges:
+                ax.axhline(edge * px - 0.5, color="black", lw=1.2)
+                ax.axvline(edge * px - 0.5, color="black", lw=1.2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            panel_title = f"{column.label}\ndropped {column.dropped(layer):.0%}"
+            if column.capacity.get(layer) is not None:
+                panel_title += f", capacity {column.capacity[layer]}"
+            ax.set_title(panel_title, fontsize=7.5)
+            if c == 0:
+                shift = f", shift {block.shift}" if block.shift else ""
+                ax.set_ylabel(f"{layer}\n{side}x{side} tokens, windows {block.window}{shift}", fontsize=7)
+            titles.append(f"{layer} | {column.label}")
+    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(min(num_experts, 16))]
+    handles.append(Patch(color=GREY, label="dropped"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=7.5, frameon=False)
+    k = columns[0].experts[layers[0]].shape[1]
+    choices = "outer square: 1st choice, inner square: 2nd choice" if k > 1 else "colour: the chosen expert"
+    fig.suptitle(
+        _wrap(fig, f"{title}\n{choices}; black lines: attention windows; the image routed alone (batch 1)"),
+        fontsize=9,
+    )
+    width, height = _save(fig, dest, dpi)
+    return FigureLayout(SWIN_MOE, len(layers), len(columns), titles, width, height)
 
 
 def _outline(ax, display: np.ndarray) -> None:

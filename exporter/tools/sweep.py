@@ -2,9 +2,11 @@
 how much is dropped, how far the output moves from an unlimited-capacity run, the accuracy on the
 digits test split, and whether the exported graph still matches PyTorch at that capacity.
 
-Every point routes the same images in the model's own routing groups (``group_images``). The
-unlimited run uses capacity factor ``E / k``, where an expert can take every token of its group, so
-nothing is dropped and vanilla and BPR coincide. matplotlib is imported inside ``plot_sweep`` only.
+Every point routes the same images in the model's own routing groups (``group_images``); a Swin-MoE
+routes each chunk of ``settings.SWEEP_CHUNK_IMAGES`` images together (its group is the batch), so its
+capacities are those of that batch size. The unlimited run uses capacity factor ``E / k`` (Swin-MoE:
+``E``), where an expert can take every token of its group, so nothing is dropped and vanilla and BPR
+coincide. matplotlib is imported inside ``plot_sweep`` only.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from exporter.errors import UserError
 from exporter.export.export import export_onnx
 from exporter.fileio import atomic_path, check_output
 from exporter.formats.graph import INPUT_NAME
+from exporter.models import swin_moe
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting, check_capacity_factor
 from exporter.models.vmoe import routing_settings, unlimited_capacity_factor, vmoe_layers
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.digits import NUM_CLASSES, accuracy, load_split
 from exporter.sources.loading import LoadedModel, ModelSource, load
-from exporter.sources.zoo import VMOE
+from exporter.sources.zoo import SWIN_MOE, VMOE
 
 # Parity of a sweep point's graph. "slots differ": the outputs are within tolerance and every (token,
 # choice) has the same expert and the same kept/dropped decision; only buffer positions differ, which
@@ -90,8 +93,27 @@ class _Run:
     gates: dict[str, torch.Tensor]  # [G, S, E]
 
 
+def _layers(loaded: LoadedModel) -> list:
+    return swin_moe.swin_moe_layers(loaded.module) if loaded.family == SWIN_MOE else vmoe_layers(loaded.module)
+
+
+def _settings(loaded: LoadedModel, **routing):
+    """The routing overrides of the model's family (Swin-MoE has no routing groups to set)."""
+    module = loaded.module
+    return (
+        swin_moe.routing_settings(module, **routing)
+        if loaded.family == SWIN_MOE
+        else routing_settings(module, **routing)
+    )
+
+
+def _token_axis(loaded: LoadedModel) -> int:
+    """The axis routing decisions of several chunks join on: groups (V-MoE), tokens (Swin-MoE: one group)."""
+    return 1 if loaded.family == SWIN_MOE else 0
+
+
 def _forward(loaded: LoadedModel, images: torch.Tensor, batch: int) -> _Run:
-    layers = vmoe_layers(loaded.module)
+    layers = _layers(loaded)
     gates: dict[str, list] = {name: [] for name, _ in layers}
     hooks = [
         m.router.register_forward_hook(
@@ -109,8 +131,16 @@ def _forward(loaded: LoadedModel, images: torch.Tensor, batch: int) -> _Run:
     finally:
         for h in hooks:
             h.remove()
-    merged = {name: TopKRouting(*(torch.cat(parts) for parts in zip(*rs))) for name, rs in routing.items()}
-    return _Run(torch.cat(logits), merged, {name: torch.cat(g) for name, g in gates.items()})
+    axis = _token_axis(loaded)
+    merged = {name: TopKRouting(*(torch.cat(parts, axis) for parts in zip(*rs))) for name, rs in routing.items()}
+    return _Run(torch.cat(logits), merged, {name: torch.cat(g, axis) for name, g in gates.items()})
+
+
+def _group_tokens(loaded: LoadedModel, layer: str, run: _Run, batch: int) -> int:
+    """Tokens routed together in a layer: a V-MoE group, or a Swin-MoE chunk of ``batch`` images (the
+    first chunk's: a last, smaller one routes fewer)."""
+    tokens = run.routing[layer].slot.shape[1]
+    return tokens * batch // len(run.logits) if loaded.family == SWIN_MOE else tokens
 
 
 def _drop_stats(run: _Run) -> tuple[float, dict[str, float], float, float]:
@@ -129,11 +159,13 @@ def _drop_stats(run: _Run) -> tuple[float, dict[str, float], float, float]:
     return dropped / pairs, per_layer, lost / mass if mass else 0.0, unrouted / tokens
 
 
-def _parity(loaded: LoadedModel, images: torch.Tensor, run: _Run, folder: Path, tag: str) -> dict:
+def _parity(loaded: LoadedModel, images: torch.Tensor, run: _Run, folder: Path, tag: str, batch: int) -> dict:
     path = folder / f"{tag}.onnx"
     example = loaded.batch_multiple * settings.EXPORT_EXAMPLE_GROUPS
     export_onnx(loaded, path, routing_outputs=True, example_batch=example)
-    actual = run_onnxruntime(path, {INPUT_NAME: images.numpy()})
+    chunks = [run_onnxruntime(path, {INPUT_NAME: images[i : i + batch].numpy()}) for i in range(0, len(images), batch)]
+    axis = _token_axis(loaded)  # the batches PyTorch ran: a Swin-MoE's routing group is its batch
+    actual = {n: np.concatenate([c[n] for c in chunks], axis if n.startswith("routing.") else 0) for n in chunks[0]}
     tol = settings.FP32_TOLERANCES
     out = compare_output("logits", run.logits.numpy(), actual["logits"], tol.rtol)
     routing = [compare_routing(name, r, actual, tol.routing_agreement) for name, r in run.routing.items()]
@@ -188,9 +220,9 @@ def sweep_capacity(
         check_capacity_factor(c)
     with step(f"Building {source.name}"):
         loaded = load(source)
-    if loaded.family != VMOE:
-        raise UserError(f"sweep capacity needs a V-MoE model; {source.name} is {loaded.family}")
-    split = load_split(tuple(source.input_shape))
+    if loaded.family not in (VMOE, SWIN_MOE):
+        raise UserError(f"sweep capacity needs a V-MoE or Swin-MoE model; {source.name} is {loaded.family}")
+    split = load_split(tuple(source.input_shape), normalization=source.normalization)
     multiple = loaded.batch_multiple
     available = len(split.test_images) if images is None else min(images, len(split.test_images))
     count = available // multiple * multiple
@@ -198,6 +230,8 @@ def sweep_capacity(
         raise UserError(f"{available} images make no whole routing group of {multiple} images")
     images, labels = split.test_images[:count], split.test_labels[:count]
     batch = multiple * max(1, settings.SWEEP_CHUNK_IMAGES // multiple)
+    if loaded.family == SWIN_MOE:  # its routing group is the batch: as many images as there are, at most a chunk
+        batch = min(batch, count)
     notes = []
     if count < len(split.test_images):
         notes.append(f"{count} of {len(split.test_images)} test images: a whole number of routing groups")
@@ -207,10 +241,12 @@ def sweep_capacity(
     def acc(logits: torch.Tensor) -> float | None:
         return accuracy(logits, labels) if logits.shape[-1] == NUM_CLASSES else None
 
-    unlimited = unlimited_capacity_factor(loaded.module)
+    unlimited = (swin_moe.unlimited_capacity_factor if loaded.family == SWIN_MOE else unlimited_capacity_factor)(
+        loaded.module
+    )
     with (
         step(f"Unlimited capacity (C={unlimited:g}) on {count} digits"),
-        routing_settings(loaded.module, capacity_factor=unlimited),
+        _settings(loaded, capacity_factor=unlimited),
     ):
         reference = _forward(loaded, images, batch)
     ref_norm = float(reference.logits.norm())
@@ -222,13 +258,13 @@ def sweep_capacity(
                 label = f"C={c:g} {'BPR' if bpr else 'vanilla'}"
                 with (
                     step(label + (", export and parity" if parity else "")),
-                    routing_settings(loaded.module, capacity_factor=c, batch_priority=bpr),
+                    _settings(loaded, capacity_factor=c, batch_priority=bpr),
                 ):
                     run = _forward(loaded, images, batch)
                     dropped, per_layer, mass, unrouted = _drop_stats(run)
-                    group_tokens = run.routing[next(iter(run.routing))].slot.shape[1]
-                    capacity = {n: m.capacity(group_tokens) for n, m in vmoe_layers(loaded.module)}
-                    check = _parity(loaded, images, run, Path(tmp), f"c{c:g}_{int(bpr)}") if parity else None
+                    capacity = {n: m.capacity(_group_tokens(loaded, n, run, batch)) for n, m in _layers(loaded)}
+                    tag = f"c{c:g}_{int(bpr)}"
+                    check = _parity(loaded, images, run, Path(tmp), tag, batch) if parity else None
                 points.append(
                     SweepPoint(
                         capacity_factor=c,
@@ -248,7 +284,7 @@ def sweep_capacity(
         model=source.name,
         checkpoint=source.checkpoint,
         images=count,
-        group_images=multiple,
+        group_images=batch if loaded.family == SWIN_MOE else multiple,
         unlimited_capacity_factor=unlimited,
         unlimited_accuracy=acc(reference.logits),
         points=points,

@@ -141,15 +141,15 @@ def model_dir_listing(path: str | Path) -> set[str] | None:
 
 
 def read_model_dir(path: str | Path):
-    """(``ModelConfig``, weights path) of a folder written by ``import_vmoe``."""
-    from exporter.sources.zoo import ModelConfig
+    """(config, weights path) of a folder written by ``import_vmoe`` or ``import_swin_moe``."""
+    from exporter.sources.zoo import config_from_dict
 
     p = Path(path)
     try:
         meta = json.loads((p / CONFIG_FILE).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        config = ModelConfig.from_dict(meta["model"])
+        config = config_from_dict(meta["model"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{p / CONFIG_FILE} is not a moe-export model config: {e}") from None
     weights = p / WEIGHTS_FILE

@@ -115,7 +115,7 @@ def architecture_of(config: ModelConfig) -> dict:
 def matching_release(arch: dict) -> ModelConfig | None:
     """The released zoo config with exactly this architecture, if any."""
     for config in ZOO.values():
-        if "released" in config.tags and architecture_of(config) == arch:
+        if "released" in config.tags and config.family in (VMOE, SOFT_MOE) and architecture_of(config) == arch:
             return config
     return None
 

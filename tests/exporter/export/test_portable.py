@@ -13,7 +13,7 @@ from exporter.backends.tensorrt_rtx import parse_graph, rtx_available
 from exporter.export.export import trace_structure
 from exporter.export.portable import ALLOWED_OPS, FORBIDDEN_OPS, MAX_TOPK, RTX_PARSER_DIFFERENCES, check_portable
 from exporter.models.routing import compute_capacity
-from exporter.sources.zoo import VMOE, ZOO
+from exporter.sources.zoo import SWIN_MOE, VMOE, ZOO
 
 
 def _model(body: str, inputs: str = "float[N, 4] x", outputs: str = "float[M] y") -> onnx.ModelProto:
@@ -68,16 +68,21 @@ def test_allow_and_forbid_lists_do_not_overlap():
 
 @functools.cache
 def zoo_graph(name: str) -> onnx.ModelProto:
-    return trace_structure(ZOO[name], routing_outputs=ZOO[name].family == VMOE)
+    return trace_structure(ZOO[name], routing_outputs=ZOO[name].family in (VMOE, SWIN_MOE))
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+# The released Swin-MoE configs take minutes each to trace (24 blocks): their graphs are checked by
+# benchmarks/swin_moe.py; the tiny one, the same code at another size, is checked here.
+PORTABLE_CHECKED = sorted(n for n, c in ZOO.items() if c.family != SWIN_MOE or "tiny" in c.tags)
+
+
+@pytest.mark.parametrize("name", PORTABLE_CHECKED)
 def test_every_zoo_graph_is_portable(name):
     graph = zoo_graph(name)
     ops = {n.op_type for n in graph.graph.node}
     assert ops <= ALLOWED_OPS, ops - ALLOWED_OPS
     assert check_portable(graph) == []
-    if ZOO[name].family == VMOE:
+    if ZOO[name].family in (VMOE, SWIN_MOE):
         assert {"ArgMax", "ScatterElements", "Gather"} <= ops  # routing, dispatch and combine are in the graph
         assert "TopK" not in ops and "CumSum" not in ops
 

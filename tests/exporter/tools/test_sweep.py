@@ -72,7 +72,7 @@ def test_parity_of_the_exported_graph_at_a_dropping_capacity():
 
 
 def test_bad_sweeps():
-    with pytest.raises(UserError, match="needs a V-MoE model"):
+    with pytest.raises(UserError, match="needs a V-MoE or Swin-MoE model"):
         sweep_capacity(from_zoo("soft-moe-tiny"), capacity_factors=(1.0,), parity=False)
     with pytest.raises(UserError, match="must be > 0"):
         sweep_capacity(from_zoo("vmoe-tiny"), capacity_factors=(0.0, 1.0), parity=False)
