@@ -19,6 +19,48 @@ def run_torch(module: torch.nn.Module, images: np.ndarray) -> tuple[list[np.ndar
     return [o.numpy() for o in outputs], routing
 
 
+SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+
+@contextlib.contextmanager
+def router_probabilities(module: torch.nn.Module, layers: dict[str, int]):
+    """``with router_probabilities(model, {layer: E}) as found: model(x)`` fills ``found[layer]`` with the
+    first softmax over a last axis of E that the module ``layer`` (or one inside it) computes: the
+    router probabilities of a top-k layer whoever wrote it (a TorchFunctionMode sees every
+    ``torch.softmax``, ``F.softmax`` and ``Tensor.softmax``; module hooks say whose forward is running)."""
+    from torch.overrides import TorchFunctionMode
+
+    names = {id(m): n for n, m in module.named_modules()}
+    running: list[str] = []
+    found: dict[str, np.ndarray] = {}
+
+    class Softmaxes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in SOFTMAXES and isinstance(out, torch.Tensor) and out.ndim >= 2:
+                dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else None)
+                if dim in (-1, out.ndim - 1):
+                    for layer, experts in layers.items():
+                        if layer not in found and out.shape[-1] == experts and layer in running:
+                            found[layer] = out.detach().float().numpy().copy()
+            return out
+
+    def enter(m, _):
+        running.append(names.get(id(m), ""))
+
+    def leave(m, _i, _o):
+        running.pop()  # (a hook that returns something replaces the module's output)
+
+    modules = torch.nn.modules.module
+    handles = [modules.register_module_forward_pre_hook(enter), modules.register_module_forward_hook(leave)]
+    try:
+        with Softmaxes():
+            yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def router_outputs(module: torch.nn.Module):
     """``with router_outputs(model) as found: model(x)`` fills ``found`` with every MoE layer's router
@@ -80,15 +122,18 @@ class TorchRunner(Runner):
     gives the flat outputs as ``output_0``, ``output_1``, ...; after a run ``routing`` holds every
     V-MoE layer's routing and ``routers`` every MoE layer's router outputs (``router_outputs``)."""
 
-    def __init__(self, module: torch.nn.Module, name: str = "pytorch"):
+    def __init__(self, module: torch.nn.Module, name: str = "pytorch", probabilities: dict[str, int] | None = None):
         super().__init__(name)
         self.module = module
         self.routing: dict[str, TopKRouting] = {}
         self.routers: dict[str, dict[str, np.ndarray]] = {}
+        self.wanted = probabilities or {}  # other authors' top-k layers: {layer: E} (router_probabilities)
+        self.probabilities: dict[str, np.ndarray] = {}
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (images,) = feed_dict.values()
-        with router_outputs(self.module) as routers:
+        capture = router_probabilities(self.module, self.wanted) if self.wanted else contextlib.nullcontext({})
+        with router_outputs(self.module) as routers, capture as probabilities:
             outputs, self.routing = run_torch(self.module, images)
-        self.routers = routers
+        self.routers, self.probabilities = routers, dict(probabilities)
         return {f"output_{i}": o for i, o in enumerate(outputs)}

@@ -26,7 +26,6 @@ from exporter.backends.tensorrt_rtx import parse_structure, rtx_available
 from exporter.errors import DEBUG_ENV, CheckFailed, UserError
 from exporter.export.portable import check_portable
 from exporter.export.precision import PrecisionResult, check_precision, reduce_precision
-from exporter.export.tracing import Traced
 from exporter.fileio import atomic_dir, check_output, check_space
 from exporter.formats.graph import (
     BATCH_KEY,
@@ -359,7 +358,7 @@ def trace_structure(
     names = ["logits"]
     if routing_outputs:
         names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
-    program, _, _ = _torch_export(module, [images], loaded.batch_multiple, opset, names, routing_outputs)
+    program, _, _ = _torch_export(module, [images], loaded.batch_multiple, opset, names, routing_outputs, verify=False)
     graph = program.model.graph
     if precision != "fp32":
         reduce_precision(program.model, precision, vmoe_layers=[n for n, _ in vmoe_layers(module)])
@@ -374,12 +373,14 @@ def trace_structure(
         return onnx.load(f"{tmp}/graph.onnx")
 
 
-def _torch_export(model, probes, multiple, opset, names, routing_outputs, user_code: bool = False):
+def _torch_export(model, probes, multiple, opset, names, routing_outputs, user_code: bool = False, verify=True):
     """``(ONNXProgram, ExportedProgram, notes)``: torch.export (``exporter.export.tracing``) and torch.onnx's
     conversion, with a dynamic batch where the model's code allows (``8*groups`` for V-MoE groups, else
     ``batch``).
 
-    ``probes[0]`` is the tracing example; every probe proves the substitutions first. A failure tracing
+    ``probes[0]`` is the tracing example; every probe proves the substitutions first, and the second
+    checks a trace that may have fixed a size (``verify=False``: a model without weights, traced for
+    its structure only). A failure tracing
     a user's module is a user error (one line, torch's output in a log file); tracing a zoo model it
     is our bug, and propagates."""
     from exporter.export.substitutions import substituted
@@ -390,12 +391,15 @@ def _torch_export(model, probes, multiple, opset, names, routing_outputs, user_c
     ctx = _forward_exposing_routing(model) if routing_outputs else contextlib.nullcontext()
     log = ExportLog(keep=os.environ.get(DEBUG_ENV, "") not in ("", "0"))
     with ctx:
-        if not user_code:
-            with quiet_torch():
-                traced = Traced(torch.export.export(model, (images,), dynamic_shapes=({0: dim},)), True, "non-strict")
+        if not user_code:  # moe-export's own models: a failure is our bug, with its traceback
+            try:
+                other = probes[1] if len(probes) > 1 else None
+                traced = trace(model, images, dim, log=log, other=other, verify=verify)
+            except UserError as e:
+                raise RuntimeError(f"tracing {type(model).__name__} failed: {e}") from e
         else:
             with substituted(model, probes) as substitutions:
-                traced = trace(model, images, dim, log=log)
+                traced = trace(model, images, dim, log=log, other=probes[1] if len(probes) > 1 else None)
             traced.notes[:0] = substitutions
             settle_random_ops(traced, model, images)
         kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)

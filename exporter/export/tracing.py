@@ -1,12 +1,15 @@
 """torch.export of a model whoever wrote it: a dynamic batch where the code allows one, the truth where it
 does not, and eval-time randomness named.
 
-``trace`` tries, in order: a non-strict export with a dynamic batch (the usual case); a strict
-(TorchDynamo) one, which keeps ``int()`` of a float computed from the batch symbolic, and reasons
-about sizes >= 2 "size-obliviously" so that reshapes of a batch-sized dimension need no guard; then,
-when the code fixes the batch, the same two with the traced batch (``dynamic=False``, and the note
-says why). torch.onnx's own fallback, ``draft_export``, is never used: it writes a graph whatever guard
-it had to break (a capacity computed for the traced batch), which is how wrong graphs got written.
+``trace`` tries the strategies in ``STRATEGIES`` in order: a non-strict export with a dynamic batch
+(the usual case); one that defers guards to runtime assertions (torch.onnx's first strategy); a
+strict (TorchDynamo) one, which keeps ``int()`` of a float computed from the batch symbolic; the same
+reasoning about sizes >= 2 "size-obliviously", so that reshapes of a batch-sized dimension need no
+guard (DeepSpeed's buffers); a draft export; then, when the code fixes the batch, exports with the
+traced batch (``dynamic=False``, and the note says where and why). Deferred assertions and draft
+exports let a size computed for the traced batch through without a word (torch.onnx used them so,
+which is how wrong graphs got written): their trace must give the model's outputs at another batch
+before it is used.
 
 A failure is one line with the cause and the user's ``file:line`` (the last frame outside torch);
 torch's own messages, FX dumps and logs go to a log file that the line names. Random ops reached in
@@ -84,26 +87,65 @@ class RandomOp:
 # --- tracing -------------------------------------------------------------------------------------
 
 
-def trace(model: torch.nn.Module, images: torch.Tensor, batch_dim, *, log: ExportLog) -> Traced:
-    """torch.export of ``model`` on ``images``, the batch dynamic (``batch_dim``) where the code allows."""
-    attempts = (("non-strict", False, True), ("strict", True, True), ("non-strict", False, False))
-    attempts += (("strict", True, False),)
+#: ``(name, strict, size-oblivious, deferred runtime assertions, draft, dynamic batch)``, tried in order.
+STRATEGIES = (
+    ("non-strict", False, False, False, False, True),
+    ("non-strict, runtime assertions deferred", False, False, True, False, True),
+    ("strict", True, False, False, False, True),
+    ("strict, size-oblivious", True, True, False, False, True),
+    ("draft", False, False, False, True, True),
+    ("non-strict", False, False, False, False, False),
+    ("strict", True, False, False, False, False),
+)
+
+
+def trace(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_dim,
+    *,
+    log: ExportLog,
+    other: torch.Tensor | None = None,
+    verify: bool = True,
+) -> Traced:
+    """torch.export of ``model`` on ``images``, the batch dynamic (``batch_dim``) where the code allows.
+
+    A trace that defers guards to runtime assertions, or a draft export (both of which let a size
+    computed for the traced batch through), must also give the model's own outputs on ``other``
+    (another batch) before it is used: else it fixed a size, and the next strategy is tried.
+    ``verify=False`` skips that (a structure-only trace of a model without weights: its op set)."""
     first: BaseException | None = None
     fixed_by: BaseException | None = None
     fixed_at = ""
-    for strategy, strict, dynamic in attempts:
+    for strategy, strict, oblivious, deferred, draft, dynamic in STRATEGIES:
         if not dynamic and fixed_by is None:
             break  # the batch was never the problem: a fixed batch would fail the same way
+        if (deferred or draft) and other is None and verify:
+            continue
         shapes = ({0: batch_dim},) if dynamic else None
         try:
             with log.capture(f"torch.export ({strategy}, {'dynamic' if dynamic else 'fixed'} batch)"):
-                with _size_oblivious(strict):
-                    program = torch.export.export(model, (images,), dynamic_shapes=shapes, strict=strict)
+                with _size_oblivious(oblivious):
+                    if draft:
+                        program = torch.export.draft_export(model, (images,), dynamic_shapes=shapes)
+                    else:
+                        program = torch.export.export(
+                            model,
+                            (images,),
+                            dynamic_shapes=shapes,
+                            strict=strict,
+                            prefer_deferred_runtime_asserts_over_guards=deferred,
+                        )
+                if (deferred or draft) and verify and not _same_outputs(program, model, other):
+                    raise _Specialized(
+                        f"the {strategy} trace computes other outputs than the model at batch {other.shape[0]} "
+                        "(a size fixed at the traced batch)"
+                    )
         except Exception as e:  # noqa: BLE001 (torch raises anything; classified below)
             if isinstance(e, UserError) or _wrapped_user_error(e):
                 raise
             first = first or e
-            if dynamic and _fixes_the_batch(e):
+            if dynamic and (_fixes_the_batch(e) or isinstance(e, _Specialized)):
                 fixed_by, fixed_at = fixed_by or e, fixed_at or guard_location(log.text)
             continue
         notes = []
@@ -112,6 +154,25 @@ def trace(model: torch.nn.Module, images: torch.Tensor, batch_dim, *, log: Expor
             notes.append(f"the batch is fixed at {images.shape[0]}{at}: {failure_line(fixed_by, log.path)}")
         return Traced(program, dynamic, strategy, notes)
     raise UserError(f"export failed: {failure_line(first, log.path)}") from None
+
+
+class _Specialized(RuntimeError):
+    """A trace that claims a dynamic batch but computes for the traced one only."""
+
+
+def _same_outputs(program: torch.export.ExportedProgram, model: torch.nn.Module, images: torch.Tensor) -> bool:
+    with torch.no_grad():
+        try:
+            got = _flat(program.module(check_guards=False)(images))
+        except Exception:  # noqa: BLE001 (a size fixed at the traced batch fails in many ways)
+            return False
+        torch.manual_seed(0)
+        want = _flat(model(images))
+    return len(got) >= len(want) and all(
+        g.shape == w.shape
+        and torch.allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.nan_to_num().abs().max())), equal_nan=True)
+        for g, w in zip(got, want)
+    )
 
 
 def guard_location(log_text: str) -> str:
@@ -188,6 +249,8 @@ def failure_line(e: BaseException | None, log_path: Path | None = None) -> str:
     at = f" at {where}" if where else ""
     if "data-dependent" in text or "GuardOnDataDependent" in type(e).__name__:
         cause = f"a size computed from tensor values (a data-dependent shape){at}, which torch.export cannot trace"
+    elif isinstance(e, _Specialized):
+        cause = str(e) + at
     elif "Constraints violated" in text:
         guard = re.search(r"satisfy the generated guard (.+?)\.(?:\s|$)", text)
         cause = "the model's code fixes the batch size" + (f" ({guard.group(1)[:120]})" if guard else "") + at

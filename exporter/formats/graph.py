@@ -284,3 +284,49 @@ def bfloat16_roundings(model: onnx.ModelProto) -> list[str]:
         for n in casts
         if to.get(n.input[0]) == onnx.TensorProto.BFLOAT16 and to[n.output[0]] == onnx.TensorProto.FLOAT
     ]
+
+
+def plugin_routes(model: onnx.ModelProto) -> dict[str, dict]:
+    """Every ``TopKRoute`` node of a rewritten graph, by layer: its outputs (``expert``, ``slot``), its
+    input (``gates``), its attributes (``attrs``: the layer's routing semantics), ``group_tokens``, the
+    tokens per routing group its input is reshaped to (None: the whole batch, or unknown), and
+    ``experts`` (its TopKDispatch's). What validate needs to compare the routing of a layer moe-export
+    did not write."""
+    route = plugin_stem("") + ".route"
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    constants = {t.name: t for t in model.graph.initializer}
+    experts = {
+        n.name.removesuffix(plugin_stem("") + ".dispatch"): next(
+            (a.i for a in n.attribute if a.name == "num_experts"), None
+        )
+        for n in model.graph.node
+        if n.domain == NAMESPACE and n.op_type == "TopKDispatch"
+    }
+    found = {}
+    for node in model.graph.node:
+        layer = node.name.removesuffix(route)
+        if node.domain != NAMESPACE or node.op_type != "TopKRoute" or layer == node.name:
+            continue
+        attrs = {
+            a.name: onnx.helper.get_attribute_value(a)
+            for a in node.attribute
+            if a.name not in ("plugin_namespace", "aot")
+        }
+        group_tokens = None
+        reshape = made_by.get(node.input[0])
+        if reshape is not None and reshape.op_type == "Reshape":
+            shape = constants.get(reshape.input[1])
+            if shape is None and (made := made_by.get(reshape.input[1])) is not None and made.op_type == "Constant":
+                shape = next((a.t for a in made.attribute if a.name == "value"), None)
+            if shape is not None:
+                dims = onnx.numpy_helper.to_array(shape).tolist()
+                group_tokens = int(dims[1]) if len(dims) == 3 and dims[0] == -1 and dims[1] > 0 else None
+        found[layer] = dict(
+            expert=node.output[0],
+            slot=node.output[1],
+            gates=node.input[0],
+            attrs=attrs,
+            group_tokens=group_tokens,
+            experts=experts.get(layer),
+        )
+    return found

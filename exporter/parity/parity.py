@@ -46,6 +46,7 @@ from exporter.formats.graph import (
     image_input,
     input_dims,
     metadata,
+    plugin_routes,
     precision,
     router_tensors,
     routing_layers,
@@ -243,19 +244,65 @@ def reference_run(
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
     with step(f"Running PyTorch on {images.shape[0]} images"):
-        expected, routing, routers = _torch_run(loaded.module, images)
+        expected, routing, routers = _torch_run(loaded.module, images, plugin_routes(header))
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
     seed = None if inputs_npz else seed
     return Reference(source.name, name, images, expected, routing, seed, routers=routers, source=source)
 
 
-def _torch_run(module, images: np.ndarray) -> tuple[list[np.ndarray], dict[str, RoutingArrays], dict]:
-    """PyTorch's outputs, routing and router outputs on the images (a ``TorchRunner``)."""
-    with TorchRunner(module) as runner:
+def _torch_run(
+    module, images: np.ndarray, routes: dict[str, dict] | None = None
+) -> tuple[list[np.ndarray], dict[str, RoutingArrays], dict]:
+    """PyTorch's outputs, routing and router outputs on the images (a ``TorchRunner``). ``routes``: the
+    graph's TopKRoute nodes (``plugin_routes``); for each layer that moe-export did not write, PyTorch's
+    own router probabilities routed by the node's semantics are its routing."""
+    wanted = {layer: r["experts"] for layer, r in (routes or {}).items() if r["experts"]}
+    with TorchRunner(module, probabilities=wanted) as runner:
         expected = list(runner.infer({"images": images}).values())
     routing = {layer: RoutingArrays(r.expert.numpy(), r.slot.numpy()) for layer, r in runner.routing.items()}
-    return expected, routing, runner.routers
+    routers = dict(runner.routers)
+    for layer, probabilities in runner.probabilities.items():
+        if layer not in routing:
+            routing[layer], gates = route_as_plugin(probabilities, routes[layer])
+            routers[layer] = {"gates": gates}
+    return expected, routing, routers
+
+
+def route_as_plugin(probabilities: np.ndarray, route: dict) -> tuple[RoutingArrays, np.ndarray]:
+    """The routing a ``TopKRoute`` node (``plugin_routes``) gives router probabilities ``[..., E]``, as
+    PyTorch computed them: the node's semantics, exactly (``exporter.models.routing.route_top_k``)."""
+    import torch
+
+    from exporter.models.routing import route_top_k
+    from plugins.topk_route.capacity import capacity
+
+    experts = probabilities.shape[-1]
+    tokens = probabilities.size // experts
+    per_group = route["group_tokens"] or tokens
+    gates = probabilities.reshape(tokens // per_group, per_group, experts).astype(np.float32)
+    a = route["attrs"]
+    r = route_top_k(
+        torch.from_numpy(gates),
+        int(a["k"]),
+        capacity(per_group, a),
+        bool(a["batch_priority"]),
+        by_token=bool(a.get("by_token", 0)),
+        normalize=int(a.get("normalize", 0)),
+        eps=float(a.get("eps", 0.0)),
+    )
+    return RoutingArrays(r.expert.numpy(), r.slot.numpy()), gates
+
+
+def plugin_routing(route: dict, expert: np.ndarray, slot: np.ndarray) -> dict[str, np.ndarray]:
+    """A ``TopKRoute`` node's outputs as the routing outputs moe-export's graphs have
+    (``routing_output_names``): the expert, kept, and the buffer position (the flat slot ``e*C + c``
+    less ``e*C``; -1 dropped)."""
+    from plugins.topk_route.capacity import capacity
+
+    c = capacity(expert.shape[1], route["attrs"])
+    kept = slot >= 0
+    return {"expert": expert, "kept": kept, "slot": np.where(kept, slot - expert * c, -1).astype(np.int32)}
 
 
 def onnxruntime_runner(path: str | Path, header: onnx.ModelProto):
@@ -267,7 +314,8 @@ def onnxruntime_runner(path: str | Path, header: onnx.ModelProto):
 
     names = [o.name for o in header.graph.output]
     routers = {n for layer in router_tensors(header).values() for n in layer.values()}
-    internals = sorted(routers | set(bfloat16_roundings(header)))
+    routes = {n for r in plugin_routes(header).values() for n in (r["expert"], r["slot"])}
+    internals = sorted(routers | routes | set(bfloat16_roundings(header)))
     outputs = names + [n for n in internals if n not in names]
     return OnnxRuntimeRunner(Path(path), header=header, outputs=outputs, name=ort_backend_name(header))
 
@@ -300,8 +348,7 @@ def compare_runner(
     with step(f"Running {runner.name} on {reference.images.shape[0]} images"), runner:
         values = runner.infer({reference.input_name: reference.images})
     actual = {n: values[n] for n in names if n in values}
-    router_names = {n for layer in router_tensors(header).values() for n in layer.values()}
-    routers = {n: v for n, v in values.items() if n in router_names and n not in names}
+    routers = {n: v for n, v in values.items() if n not in names}
     return compare_to_reference(
         reference,
         actual,
@@ -368,7 +415,15 @@ def compare_to_reference(
                 f"was the graph exported from {source}?"
             )
     outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
-    exposed = [layer for layer in routing_layers(header) if all(n in actual for n in routing_output_names(layer))]
+    recorded = routing_layers(header)
+    for layer, route in plugin_routes(header).items():  # another author's top-k layer, after the rewrite
+        names = routing_output_names(layer)
+        if layer in recorded or layer not in routing or not {route["expert"], route["slot"]} <= set(routers or {}):
+            continue
+        found = plugin_routing(route, routers[route["expert"]], routers[route["slot"]])
+        actual = {**actual, **dict(zip(names, (found["expert"], found["kept"], found["slot"])))}
+        recorded = [*recorded, layer]
+    exposed = [layer for layer in recorded if all(n in actual for n in routing_output_names(layer))]
     notes = []
     if not routing:
         status, checked = ROUTING_NONE, []
@@ -384,7 +439,7 @@ def compare_to_reference(
     soft: list[SoftRoutingParity] = []
     if routers:
         named = router_tensors(header)
-        settings_of = vmoe_layers(header)
+        settings_of = {**{layer: r["attrs"] for layer, r in plugin_routes(header).items()}, **vmoe_layers(header)}
         errors = image_errors(expected[0], actual[plain[0]]) if expected else None
         for r in checked:
             names, ref = named.get(r.layer, {}), reference.routers.get(r.layer, {})
@@ -463,7 +518,7 @@ def onnx_parity(
     with step("Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
         loaded = load(reference.source)
         with rounding_as([internals[n] for n in roundings], tolerances.rtol) as found:
-            outputs, routing, routers = _torch_run(loaded.module, reference.images)
+            outputs, routing, routers = _torch_run(loaded.module, reference.images, plugin_routes(header))
         del loaded
         gc.collect()
     if len(found) != len(roundings) or None in found:

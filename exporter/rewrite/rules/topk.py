@@ -71,27 +71,39 @@ class TopKRule:
 
 
 def routers(graph: gs.Graph) -> list[tuple[gs.Node, gs.Variable, gs.Variable]]:
-    """``(softmax node, probabilities, logits)`` of every softmax over a last axis that reaches a top-k choice."""
+    """``(softmax node, probabilities, logits)`` of every softmax over a last axis that reaches a top-k
+    choice; the probabilities are what the choice reads (the softmax's output, or the part of it an
+    index selects)."""
     found = []
     for sm in softmaxes(graph):
-        if not sm.last_axis or not _reaches_choice(sm.output):
-            continue
-        found.append((sm.node, sm.output, sm.input))
+        gates = _chosen_from(sm.output) if sm.last_axis else None
+        if gates is not None:
+            found.append((sm.node, gates, sm.input))
     return found
 
 
-def _reaches_choice(t: gs.Tensor, depth: int = 4) -> bool:
-    frontier = [t]
+def _chosen_from(t: gs.Tensor, depth: int = 4) -> gs.Variable | None:
+    """The tensor a TopK/ArgMax reads, reached from ``t`` through reshapes, casts and index selections
+    (the last reshape-free tensor before the choice, so that its values are the probabilities)."""
+    frontier = [(t, t)]
     for _ in range(depth):
         nxt = []
-        for tensor in frontier:
+        for tensor, probs in frontier:
             for node in tensor.outputs:
-                if node.op in CHOICE_OPS and node.inputs[0] is tensor:
-                    return True
+                if node.inputs[0] is not tensor:
+                    continue
+                if node.op in CHOICE_OPS:
+                    return probs
                 if node.op in SHAPE_OPS | {"Cast"}:
-                    nxt.extend(node.outputs)
+                    nxt.extend((o, probs) for o in node.outputs)
+                elif node.op in ("Gather", "Slice"):
+                    nxt.extend((o, o) for o in node.outputs)
         frontier = nxt
-    return False
+    return None
+
+
+def _reaches_choice(t: gs.Tensor) -> bool:
+    return _chosen_from(t) is not None
 
 
 class TopKCandidate:
