@@ -188,7 +188,8 @@ def build_bundle(
         headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
         header = headers[PORTABLE]
         sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
-        reference = reference_run(source, header, batch=sample_batch, seed=seed, step=step, loaded=loaded)
+        # (the plugin graph's header: its TopKRoute nodes say how other authors' layers route)
+        reference = reference_run(source, headers[PLUGINS], batch=sample_batch, seed=seed, step=step, loaded=loaded)
         model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
         del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
         gc.collect()

@@ -178,8 +178,9 @@ def export_onnx(
     second = _second_batch(batch, multiple)
     with step("Tracing to ONNX (torch.export + torch.onnx)"):
         probes = [images, torch.randn((second, *loaded.source.input_shape), generator=generator)]
+        exposing = routing_outputs and bool(layers)  # (only moe-export's own layers name their decisions)
         program, exported, notes = _torch_export(
-            model, probes, multiple, opset, names, routing_outputs, user_code=loaded.source.kind == "module"
+            model, probes, multiple, opset, names, exposing, user_code=loaded.source.kind == "module"
         )
     _name_folded_weights(program.model.graph)
     _strip_build_machine_metadata(program.model)

@@ -215,6 +215,9 @@ class Reference:
     stored: str | None = None  # where stored outputs came from, when PyTorch did not run now
     routers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # router outputs per MoE layer
     source: ModelSource | None = None  # the model that ran, to run again (None: stored outputs)
+    # layers of other authors whose routing is PyTorch's router probabilities routed by the semantics the
+    # rewrite found (``route_as_plugin``): compared where a graph has their TopKRoute node
+    derived: frozenset[str] = frozenset()
 
     def named_outputs(self, header: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs under the graph's output names, routing outputs included (as the graph types them)."""
@@ -243,12 +246,16 @@ def reference_run(
         with step(f"Building {source.name} in PyTorch"):
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
+    routes = plugin_routes(header)
     with step(f"Running PyTorch on {images.shape[0]} images"):
-        expected, routing, routers = _torch_run(loaded.module, images, plugin_routes(header))
+        expected, routing, routers = _torch_run(loaded.module, images, routes)
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
     seed = None if inputs_npz else seed
-    return Reference(source.name, name, images, expected, routing, seed, routers=routers, source=source)
+    derived = frozenset(layer for layer, r in routing.items() if isinstance(r, DerivedRouting))
+    return Reference(
+        source.name, name, images, expected, routing, seed, routers=routers, source=source, derived=derived
+    )
 
 
 def _torch_run(
@@ -264,9 +271,15 @@ def _torch_run(
     routers = dict(runner.routers)
     for layer, probabilities in runner.probabilities.items():
         if layer not in routing:
-            routing[layer], gates = route_as_plugin(probabilities, routes[layer])
+            derived, gates = route_as_plugin(probabilities, routes[layer])
+            routing[layer] = DerivedRouting(derived.expert, derived.slot)
             routers[layer] = {"gates": gates}
     return expected, routing, routers
+
+
+class DerivedRouting(RoutingArrays):
+    """The routing of a layer moe-export did not write: its router probabilities routed by the semantics
+    the rewrite found (a graph without the layer's TopKRoute node has nothing to compare it with)."""
 
 
 def route_as_plugin(probabilities: np.ndarray, route: dict) -> tuple[RoutingArrays, np.ndarray]:
@@ -424,6 +437,7 @@ def compare_to_reference(
         actual = {**actual, **dict(zip(names, (found["expert"], found["kept"], found["slot"])))}
         recorded = [*recorded, layer]
     exposed = [layer for layer in recorded if all(n in actual for n in routing_output_names(layer))]
+    routing = {layer: r for layer, r in routing.items() if layer not in reference.derived or layer in exposed}
     notes = []
     if not routing:
         status, checked = ROUTING_NONE, []

@@ -259,6 +259,9 @@ def _import_factory(spec: str):
         spec_ = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec_)
         sys.modules[name] = module
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # its sibling files import as when Python runs it (python file.py)
+            sys.path.insert(0, folder)
         try:
             spec_.loader.exec_module(module)
         except Exception as e:  # the user's code: whatever it raises is a problem with their input

@@ -185,7 +185,20 @@ class TopKCandidate:
             PluginNode("TopKCombine", {}),
         ]
         plan = LayerPlan(self.layer, self.family, nodes, semantics=semantics.describe(), notes=match.notes)
-        return plan, lambda graph: self._apply(graph, match, shapes)
+        targets = self._targets(match, shapes)  # (a layout the rewrite cannot rebuild declines here, not later)
+        return plan, lambda graph: self._apply(graph, match, shapes, targets)
+
+    def _targets(self, match: Match, shapes: dict[int, dict]) -> dict:
+        """Reshape targets (the dimension that follows the batch as -1) of the layer's output and of each
+        expert input; an expert input that holds only the kept tokens is ``[-1, D]``."""
+        batches = sorted(shapes)
+
+        def free(t: gs.Variable) -> np.ndarray:
+            return _free_shape([shapes[b][t.name].shape for b in batches])
+
+        dim = shapes[batches[0]][self.tokens.name].shape[-1]
+        inputs = [free(t) if match.padded else np.array([-1, dim], np.int64) for t in self.expert_in]
+        return dict(output=free(self.output), inputs=inputs)
 
     def _capacity_rule(self, probe: Probe, match: Match, seen: Observed, rtol: float, shapes: dict):
         """One rule of the group size that gives the capacities seen (and at one more batch), told apart
@@ -222,7 +235,7 @@ class TopKCandidate:
 
     # --- the rewrite -----------------------------------------------------------------------------
 
-    def _apply(self, graph: gs.Graph, match: Match, shapes: dict[int, dict]) -> None:
+    def _apply(self, graph: gs.Graph, match: Match, shapes: dict[int, dict], targets: dict) -> None:
         semantics, E = match.semantics, self.experts
         stem = plugin_stem(self.layer)
         batches = sorted(shapes)
@@ -257,7 +270,7 @@ class TopKCandidate:
 
         fixed_capacity = semantics.capacity if semantics.rule is None else None
         if self.stacked:
-            self._feed(graph, buffer, self.expert_in[0], shapes, match.layout, fixed_capacity, E, f"{stem}.in")
+            self._feed(graph, buffer, self.expert_in[0], targets["inputs"][0], match.layout, fixed_capacity, E, dim)
             out = self.output_sources.get(match.output_source, self.expert_out[0])
             canonical = self._collect(graph, out, match.layout, fixed_capacity, E, dim, f"{stem}.out")
         else:
@@ -268,7 +281,7 @@ class TopKCandidate:
                     outputs=[gs.Variable(f"{stem}.in{e}", dtype=buffer.dtype)],
                     attrs={"axis": 0},
                 )[0]
-                self._feed(graph, part, t, shapes, "e", None, 1, f"{stem}.in{e}.shaped")
+                self._feed(graph, part, t, targets["inputs"][e], "e", None, 1, dim)
             dtype = self.expert_out[0].dtype
             parts = [
                 graph.layer(
@@ -285,18 +298,14 @@ class TopKCandidate:
         combined = gs.Variable(f"{stem}.combined", dtype=canonical.dtype or source.dtype)
         emit_plugin(graph, combine, [canonical, slot, weight], [combined], f"{stem}.combine")
         detach(self.output)
-        target = _free_shape([shapes[b][self.output.name].shape for b in batches])
-        graph.layer(op="Reshape", inputs=[combined, target], outputs=[self.output])
+        graph.layer(op="Reshape", inputs=[combined, targets["output"]], outputs=[self.output])
         self._routing_outputs(graph, expert, slot, table, stem)
 
-    def _feed(self, graph, buffer, expert_input, shapes, layout, capacity, experts, name) -> None:
+    def _feed(self, graph, buffer, expert_input, target, layout, capacity, experts, dim) -> None:
         """Makes ``expert_input`` (what the experts read) from the plugin's ``[E, G*C, D]`` buffer (or one
-        expert's ``[G*C, D]``), in the layout it had."""
-        batches = sorted(shapes)
-        target = _free_shape([shapes[b][expert_input.name].shape for b in batches])
+        expert's ``[G*C, D]``), in the layout it had (``target``: its shape, -1 where the batch goes)."""
         if layout == "g":  # [E, G*C, D] -> [G, E, C, D]
-            dim = shapes[batches[0]][expert_input.name].shape[-1]
-            buffer = _regroup(graph, buffer, [experts, -1, capacity, dim], name)
+            buffer = _regroup(graph, buffer, [experts, -1, capacity, dim], f"{expert_input.name}.regrouped")
         detach(expert_input)
         graph.layer(op="Reshape", inputs=[buffer, target], outputs=[expert_input])
 
@@ -620,8 +629,10 @@ def _regroup(graph: gs.Graph, t: gs.Variable, shape: list[int], name: str) -> gs
 
 def _free_shape(shapes: list[tuple]) -> np.ndarray:
     """A Reshape target for a tensor seen with ``shapes`` at two or more batches: the one dimension that
-    follows the batch becomes -1."""
+    follows the batch becomes -1 (one batch: a graph whose batch is fixed, the shape itself)."""
     first = list(shapes[0])
+    if len(shapes) == 1:  # a graph with a fixed batch: a fixed shape
+        return np.array(first, np.int64)
     moving = [i for i, d in enumerate(first) if any(s[i] != d for s in shapes[1:])]
     if len(moving) != 1:
         raise Decline(f"{len(moving)} dimensions of a {len(first)}-d tensor of the layer follow the batch; expected 1")
