@@ -120,8 +120,8 @@ def trace(
     for strategy, strict, oblivious, deferred, draft, dynamic in STRATEGIES:
         if not dynamic and fixed_by is None:
             break  # the batch was never the problem: a fixed batch would fail the same way
-        if (deferred or draft) and other is None and verify:
-            continue
+        if (deferred or draft) and ((other is None and verify) or fixed_by is None):
+            continue  # they help only where a guard fixed a size, and must be checked at another batch
         shapes = ({0: batch_dim},) if dynamic else None
         try:
             with log.capture(f"torch.export ({strategy}, {'dynamic' if dynamic else 'fixed'} batch)"):

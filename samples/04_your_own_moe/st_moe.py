@@ -13,7 +13,5 @@ from st_moe_pytorch import MoE
 
 def build():
     torch.manual_seed(0)
-    moe = lambda i: FirstOutput(  # noqa: E731
-        MoE(DIM, num_experts=EXPERTS, gating_top_n=2, threshold_eval=0.0, capacity_factor_eval=1.25, expert_hidden_mult=2)
-    )
-    return vit(moe)
+    settings = dict(gating_top_n=2, threshold_eval=0.0, capacity_factor_eval=1.25, expert_hidden_mult=2)
+    return vit(lambda i: FirstOutput(MoE(DIM, num_experts=EXPERTS, **settings)))
