@@ -30,6 +30,7 @@ from exporter.backends.tensorrt_rtx import rtx_available
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_MODULES = ROOT / "tests" / "fixtures" / "user_modules.py"
+FOREIGN = ROOT / "tests" / "fixtures" / "foreign_moe.py"
 
 
 def run(*args, env=None):
@@ -82,6 +83,30 @@ def scene(tmp_path, graph):
 
 # (case, arguments with {d} for the scene folder, exit code, fragment of the one line)
 CATALOGUE = [
+    (
+        "another author's layer sampling in eval",
+        "export --module {f}:random_second_expert --input-shape 2,3,32,32 -o {d}/x.onnx",
+        2,
+        "draws uniform_ in eval (mixture_of_experts.py:",
+    ),
+    (
+        "another author's layer sampling in eval: what to set",
+        "export --module {f}:random_second_expert --input-shape 2,3,32,32 -o {d}/x.onnx",
+        2,
+        "the output depends on it: set second_policy_eval='all'",
+    ),
+    (
+        "a size computed from tensor values, named with its line",
+        "export --module {f}:data_dependent --input-shape 2,3,32,32 -o {d}/x.onnx",
+        2,
+        "a size computed from tensor values (a data-dependent shape) at foreign_moe.py:37 in forward",
+    ),
+    (
+        "DeepSpeed sizing its buffers by the busiest expert",
+        "export --module {f}:deepspeed_without_drops --input-shape 2,3,32,32 -o {d}/x.onnx",
+        2,
+        "drop_tokens=False sizes its buffers by the busiest expert",
+    ),
     (
         "--routing-precision reduced of an fp32 graph",
         "export --model vmoe-tiny --routing-precision reduced -o {d}/x.onnx",
@@ -211,7 +236,7 @@ CATALOGUE = [
 @pytest.mark.parametrize(("case", "args", "code", "fragment"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_catalogue(scene, case, args, code, fragment):
     before = snapshot(scene)
-    result = run(*args.format(d=scene, m=USER_MODULES).split())
+    result = run(*args.format(d=scene, m=USER_MODULES, f=FOREIGN).split())
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -989,3 +1014,46 @@ def test_a_graph_too_big_for_the_rtx_build_gets_one_line(scene, monkeypatch):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "too big to build here: the build needs about" in errors[0]
     assert not (scene / "e").exists() or not list((scene / "e").iterdir())
+
+
+# --- other authors' layers (issue 20) ------------------------------------------------------------------
+
+
+def test_a_failed_export_says_one_line_and_nothing_else(tmp_path):
+    """torch.export's FX dumps and logs go to the log file the line names, never to stderr."""
+    pytest.importorskip("mixture_of_experts", reason="the test extra installs mixture-of-experts")
+    cli = [sys.executable, "-c", "from cli import main; main()"]
+    args = ["export", "--module", f"{FOREIGN}:data_dependent", "--input-shape", "2,3,32,32", "-o", "x.onnx"]
+    done = subprocess.run([*cli, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("...", "✓"))]
+    assert len(lines) == 1 and lines[0].startswith("error: export failed: a size computed from tensor values"), done
+    log = Path(lines[0].rsplit("full log: ", 1)[1].rstrip(")"))
+    assert log.is_file() and "Traceback" in log.read_text()  # what torch said is kept, in the file
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_layer_whose_order_torch_leaves_undefined_is_refused(tmp_path):
+    """DeepSpeed top-1 with an expert overflowing keeps the tokens torch.topk returns first among equal
+    values: the graph cannot compute that, so export checks and refuses it (exit 1), writing nothing."""
+    pytest.importorskip("deepspeed", reason="the test extra installs deepspeed")
+    result = run(
+        "export", "--module", f"{FOREIGN}:deepspeed_top1_drops", "--input-shape", "2,3,32,32", "-o", tmp_path / "x.onnx"
+    )
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("FAILED:")]
+    assert "does not match the model at batch 2" in line and "torch.topk returns first" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_that_fixes_its_batch_is_exported_at_that_batch_and_says_where(tmp_path):
+    result = run(
+        "export", "--module", f"{FOREIGN}:fixed_batch", "--input-shape", "2,3,32,32", "-o", tmp_path / "x.onnx",
+        "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["dynamic_batch"] is False and report["inputs"]["images"][1][0] == 2
+    (note,) = [n for n in report["notes"] if n.startswith("the batch is fixed at 2")]
+    assert "foreign_moe.py:" in note and "full log:" in note
+    assert list(report["checked"]) == ["2"]  # checked at the one batch it takes

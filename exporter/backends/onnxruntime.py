@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.backends.runner import Runner
-from exporter.errors import UserError, one_line
+from exporter.errors import CheckFailed, UserError, one_line
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -94,12 +94,16 @@ def _runnable(model, provider: str, stack: contextlib.ExitStack) -> str | Path |
 
 
 def run(sess, feeds: dict[str, np.ndarray], *, what: str = "the graph") -> dict[str, np.ndarray]:
-    """Every output of one run, by name."""
+    """Every output of one run, by name. A graph moe-export wrote that fails on a batch it takes is a
+    failed check (CheckFailed, exit 1: the graph is wrong); another's is a user error (exit 2)."""
     names = [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(names, feeds)
     except _errors() as e:
-        raise UserError(f"ONNX Runtime failed to run {what}: {_reason(e)}") from None
+        batch = next((f"at batch {v.shape[0]} " for v in feeds.values() if getattr(v, "ndim", 0)), "")
+        ours = sess.get_modelmeta().producer_name == "moe-export"
+        failure = CheckFailed if ours else UserError
+        raise failure(f"ONNX Runtime fails on {what} {batch}(a batch it takes): {_reason(e)}") from None
     return dict(zip(names, values))
 
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from exporter.backends.onnxruntime import run, run_onnxruntime, session
-from exporter.errors import UserError
+from exporter.errors import CheckFailed, UserError
 
 
 def _relu(ir_version: int = 10) -> onnx.ModelProto:
@@ -36,5 +36,9 @@ def test_a_refusal_is_one_line_with_the_reason(tmp_path):
     with pytest.raises(UserError, match=r"cannot load .*new.onnx: Unsupported model IR version: 99") as e:
         session(tmp_path / "new.onnx")
     assert "onnxruntime_src" not in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(UserError, match="failed to run the graph"):
+    with pytest.raises(UserError, match="fails on the graph at batch 4"):  # another author's graph: exit 2
         run(session(_relu().SerializeToString()), {"x": np.zeros(4, np.float32)})
+    ours = _relu()
+    ours.producer_name = "moe-export"  # a graph moe-export wrote that fails on a batch it takes: the check fails
+    with pytest.raises(CheckFailed, match="fails on the graph at batch 4"):
+        run(session(ours.SerializeToString()), {"x": np.zeros(4, np.float32)})
