@@ -185,11 +185,7 @@ def build_engine(
       moe-export build engine vmoe-bundle --triton-repo model_repository
       moe-export build engine --model vmoe-tiny --backend tensorrt-rtx --target sm_89,sm_120 -o tiny-rtx
     """
-    targets = target_list(targets) if targets is not None else None
-    if backend == "tensorrt-rtx":  # refused in one line before the heavy imports
-        from exporter.backends.tensorrt_rtx import check_targets
-
-        check_targets(targets)
+    targets = _checked_targets(backend, targets)
     from exporter.backends.tensorrt import EngineOptions
     from exporter.deploy.engines import build_engine_for
 
@@ -212,6 +208,16 @@ def build_engine(
     if not run.passed:
         where = run.built.bundle if backend == "tensorrt" else run.folder
         raise CheckFailed(f"the engine in {where} does not match PyTorch (see the table above)")
+
+
+def _checked_targets(backend: str, targets: str | None) -> list | None:
+    """The targets, refused in one line before the heavy imports where the backend cannot build them."""
+    targets = target_list(targets) if targets is not None else None
+    if backend == "tensorrt-rtx":
+        from exporter.backends.tensorrt_rtx import check_targets
+
+        check_targets(targets)
+    return targets
 
 
 def _print_engine(run) -> None:
