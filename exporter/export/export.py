@@ -101,6 +101,27 @@ def _forward_exposing_routing(model: torch.nn.Module):
         del model.forward
 
 
+@contextlib.contextmanager
+def sound_onnx_rewrites():
+    """torch.onnx's optimizer without onnxscript's rules that drop the Reshapes around a MatMul that
+    broadcasting seems to make redundant: up to onnxscript 0.7 they never compare the contracted
+    dimensions (``[1,128,1] x [128,8]`` taken for ``[128,1,1] x [128,1,8]``), and a graph with a fixed
+    batch came out invalid (a top-1 Combine's gate-weighted sum). Restored afterwards."""
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _broadcast_to_matmul
+    except ImportError:  # another onnxscript layout: its rules as they are
+        yield
+        return
+    saved = rewriter._DEFAULT_REWRITE_RULES
+    unsound = {id(rule) for rule in _broadcast_to_matmul.rules.rules}
+    rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in saved if id(rule) not in unsound)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
+
+
 QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor", "onnxscript", "torch.fx")
 
 
@@ -405,7 +426,7 @@ def _torch_export(model, probes, multiple, opset, names, routing_outputs, user_c
             settle_random_ops(traced, model, images)
         kwargs = dict(dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names, verbose=False)
         try:
-            with log.capture("torch.onnx (ExportedProgram -> ONNX)"):
+            with log.capture("torch.onnx (ExportedProgram -> ONNX)"), sound_onnx_rewrites():
                 program = torch.onnx.export(traced.program, **kwargs)
         except Exception as e:
             if not user_code:

@@ -323,32 +323,41 @@ def _combine(seen, routing, semantics, layout, padded, table, G, S, dim, rtol, e
 # --- a capacity that follows the batch -----------------------------------------------------------
 
 
-def fit_capacity(observed: dict[int, int]) -> list[dict]:
+def fit_capacity(observed: dict[int, int], experts: int = 1, k: int = 1) -> list[dict]:
     """Every capacity rule (``plugins.topk_route.capacity``) of the simplest exact fraction that gives
-    the observed ``{group tokens: capacity}``: ``max(m, ceil(S*a))``, ``max(m, floor(S*a))``, and the
-    latter capped at S, with ``a`` the simplest fraction in the range the observations allow, ``m`` 1
-    or the smallest capacity seen. Several may fit: the caller tells them apart at more batches."""
+    the observed ``{group tokens: capacity}``: ``max(m, ceil(S*a))``, ``max(m, floor(S*a))`` and the
+    latter capped at S (vmoe, GShard, DeepSpeed, the loop style), and tutel's ``k * floor(ceil(S/E)*a)``,
+    with ``a`` the simplest fraction in the range the observations allow and ``m`` 1 or the smallest
+    capacity seen. Several may fit: the caller tells them apart at more batches."""
     rules = []
     tokens = sorted(observed)
-    for minimum in sorted({1, min(observed.values())}):
-        free = [s for s in tokens if observed[s] > minimum or minimum == 1]
-        if not free:
-            continue
-        for ceil in (1, 0):
-            low, high = Fraction(0), Fraction(10**6)
-            for s in free:
-                c = observed[s]
-                # ceil(s*a) = c  <=>  (c-1)/s < a <= c/s ;  floor(s*a) = c  <=>  c/s <= a < (c+1)/s
-                lo, hi = (Fraction(c - 1, s), Fraction(c, s)) if ceil else (Fraction(c, s), Fraction(c + 1, s))
-                low, high = max(low, lo), min(high, hi)
-            a = _simplest_between(low, high, open_low=bool(ceil), open_high=not ceil)
-            if a is None:
+    forms = [dict(cap_pre=1, cap_mul=1)]
+    if experts > 1:
+        forms.append(dict(cap_pre=experts, cap_mul=k))
+    for form in forms:
+        for minimum in sorted({1, min(observed.values())}):
+            free = [s for s in tokens if observed[s] > minimum or minimum == 1]
+            if not free or any(observed[s] % form["cap_mul"] for s in free):
                 continue
-            for clamp in (0, 1) if not ceil else (0,):
-                rule = dict(cap_num=a.numerator, cap_den=a.denominator, cap_ceil=ceil, cap_min=minimum)
-                rule["cap_clamp"] = clamp
-                if all(capacity(s, rule) == observed[s] for s in tokens) and rule not in rules:
-                    rules.append(rule)
+            for ceil in (1, 0):
+                low, high = Fraction(0), Fraction(10**6)
+                for s in free:
+                    c, base = observed[s] // form["cap_mul"], -(-s // form["cap_pre"])
+                    # ceil(b*a) = c  <=>  (c-1)/b < a <= c/b ;  floor(b*a) = c  <=>  c/b <= a < (c+1)/b
+                    lo, hi = (
+                        (Fraction(c - 1, base), Fraction(c, base))
+                        if ceil
+                        else (Fraction(c, base), Fraction(c + 1, base))
+                    )
+                    low, high = max(low, lo), min(high, hi)
+                a = _simplest_between(low, high, open_low=bool(ceil), open_high=not ceil)
+                if a is None:
+                    continue
+                for clamp in (0, 1) if not ceil and form["cap_pre"] == 1 else (0,):
+                    rule = dict(cap_num=a.numerator, cap_den=a.denominator, cap_ceil=ceil, cap_min=minimum)
+                    rule.update(form, cap_clamp=clamp)
+                    if all(capacity(s, rule) == observed[s] for s in tokens) and rule not in rules:
+                        rules.append(rule)
     return rules
 
 

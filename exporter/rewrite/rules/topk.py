@@ -217,9 +217,9 @@ class TopKCandidate:
         observed = {b * per_image: c for b, c in match.capacities.items()}
         for batch in probe.batches[2:3]:
             observed[batch * per_image] = capacity_at(batch)
-        rules = fit_capacity(observed)
+        rules = fit_capacity(observed, self.experts, found.k)
         sizes = [b * per_image for b in range(probe.multiple, RULE_CHECK_IMAGES + 1, probe.multiple)]
-        for _ in range(3):
+        for _ in range(6):
             if len(rules) < 2 or (size := first_disagreement(rules, sizes)) is None:
                 break
             observed[size] = capacity_at(size // per_image)

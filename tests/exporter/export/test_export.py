@@ -104,3 +104,44 @@ def test_export_reports_the_rtx_parsers_word_beside_the_allow_list(exported, nam
     assert result.findings == [] and result.rtx_parse["parsed"] and result.rtx_parse["errors"] == []
     assert result.rtx_parse["layers"] > 0 and result.rtx_parse["version"].startswith("1.")
     assert json.loads(json.dumps(result.to_dict()))["rtx_parse"] == result.rtx_parse
+
+
+def test_a_fixed_batch_keeps_the_reshapes_a_matmul_needs(tmp_path):
+    """onnxscript's rule that drops Reshapes around a MatMul never compared the contracted dimensions
+    (``[1,N,1] x [N,D]`` taken for ``[N,1,1] x [N,1,D]``): a fixed-batch graph came out invalid. Without it,
+    the graph is valid and equals PyTorch."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from exporter.backends.onnxruntime import run_onnxruntime
+    from exporter.export.export import export_model
+    from exporter.sources.choice import ModelChoice
+
+    (tmp_path / "fixed.py").write_text(
+        "import torch\n"
+        "class Gated(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.proj = torch.nn.Linear(8, 8)\n"
+        "    def forward(self, images):\n"
+        "        x = images.reshape(2, 96, 8)  # fixes the batch at 2\n"
+        "        weight = torch.sigmoid(x[..., :1]).reshape(1, 192, 1).reshape(192, 1, 1)\n"
+        "        picked = self.proj(x).reshape(192, 8).reshape(192, 1, 8)\n"
+        "        return torch.matmul(weight, picked).reshape(1, 192, 8).reshape(2, 96, 8)\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Gated().eval()\n"
+    )
+    choice = ModelChoice(module=f"{tmp_path / 'fixed.py'}:build", input_shape="2,3,16,16")
+    result = export_model(choice, tmp_path / "f.onnx")
+    assert not result.dynamic_batch
+    images = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = run_onnxruntime(result.path, {"images": images})
+    with torch.no_grad():
+        spec = importlib.util.spec_from_file_location("fixed", tmp_path / "fixed.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        want = module.build()(torch.from_numpy(images)).numpy()
+    assert np.allclose(next(iter(got.values())), want, atol=1e-5)

@@ -97,6 +97,49 @@ def test_the_graph_reproduces_microsofts_logits_and_routing(pipeline):
             assert np.array_equal(slot[kept], REFERENCE[prefix + "location"][kept])
 
 
+def test_the_rewrite_replaces_every_moe_layer_with_tutels_rule(pipeline):
+    """Every Swin-MoE layer becomes TopKRoute/TopKDispatch/TopKCombine, found by behaviour: the whole batch
+    as the group, BPR, and a capacity rule that is tutel's ``k * int(cf * ceil(N / E))`` at every batch up
+    to 64 images; the plugin graph reproduces Microsoft's logits and routing, at batch 8 and image by image."""
+    from plugins.topk_route.capacity import capacity
+
+    result = run("rewrite", pipeline / "m.onnx", "-o", pipeline / "m.plugins.onnx", "--json", pipeline / "r.json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((pipeline / "r.json").read_text())
+    assert plan["counts"] == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
+    for layer, tokens in zip(plan["layers"], (64, 16)):
+        attrs = layer["plugins"][0]["attrs"]
+        assert attrs["k"] == 1 and attrs["batch_priority"] == 1 and attrs["capacity"] == 0
+        tutel = [int(1.25 * -(-(tokens * b) // 4)) for b in range(1, 65)]
+        assert [capacity(tokens * b, attrs) for b in range(1, 65)] == tutel, attrs
+    images = REFERENCE["images"]
+    for batches, suffix in (([images], ""), ([images[i : i + 1] for i in range(8)], "_single")):
+        outputs = [run_onnxruntime(pipeline / "m.plugins.onnx", {INPUT_NAME: b}) for b in batches]
+        logits = np.concatenate([o["logits"] for o in outputs])
+        expected = REFERENCE[f"linear_k1_cf1.25/logits{suffix}"]
+        assert np.abs(logits - expected).max() / np.abs(expected).max() <= 1e-4
+        for layer in ("layers.0.blocks.1.mlp", "layers.1.blocks.0.mlp"):
+            prefix = f"linear_k1_cf1.25/{layer}/" + ("single/" if suffix else "")
+            expert_name, kept_name, slot_name = routing_output_names(layer)
+            kept = np.concatenate([o[kept_name][0] for o in outputs])
+            assert np.array_equal(np.concatenate([o[expert_name][0] for o in outputs]), REFERENCE[prefix + "expert"])
+            assert np.array_equal(kept, REFERENCE[prefix + "kept"])
+            slot = np.concatenate([o[slot_name][0] for o in outputs])
+            assert np.array_equal(slot[kept], REFERENCE[prefix + "location"][kept])
+    for batch in (1, 8):
+        result = run("validate", pipeline / "m.plugins.onnx", "--batch", batch, "--json", pipeline / "vp.json")
+        assert result.exit_code == 0, result.output
+        report = json.loads((pipeline / "vp.json").read_text())
+        assert report["passed"] and all(r["agreement"] == 1.0 for r in report["routing"])
+
+
+def test_a_bundle_of_an_imported_swin_moe(pipeline):
+    result = run("build", "bundle", "--model", pipeline / "m", "--target", "sm_89", "-o", pipeline / "bundle")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((pipeline / "bundle" / "manifest.json").read_text())
+    assert manifest["plugins"]["nodes"] == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2}
+
+
 def test_a_merged_file_with_routing_overrides(tmp_path):
     args = ("import", "swin-moe", FIXTURES / "cosine.merged.pth", "--config", FIXTURES / "cosine.yaml")
     result = run(*args, "--k", 2, "--capacity-factor", 0.5, "-o", tmp_path / "c", "--json", tmp_path / "c.json")
