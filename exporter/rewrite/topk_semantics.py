@@ -14,14 +14,14 @@ these values (and the capacity rule is pinned down at more batches by ``fit_capa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
 
 from exporter.rewrite.plan import Decline
-from plugins.topk_route.capacity import RULE_DEFAULTS, capacity, describe
+from plugins.topk_route.capacity import RULE_DEFAULTS, capacity, describe, finish
 from plugins.topk_route.spec import NORMALIZE
 
 #: Epsilons a renormalising layer uses when the graph shows none: GShard/lucidrains and st-moe add or
@@ -158,7 +158,7 @@ def identify(
         for one in seen:
             result = _identify_at(one, h, rtol, eps, found.semantics.normalize if found else None)
             if isinstance(result, str):
-                closest, found = result, None
+                closest, found = max(closest, result, key=_progress), None
                 break
             if found is None:
                 found = result
@@ -166,6 +166,20 @@ def identify(
         if found is not None:
             return found
     raise Decline(f"routing not recognised: {closest}")
+
+
+#: How far a hypothesis came, by the start of why it failed: the layer's routed tokens right but not its output
+#: is further than tokens that are not the routed ones.
+_PROGRESS = (
+    "no hypothesis fits",
+    "the capacity cannot be seen",
+    "the expert inputs are not the routed tokens",
+    "the layer's output is not the weighted sum",
+)
+
+
+def _progress(reason: str) -> int:
+    return next((i for i, start in enumerate(_PROGRESS) if reason.startswith(start)), -1)
 
 
 def _identify_at(seen: Observed, h, rtol, eps, normalize: int | None) -> Match | str:
@@ -185,8 +199,8 @@ def _identify_at(seen: Observed, h, rtol, eps, normalize: int | None) -> Match |
     closest = "no hypothesis fits the expert buffers' sizes"
     for C, padded in _capacities(seen, G, S, k, dim, gates, bpr, by_token):
         if C is None:
-            closest = "the capacity cannot be seen: no expert received more tokens than it keeps, and the expert "
-            closest += "inputs are not padded to it"
+            unseen = "the capacity cannot be seen: no expert received more tokens than it keeps, and the expert "
+            closest = max(closest, unseen + "inputs are not padded to it", key=_progress)
             continue
         routing = route_top_k(gates, k, C, bpr, by_token=by_token)
         table = _slot_tokens(routing, E, C)  # [G, E, C]
@@ -196,7 +210,8 @@ def _identify_at(seen: Observed, h, rtol, eps, normalize: int | None) -> Match |
                 continue
             for name, tokens in seen.tokens.items():
                 if not _dispatch_matches(buffers, tokens.reshape(G, S, dim), table, rtol):
-                    closest = f"the expert inputs are not the routed tokens (tried k={k}, C={C})"
+                    elsewhere = f"the expert inputs are not the routed tokens (tried k={k}, C={C})"
+                    closest = max(closest, elsewhere, key=_progress)
                     continue
                 semantics = Semantics(k, images, bpr, by_token, C)
                 found = _combine(seen, routing, semantics, layout, padded, table, G, S, dim, rtol, eps, normalize)
@@ -323,42 +338,172 @@ def _combine(seen, routing, semantics, layout, padded, table, G, S, dim, rtol, e
 # --- a capacity that follows the batch -----------------------------------------------------------
 
 
-def fit_capacity(observed: dict[int, int], experts: int = 1, k: int = 1) -> list[dict]:
-    """Every capacity rule (``plugins.topk_route.capacity``) of the simplest exact fraction that gives
-    the observed ``{group tokens: capacity}``: ``max(m, ceil(S*a))``, ``max(m, floor(S*a))`` and the
-    latter capped at S (vmoe, GShard, DeepSpeed, the loop style), and tutel's ``k * floor(ceil(S/E)*a)``,
-    with ``a`` the simplest fraction in the range the observations allow and ``m`` 1 or the smallest
-    capacity seen. Several may fit: the caller tells them apart at more batches."""
-    rules = []
-    tokens = sorted(observed)
+@dataclass(frozen=True)
+class CapacityFit:
+    """A capacity rule that gives the capacities observed, at the simplest fraction ``a`` that does; every
+    ``a`` between ``low`` and ``high`` (the ends open or closed as ``ceil``/``floor`` make them) does too."""
+
+    rule: dict
+    low: Fraction
+    high: Fraction
+
+    def extremes(self, tokens: int) -> tuple[int, int]:
+        """The smallest and the largest capacity a fraction in the interval gives for ``tokens``."""
+        r = self.rule
+        base = -(-tokens // r["cap_pre"])
+        if r["cap_ceil"]:  # a in (low, high]
+            lo, hi = math.floor(base * self.low) + 1, math.ceil(base * self.high)
+        else:  # a in [low, high)
+            lo, hi = math.floor(base * self.low), math.ceil(base * self.high) - 1
+        return finish(lo, tokens, r), finish(max(lo, hi), tokens, r)
+
+
+def fit_capacity(observed: dict[int, int], experts: int = 1, k: int = 1) -> list[CapacityFit]:
+    """Every capacity rule (``plugins.topk_route.capacity``) that gives the observed ``{group tokens:
+    capacity}``: ``max(m, ceil(S*a))``, ``max(m, floor(S*a))`` and the latter capped at S (vmoe, GShard,
+    DeepSpeed, the loop style), and tutel's ``k * floor(ceil(S/E)*a)``, with ``m`` 1 or the smallest
+    capacity seen, each with the interval of fractions ``a`` the observations allow (its rule takes the
+    likeliest: a short decimal capacity factor times ``k/E`` or ``1/E``, else the simplest fraction). A
+    capacity at the minimum (or clamped to S) bounds ``a`` on one side only. Several may fit, and an
+    interval may hold fractions that differ elsewhere: ``pin_capacity`` observes more."""
+    fits: list[CapacityFit] = []
     forms = [dict(cap_pre=1, cap_mul=1)]
     if experts > 1:
         forms.append(dict(cap_pre=experts, cap_mul=k))
-    for form in forms:
-        for minimum in sorted({1, min(observed.values())}):
-            free = [s for s in tokens if observed[s] > minimum or minimum == 1]
-            if not free or any(observed[s] % form["cap_mul"] for s in free):
+    for form, minimum, ceil in (
+        (f, m, c) for f in forms for m in sorted({1, max(1, min(observed.values()))}) for c in (1, 0)
+    ):
+        for clamp in (0, 1) if not ceil and form["cap_pre"] == 1 else (0,):
+            bounds = _bounds(observed, form, minimum, ceil, clamp)
+            if bounds is None:
                 continue
-            for ceil in (1, 0):
-                low, high = Fraction(0), Fraction(10**6)
-                for s in free:
-                    c, base = observed[s] // form["cap_mul"], -(-s // form["cap_pre"])
-                    # ceil(b*a) = c  <=>  (c-1)/b < a <= c/b ;  floor(b*a) = c  <=>  c/b <= a < (c+1)/b
-                    lo, hi = (
-                        (Fraction(c - 1, base), Fraction(c, base))
-                        if ceil
-                        else (Fraction(c, base), Fraction(c + 1, base))
-                    )
-                    low, high = max(low, lo), min(high, hi)
-                a = _simplest_between(low, high, open_low=bool(ceil), open_high=not ceil)
-                if a is None:
-                    continue
-                for clamp in (0, 1) if not ceil and form["cap_pre"] == 1 else (0,):
-                    rule = dict(cap_num=a.numerator, cap_den=a.denominator, cap_ceil=ceil, cap_min=minimum)
-                    rule.update(form, cap_clamp=clamp)
-                    if all(capacity(s, rule) == observed[s] for s in tokens) and rule not in rules:
-                        rules.append(rule)
-    return rules
+            low, high = bounds
+            scales = [Fraction(1)] if form["cap_pre"] > 1 else [Fraction(k, experts), Fraction(1, experts)]
+            a = _likeliest_between(low, high, scales, open_low=bool(ceil), open_high=not ceil)
+            if a is None:
+                continue
+            rule = dict(cap_num=a.numerator, cap_den=a.denominator, cap_ceil=ceil, cap_min=minimum, cap_clamp=clamp)
+            rule.update(form)
+            if all(capacity(s, rule) == c for s, c in observed.items()) and all(f.rule != rule for f in fits):
+                fits.append(CapacityFit(rule, low, high))
+    return fits
+
+
+def _bounds(observed: dict[int, int], form: dict, minimum: int, ceil: int, clamp: int):
+    """``(low, high)`` of the fractions ``a`` one rule shape allows, or None (none does)."""
+    low, high = Fraction(0), Fraction(10**6)
+    for s, c in observed.items():
+        base, mul = -(-s // form["cap_pre"]), form["cap_mul"]
+        if c < minimum or (clamp and c > s):
+            return None
+        at_minimum, clamped = c == minimum, bool(clamp) and c == s
+        if at_minimum and clamped:
+            continue  # both ways bounded: nothing learnt about a
+        if not at_minimum and c % mul:
+            return None
+        v = c // mul
+        # ceil(b*a) = v  <=>  (v-1)/b < a <= v/b ;  floor(b*a) = v  <=>  v/b <= a < (v+1)/b
+        lo, hi = (Fraction(v - 1, base), Fraction(v, base)) if ceil else (Fraction(v, base), Fraction(v + 1, base))
+        if at_minimum:  # max(m, x) = m: x <= m, a bound from above only
+            low_v, high_v = low, hi
+        elif clamped:  # min(x, S) = S: x >= S, a bound from below only
+            low_v, high_v = lo, high
+        else:
+            low_v, high_v = lo, hi
+        low, high = max(low, low_v), min(high, high_v)
+        if low >= high:  # (low, high] or [low, high): empty
+            return None
+    return low, high
+
+
+def _unsettled(fits: list[CapacityFit], tokens: int) -> bool:
+    """Whether the fits (any fraction in their intervals) give different capacities for ``tokens``."""
+    return len({c for f in fits for c in f.extremes(tokens)}) > 1
+
+
+def next_size(observed: dict[int, int], fits: list[CapacityFit], sizes: list[int]) -> int | None:
+    """Where to observe the capacity next, or None where every fit agrees on every size.
+
+    First the largest size where they disagree (its capacity narrows every interval the most); then the
+    smallest where the fits' own rules (ceil or floor, clamped or not, ...) differ. Then, for each fit
+    in turn, if its rule is the layer's rule, the observations at all of ``sizes`` would narrow its
+    interval of fractions to the intersection of what each allows, whose two ends two sizes attain:
+    those two are observed (the smaller size where several attain an end), and then no size is left
+    unsettled. (An exact fraction at an interval's end, ``floor(S*21/80)``, is told from those just
+    beside it only at sizes where ``S*21/80`` falls just short of an integer.) Where they are observed
+    and fits of other shapes still disagree, the smallest size where they do."""
+    unsettled = [s for s in sizes if _unsettled(fits, s)]
+    if not unsettled:
+        return None
+    if max(observed) < unsettled[-1]:
+        return unsettled[-1]  # the most any one size says: the intervals narrowed to about 1/size
+    for size in unsettled:
+        if len({capacity(size, f.rule) for f in fits}) > 1:
+            return size  # the smallest where the likeliest rules of different shapes differ
+    for fit in fits:
+        ends = [s for s in _ends(fit, sizes) if s not in observed]
+        if ends:
+            return ends[0]
+    return unsettled[0]
+
+
+def _ends(fit: CapacityFit, sizes: list[int]) -> list[int]:
+    """The sizes whose capacities under ``fit``'s own rule bound its interval the most, from above and
+    from below (the smallest size where several do)."""
+    rule = fit.rule
+    form = {key: rule[key] for key in ("cap_pre", "cap_mul")}
+    low, high, low_at, high_at = fit.low, fit.high, None, None
+    for size in sizes:
+        bounds = _bounds({size: capacity(size, rule)}, form, rule["cap_min"], rule["cap_ceil"], rule["cap_clamp"])
+        if bounds is None:
+            continue
+        if bounds[0] > low:
+            low, low_at = bounds[0], size
+        if bounds[1] < high:
+            high, high_at = bounds[1], size
+    return [s for s in (high_at, low_at) if s is not None]
+
+
+def pin_capacity(
+    observed: dict[int, int],
+    capacity_at: Callable[[int], int],
+    sizes: list[int],
+    experts: int,
+    k: int,
+    rounds: int = 6,
+) -> dict:
+    """The capacity rule of a layer whose capacity follows the group size: fitted to ``observed``
+    (``{group tokens: capacity}``, extended in place), then observed with ``capacity_at(tokens)`` where
+    ``next_size`` says, until every fit left agrees on all of ``sizes`` (Decline if none fits, or
+    ``rounds`` observations do not settle it)."""
+    for _ in range(rounds + 1):
+        if zero := [s for s, c in sorted(observed.items()) if c < 1]:
+            raise Decline(f"a capacity of 0 at {zero[0]} tokens (every choice dropped): TopKRoute keeps at least one")
+        fits = fit_capacity(observed, experts, k)
+        if not fits:
+            seen_at = ", ".join(f"{c} at {s} tokens" for s, c in sorted(observed.items()))
+            raise Decline(f"capacity rule not recognised: the capacity follows the batch ({seen_at})")
+        size = next_size(observed, fits, sizes)
+        if size is None:
+            return fits[0].rule
+        observed[size] = capacity_at(size)
+    raise Decline(f"capacity rule not settled after {rounds} more batches: the rules that fit still differ")
+
+
+def _likeliest_between(
+    low: Fraction, high: Fraction, scales: list[Fraction], *, open_low: bool, open_high: bool
+) -> Fraction | None:
+    """The fraction in the interval most likely an author's: a capacity factor of the fewest decimal
+    digits (up to 3) times one of ``scales`` (``k/E``, ``1/E``), else the simplest fraction."""
+    for digits in range(4):
+        unit = Fraction(1, 10**digits)
+        for scale in scales:
+            step = unit * scale  # a = n * step
+            n = math.floor(low / step) + 1 if open_low else math.ceil(low / step)
+            a = max(n, 1) * step
+            if a < high or (a == high and not open_high):
+                return a
+    return _simplest_between(low, high, open_low=open_low, open_high=open_high)
 
 
 def _simplest_between(low: Fraction, high: Fraction, *, open_low: bool, open_high: bool) -> Fraction | None:
@@ -368,12 +513,4 @@ def _simplest_between(low: Fraction, high: Fraction, *, open_low: bool, open_hig
         candidate = Fraction(max(num, 1), den)
         if candidate < high or (candidate == high and not open_high):
             return candidate
-    return None
-
-
-def first_disagreement(rules: list[dict], sizes: Iterable[int]) -> int | None:
-    """The first group size among ``sizes`` where the rules give different capacities, or None."""
-    for s in sizes:
-        if len({capacity(s, r) for r in rules}) > 1:
-            return s
     return None

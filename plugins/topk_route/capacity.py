@@ -59,13 +59,20 @@ def capacity(tokens, attrs: Mapping[str, int], *, smax: Callable = max, smin: Ca
     base = tokens if rule["cap_pre"] == 1 else (tokens + (rule["cap_pre"] - 1)) // rule["cap_pre"]
     scaled = base * rule["cap_num"]
     c = (scaled + (rule["cap_den"] - 1)) // rule["cap_den"] if rule["cap_ceil"] else scaled // rule["cap_den"]
-    if rule["cap_mul"] != 1:
-        c = c * rule["cap_mul"]
-    if rule["cap_align"] != 1:
-        c = (c + (rule["cap_align"] - 1)) // rule["cap_align"] * rule["cap_align"]
-    if rule["cap_clamp"]:
+    return finish(c, tokens, rule, smax=smax, smin=smin)
+
+
+def finish(c, tokens, rule: Mapping[str, int], *, smax: Callable = max, smin: Callable = min):
+    """The rule's steps after the capacity factor: ``c`` (``ceil`` or ``floor`` of ``base*num/den``)
+    multiplied, aligned, clamped to the group's ``tokens`` and floored at the minimum."""
+    mul, align = int(rule.get("cap_mul", 1)), int(rule.get("cap_align", 1))
+    if mul != 1:
+        c = c * mul
+    if align != 1:
+        c = (c + (align - 1)) // align * align
+    if int(rule.get("cap_clamp", 0)):
         c = smin(c, tokens)
-    return smax(c, rule["cap_min"])
+    return smax(c, int(rule.get("cap_min", 1)))
 
 
 def describe(attrs: Mapping[str, int]) -> str:

@@ -41,7 +41,7 @@ from exporter.rewrite.graph import (
 )
 from exporter.rewrite.plan import Decline, LayerPlan, PluginNode
 from exporter.rewrite.rules import Candidate, GraphContext, Probe
-from exporter.rewrite.topk_semantics import Match, Observed, first_disagreement, fit_capacity, identify
+from exporter.rewrite.topk_semantics import Match, Observed, identify, pin_capacity
 
 CHOICE_OPS = {"TopK", "ArgMax"}
 MATMUL_OPS = {"MatMul", "Gemm", "Einsum"}
@@ -217,21 +217,14 @@ class TopKCandidate:
         observed = {b * per_image: c for b, c in match.capacities.items()}
         for batch in probe.batches[2:3]:
             observed[batch * per_image] = capacity_at(batch)
-        rules = fit_capacity(observed, self.experts, found.k)
         sizes = [b * per_image for b in range(probe.multiple, RULE_CHECK_IMAGES + 1, probe.multiple)]
-        for _ in range(6):
-            if len(rules) < 2 or (size := first_disagreement(rules, sizes)) is None:
-                break
-            observed[size] = capacity_at(size // per_image)
-            rules = [r for r in rules if _rule_capacity(r, size) == observed[size]]
-        if not rules:
-            seen_at = ", ".join(f"{c} at {s} tokens" for s, c in sorted(observed.items()))
-            raise Decline(f"capacity rule not recognised: the capacity follows the batch ({seen_at})")
+        rule = pin_capacity(observed, lambda size: capacity_at(size // per_image), sizes, self.experts, found.k)
         batches = ", ".join(str(s // per_image) for s in sorted(observed))
         match.notes.append(
-            f"capacity rule checked at batches {batches}; the rules that fit agree up to {RULE_CHECK_IMAGES} images"
+            f"capacity rule observed at batches {batches}; every rule that fits them agrees up to "
+            f"{RULE_CHECK_IMAGES} images"
         )
-        return replace(found, rule=rules[0])
+        return replace(found, rule=rule)
 
     # --- the rewrite -----------------------------------------------------------------------------
 
@@ -638,9 +631,3 @@ def _free_shape(shapes: list[tuple]) -> np.ndarray:
         raise Decline(f"{len(moving)} dimensions of a {len(first)}-d tensor of the layer follow the batch; expected 1")
     first[moving[0]] = -1
     return np.array(first, np.int64)
-
-
-def _rule_capacity(rule: dict, size: int) -> int:
-    from plugins.topk_route.capacity import capacity
-
-    return capacity(size, rule)
