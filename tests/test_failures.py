@@ -99,7 +99,7 @@ CATALOGUE = [
         "a size computed from tensor values, named with its line",
         "export --module {f}:data_dependent --input-shape 2,3,32,32 -o {d}/x.onnx",
         2,
-        "a size computed from tensor values (a data-dependent shape) at foreign_moe.py:37 in forward",
+        "a size computed from tensor values (a data-dependent shape) at foreign_moe.py:35 in forward",
     ),
     (
         "DeepSpeed sizing its buffers by the busiest expert",

@@ -128,6 +128,8 @@ def trace(
                 with _size_oblivious(oblivious):
                     if draft:
                         program = torch.export.draft_export(model, (images,), dynamic_shapes=shapes)
+                        if _data_dependent(program):
+                            raise _Specialized("the draft trace fixed a value computed from the images")
                     else:
                         program = torch.export.export(
                             model,
@@ -152,12 +154,20 @@ def trace(
         if not dynamic:
             at = f" at {fixed_at}" if fixed_at else ""
             notes.append(f"the batch is fixed at {images.shape[0]}{at}: {failure_line(fixed_by, log.path)}")
+        log.failed = bool(notes)  # the log stays where a note names it, not for strategies that led here
         return Traced(program, dynamic, strategy, notes)
     raise UserError(f"export failed: {failure_line(first, log.path)}") from None
 
 
 class _Specialized(RuntimeError):
     """A trace that claims a dynamic batch but computes for the traced one only."""
+
+
+def _data_dependent(program: torch.export.ExportedProgram) -> bool:
+    """Whether a draft export specialised a value computed from tensor values (its report's
+    data-dependent failures: the graph holds for the traced images only)."""
+    report = getattr(program, "_report", None)
+    return any(getattr(f.failure_type, "name", "") == "DATA_DEPENDENT_ERROR" for f in getattr(report, "failures", ()))
 
 
 def _same_outputs(program: torch.export.ExportedProgram, model: torch.nn.Module, images: torch.Tensor) -> bool:
@@ -182,14 +192,16 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def guard_location(log_text: str) -> str:
-    """``file.py:line in function`` of the first guard that fixed a size to a constant (torch's
-    ``[guard added]`` log lines name the frame that added each), outside torch's own files."""
+    """``file.py:line in function`` of the first guard that fixed a size to a constant, outside torch's
+    own files: torch's ``[guard added]`` log lines name the frame that added each, and TorchDynamo's
+    also the model's source line (``... # path/model.py:43 in forward (torch frame)``)."""
     for line in log_text.splitlines():
         if "[guard added]" not in line or "Eq(" not in line:
             continue
-        match = re.search(r"\(([^()\s]+\.py):(\d+) in (\w+)\)", line)
-        if match and not Path(_TORCH_DIR, match.group(1)).exists():
-            return f"{Path(match.group(1)).name}:{match.group(2)} in {match.group(3)}"
+        for match in re.finditer(r"(?:# |\()([^()\s]+\.py):(\d+) in (\w+)", line):
+            path = match.group(1)
+            if not (Path(_TORCH_DIR, path).exists() or str(Path(path).resolve()).startswith(_TORCH_DIR)):
+                return f"{Path(path).name}:{match.group(2)} in {match.group(3)}"
     return ""
 
 
