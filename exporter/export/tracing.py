@@ -138,7 +138,7 @@ def trace(
                             strict=strict,
                             prefer_deferred_runtime_asserts_over_guards=deferred,
                         )
-                if (deferred or draft) and verify and not _same_outputs(program, model, other):
+                if (deferred or draft) and verify and not same_outputs(program, model, other):
                     raise _Specialized(
                         f"the {strategy} trace computes other outputs than the model at batch {other.shape[0]} "
                         "(a size fixed at the traced batch)"
@@ -170,7 +170,9 @@ def _data_dependent(program: torch.export.ExportedProgram) -> bool:
     return any(getattr(f.failure_type, "name", "") == "DATA_DEPENDENT_ERROR" for f in getattr(report, "failures", ()))
 
 
-def _same_outputs(program: torch.export.ExportedProgram, model: torch.nn.Module, images: torch.Tensor) -> bool:
+def same_outputs(program: torch.export.ExportedProgram, model: torch.nn.Module, images: torch.Tensor) -> bool:
+    """Whether ``program`` gives the model's outputs on ``images`` (another batch than the traced one):
+    floats within float32 noise, routing decisions (booleans, integers) exactly."""
     with torch.no_grad():
         try:
             got = _flat(program.module(check_guards=False)(images))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporter.errors import UserError
-from exporter.export.tracing import ExportLog, _same_outputs, guard_location, settle_random_ops, trace
+from exporter.export.tracing import ExportLog, guard_location, same_outputs, settle_random_ops, trace
 
 BATCH = torch.export.Dim("batch", min=1)
 
@@ -92,9 +92,9 @@ def test_a_trace_is_compared_with_the_model_exactly_on_decisions():
     at another batch is not the model's."""
     model = Routed().eval()
     program = torch.export.export(model, (torch.randn(2, 3, 8),), dynamic_shapes=({0: BATCH},), strict=True)
-    assert _same_outputs(program, model, torch.randn(6, 3, 8))
+    assert same_outputs(program, model, torch.randn(6, 3, 8))
     fixed = torch.export.export(model, (torch.randn(2, 3, 8),), strict=False)  # the capacity of 6 tokens
-    assert not _same_outputs(fixed, model, torch.randn(6, 3, 8))
+    assert not same_outputs(fixed, model, torch.randn(6, 3, 8))
 
 
 def test_guard_location_is_the_models_frame_not_torchs():

@@ -123,7 +123,6 @@ DIGITS_VMOE = str(Path(__file__).resolve().parents[3] / "samples" / "02_digits" 
     "overrides, batch",
     [
         ({}, 32),  # seeded vmoe-tiny, vanilla: 61 elements round the other way at batch 32 (3.4e-4 without)
-        ({"checkpoint": DIGITS_VMOE, "batch_priority": True}, 8),  # trained digits, BPR: 17 at batch 8 (4.2e-4)
     ],
 )
 def test_bf16_dispatch_rounding_at_midpoints_keeps_fp32_tolerance(exported, overrides, batch):
@@ -143,10 +142,23 @@ def test_bf16_dispatch_rounding_at_midpoints_keeps_fp32_tolerance(exported, over
     assert "nothing" not in " ".join(report.notes)
 
 
-def test_bf16_dispatch_without_midpoints_is_compared_as_it_is(exported):
-    _, result = exported("vmoe-tiny", bf16_dispatch=True)
-    report = validate_onnx(result.path, batch=8)  # batch 8: every element rounds as PyTorch's (4.3e-6)
-    assert report.passed and report.rounding is None and report.outputs[0].max_rel <= 1e-4
+def test_bf16_dispatch_is_analysed_only_where_it_misses_fp32_tolerance(exported):
+    """A graph within FP32's tolerance as it is gets no rounding analysis. Which batches hold an element
+    at a midpoint depends on float32 noise (ONNX Runtime's kernels, BLAS: vmoe-tiny's batch 8 had none in
+    one environment and 18 in another, the digits model's 17 and none), so each graph and batch is judged
+    by the path it needed: every one passes, and some pass as they are."""
+    as_it_is = 0
+    for overrides in ({}, {"checkpoint": DIGITS_VMOE, "batch_priority": True}):
+        _, result = exported("vmoe-tiny", bf16_dispatch=True, **overrides)
+        for batch in (8, 16):
+            report = validate_onnx(result.path, batch=batch)
+            assert report.passed, (batch, report.to_json())
+            if report.rounding is None:
+                as_it_is += 1
+                assert report.outputs[0].max_rel <= settings.FP32_TOLERANCES.rtol
+            else:  # analysed only because the graph as it is missed the tolerance
+                assert report.rounding.max_rel_before > settings.FP32_TOLERANCES.rtol
+    assert as_it_is
 
 
 def _scaled(path, tmp_path, name: str, factor: float):

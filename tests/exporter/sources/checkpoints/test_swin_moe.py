@@ -33,7 +33,8 @@ from exporter.sources.zoo import param_count
 FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "swin_moe"
 RELEASED = FIXTURES / "released"
 RTOL = 1e-4  # logits, relative to their scale
-GATE_RTOL = 1e-6  # the combine gate of every kept choice (float32 softmax, optionally normalised)
+GATE_RTOL = 1e-5  # the combine gate of every kept choice (float32 softmax, optionally normalised): a few
+# float32 steps, the logits' own summation-order noise (seen: 1.3e-6 with another BLAS thread split)
 REFERENCE = dict(np.load(FIXTURES / "reference.npz"))
 CASES = json.loads(str(REFERENCE["cases"]))  # case -> (model, k, capacity factor, normalize, BPR, alignment)
 SOURCES = {"rank files": "{m}.pth", "merged file": "{m}.merged.pth"}
