@@ -284,7 +284,11 @@ def test_the_rtx_parser_on_each_forbidden_op_is_as_documented(op):
 
 
 @needs_rtx
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize(
+    "name",
+    # the released Swin-MoE configs (minutes each to trace, 8 of them) with -m slow; the tiny one every run
+    [pytest.param(name, marks=() if name in PORTABLE_CHECKED else pytest.mark.slow) for name in sorted(ZOO)],
+)
 def test_every_zoo_graph_parses_with_tensorrt_rtx(name):
     report = parse_graph(zoo_graph(name))
     assert report.parsed, report.errors[:3]
