@@ -217,13 +217,15 @@ def export_onnx(
         from exporter.export.quantize import quantize
         from exporter.models.soft_moe import soft_moe_layers
 
+        tutel = tutel_layer_settings(model)  # Swin-MoE: its routers stay FP32 too
+
         images = calibration_images
         what = "expert weights only" if images is None else f"calibrating on {len(images)} images"
         with step(f"Quantizing to {precision} ({what})"):
             quantized = quantize(
                 program.model,
                 precision,
-                moe_layers=[n for n, _ in vmoe_layers(model)] + [n for n, _ in soft_moe_layers(model)],
+                moe_layers=[n for n, _ in vmoe_layers(model)] + [n for n, _ in soft_moe_layers(model)] + list(tutel),
                 images=calibration_images,
                 calibration=calibration_note,
                 batch=max(settings.CALIBRATION_CHUNK_IMAGES // multiple, 1) * multiple,

@@ -18,6 +18,8 @@ import torch
 
 from exporter import settings
 from exporter.backends.onnxruntime import session
+from exporter.backends.tensorrt_rtx import rtx_available
+from exporter.errors import UserError
 from exporter.export.precision import soft_routing_nodes, vmoe_routing_nodes
 from exporter.export.quantize import quantize
 from exporter.formats.graph import PRECISION_KEY, SHAPE_OPS, module_path, precision
@@ -189,28 +191,29 @@ def test_weight_only_quantizes_the_expert_weights_only(exported, precision_name)
 
 
 def test_int4_blocks_hold_the_weights_to_half_a_step():
-    from exporter.export.quantize import _weight_dq
-
-    w = np.random.default_rng(0).standard_normal((2, 100, 3)).astype(np.float32)  # K not a multiple of the block
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21})
+    """A batched expert MatMul whose contracted axis (100) is not a multiple of the block."""
+    w = np.random.default_rng(0).standard_normal((2, 100, 3)).astype(np.float32)
     weight = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape))
     weight.const_value = ir.tensor(w, name="w")
-    graph.register_initializer(weight)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 100]))
-    graph.inputs.append(x)
-    matmul = ir.Node("", "MatMul", [x, weight], outputs=[ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT))])
-    graph.append(matmul)
-    graph.outputs.append(matmul.outputs[0])
-    nodes, stored = _weight_dq(graph, matmul, 1, "expert", "w4")
-    (dq,) = nodes
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 3]))
+    matmul = ir.Node("", "MatMul", [x, weight], outputs=[y], name="experts_matmul")
+    matmul.metadata_props["namespace"] = "moe: M/moe.experts: E/matmul: aten.matmul.default"
+    graph = ir.Graph([x], [y], nodes=[matmul], initializers=[weight], opset_imports={"": 18})
+    done = quantize(ir.Model(graph, ir_version=10), "w4", moe_layers=["moe"])
+    assert done.quantized_nodes == {"MatMul": 1} and graph.opset_imports[""] == settings.QUANTIZED_OPSET
+    dq = matmul.inputs[1].producer()
     q = dq.inputs[0].const_value.numpy().astype(np.float32)
     scale = dq.inputs[1].const_value.numpy()
     block = dq.attributes["block_size"].value
-    assert q.dtype == np.float32 and np.abs(q).max() <= 7 and scale.shape == (2, -(-100 // block), 3)
-    back = q * np.repeat(scale, block, axis=1)[:, :100]
-    assert np.all(np.abs(back - w) <= np.repeat(scale, block, axis=1)[:, :100] / 2 + 1e-7)
-    assert stored == 2 * 100 * 3 // 2 + scale.nbytes
-    assert dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert dq.inputs[0].const_value.dtype == ir.DataType.INT4 and "w" not in graph.initializers
+    assert np.abs(q).max() <= 7 and scale.shape == (2, -(-100 // block), 3)
+    steps = np.repeat(scale, block, axis=1)[:, :100]
+    assert np.all(np.abs(q * steps - w) <= steps / 2 + 1e-7)
+    assert done.expert_weight_bytes == (w.nbytes, w.size // 2 + scale.nbytes)
+    x_value = np.random.default_rng(1).standard_normal((2, 5, 100)).astype(np.float32)
+    (out,) = session(ir.to_proto(ir.Model(graph, ir_version=10))).run(None, {"x": x_value})
+    np.testing.assert_allclose(out, x_value @ (q * steps), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_weights_round_as_ml_dtypes_does(exported):
@@ -260,3 +263,24 @@ def test_an_int8_export_validates_with_every_flip_explained(exported):
     assert all(r.flip_count > 0 and r.unexplained == 0 for r in report.routing)  # INT8 flips near-ties ...
     assert all(r.decisions >= settings.TOLERANCES["int8"].routing_agreement for r in report.routing)
     assert all(f["cause"] in ("gates", "cascade") for r in report.routing for f in r.flips)  # ... each explained
+
+
+NO_RTX = rtx_available()
+
+
+@pytest.mark.skipif(NO_RTX is not None, reason=f"needs TensorRT for RTX (pip install tensorrt-rtx-cu12): {NO_RTX}")
+@pytest.mark.parametrize("precision_name", ["int8", "fp8"])
+def test_tensorrt_for_rtx_builds_the_quantized_graph_on_cpu(exported, tmp_path, precision_name):
+    from exporter.backends.tensorrt import EngineOptions
+    from exporter.deploy.engines import build_rtx_engines
+
+    _, model, _ = _quantized(exported, "vmoe-tiny", precision_name)
+    graph = tmp_path / f"tiny.{precision_name}.onnx"
+    ir.save(model, str(graph))
+    built = build_rtx_engines(graph, tmp_path, ["sm_89"], EngineOptions(opt_level=0), batch_multiple=8)
+    (build,) = built.builds
+    assert build.precision == precision_name and build.target == "sm_89"
+    assert build.path.stat().st_size > 0 and not build.ran  # built on a CPU; run where an RTX 40 GPU is
+    if precision_name == "fp8":  # a target without FP8 is refused before any build, in one line
+        with pytest.raises(UserError, match="cannot target sm_86: FP8 needs sm_89 or newer"):
+            build_rtx_engines(graph, tmp_path / "old", ["sm_86"], EngineOptions(opt_level=0), batch_multiple=8)
