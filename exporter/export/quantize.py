@@ -316,7 +316,7 @@ def _weight_dq(graph: ir.Graph, node: ir.Node, index: int, kind: str, precision:
         zv = _initializer(graph, f"{base}.zero_point", np.zeros(scale.shape, _qtype(precision)))
         dq = _dq_node([qv, sv, zv], f"{base}.dequantized", shape=value.shape, axis=1, block_size=block)
         return [dq], q.size // 2 + scale.nbytes
-    if kind == "expert" and w.ndim == 3:  # [E, K, N] as [K, E*N]: one scale per expert and channel
+    if node.op_type == "MatMul" and w.ndim == 3:  # [E, K, N] as [K, E*N]: one scale per expert and channel
         experts, k, n = w.shape
         scale = _scale(np.abs(w).max(axis=1), precision)  # [E, N]
         q = quantize_array(w, scale[:, None, :], precision).transpose(1, 0, 2).reshape(k, experts * n)
@@ -392,6 +392,9 @@ def quantize(
     if not weight_only:
         if images is None or not len(images):
             raise UserError(f"--precision {precision} needs calibration images")
+        fixed = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else None
+        if isinstance(fixed, int):  # a model that fixes its batch: runs of exactly that many images
+            images, batch = whole_groups(images, fixed, calibration or "the calibration images"), fixed
         start = time.perf_counter()
         activations = _activations(chosen)
         ranges = _calibrate(model, activations, images, batch)
