@@ -17,8 +17,9 @@ place) into that form:
 * **Kept in FP32**: everything of a MoE layer but its experts (V-MoE: router, gates' softmax, routing
   math, dispatch, combine; Soft-MoE: the l2-normalised logits, both softmaxes, the dispatch and combine
   mixes), the nodes ``precision.soft_routing_nodes`` finds in any other author's Soft-MoE and the
-  mixes reading them, LayerNorm, softmax, GELU and the residual Adds (no Q/DQ sits on them). So no
-  DequantizeLinear feeds a router or a gate.
+  mixes reading them, any MatMul whose output reaches a TopK or ArgMax through softmax, scaling and
+  reshapes (another author's top-k router, found without its name), LayerNorm, softmax, GELU and the
+  residual Adds (no Q/DQ sits on them). So no DequantizeLinear feeds a router or a gate.
 * **Calibration**: the activations' scales are the largest magnitudes each tensor takes (``max``
   calibration: the symmetric form TensorRT wants, no clipping) over the calibration images, run through
   the FP32 graph in ONNX Runtime. The dispatched expert buffers hold zeros in their empty slots, so the
@@ -162,6 +163,29 @@ def _from_kept(value: ir.Value, kept: set[ir.Node]) -> bool:
     return False
 
 
+# Ops a router's logits pass through on their way to a top-k choice (softmax or sigmoid gates, scaling,
+# noise-free reshapes); a MatMul whose output reaches TopK or ArgMax through them is a router.
+_TO_CHOICE = SHAPE_OPS | {"Softmax", "Sigmoid", "Cast", "Add", "Sub", "Mul", "Div", "Exp", "ReduceMax", "ReduceSum"}
+_CHOICE_OPS = {"TopK", "ArgMax"}
+
+
+def feeds_choice(node: ir.Node, depth: int = 8) -> bool:
+    """Whether ``node``'s output reaches a TopK or ArgMax within ``depth`` elementwise or shape ops: the
+    router of any author's top-k layer, found without its module's name."""
+    frontier, seen = list(node.outputs), set()
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for user, _ in value.uses():
+                if user.op_type in _CHOICE_OPS:
+                    return True
+                if user.op_type in _TO_CHOICE and id(user) not in seen:
+                    seen.add(id(user))
+                    following += list(user.outputs)
+        frontier = following
+    return False
+
+
 def plan(graph: ir.Graph, moe_layers) -> tuple[dict[ir.Node, str], dict[str, int]]:
     """``({node: "dense" | "expert"}, {reason: count})``: the MatMul/Gemm/Conv nodes to quantize, and
     those kept in FP32 by reason."""
@@ -183,6 +207,8 @@ def plan(graph: ir.Graph, moe_layers) -> tuple[dict[ir.Node, str], dict[str, int
             kept["Soft-MoE routing (logits, dispatch, combine)"] = (
                 kept.get("Soft-MoE routing (logits, dispatch, combine)", 0) + 1
             )
+        elif feeds_choice(node):  # another author's top-k router
+            kept["router (feeds a top-k choice)"] = kept.get("router (feeds a top-k choice)", 0) + 1
         else:
             chosen[node] = "dense"
     return chosen, kept

@@ -284,3 +284,35 @@ def test_tensorrt_for_rtx_builds_the_quantized_graph_on_cpu(exported, tmp_path, 
     if precision_name == "fp8":  # a target without FP8 is refused before any build, in one line
         with pytest.raises(UserError, match="cannot target sm_86: FP8 needs sm_89 or newer"):
             build_rtx_engines(graph, tmp_path / "old", ["sm_86"], EngineOptions(opt_level=0), batch_multiple=8)
+
+
+def test_another_authors_router_is_found_by_the_choice_it_feeds():
+    """A MatMul whose logits reach a TopK through a softmax stays FP32 without any module name; a MatMul
+    feeding anything else is quantized."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
+        value.const_value = ir.tensor(rng.standard_normal(shape).astype(np.float32), name=name)
+        return value
+
+    def out(name, dtype=ir.DataType.FLOAT):
+        return ir.Value(name=name, type=ir.TensorType(dtype))
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([8, 16]))
+    router_w, dense_w = weight("router_w", [16, 4]), weight("dense_w", [16, 16])
+    k = ir.Value(name="k", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    k.const_value = ir.tensor(np.array([2], np.int64), name="k")
+    router = ir.Node("", "MatMul", [x, router_w], outputs=[out("logits")], name="router")
+    softmax = ir.Node("", "Softmax", [router.outputs[0]], outputs=[out("gates")], name="gates")
+    topk = ir.Node("", "TopK", [softmax.outputs[0], k], outputs=[out("top"), out("index", ir.DataType.INT64)])
+    dense = ir.Node("", "MatMul", [x, dense_w], outputs=[out("hidden")], name="dense")
+    relu = ir.Node("", "Relu", [dense.outputs[0]], outputs=[out("y")])
+    graph = ir.Graph(
+        [x], [topk.outputs[0], relu.outputs[0]], nodes=[router, softmax, topk, dense, relu],
+        initializers=[router_w, dense_w, k], opset_imports={"": 18},
+    )  # fmt: skip
+    done = quantize(ir.Model(graph, ir_version=10), "int8", images=rng.standard_normal((8, 16)).astype(np.float32))
+    assert done.float_nodes == {"router (feeds a top-k choice)": 1} and done.quantized_nodes == {"MatMul": 1}
+    assert all(v.producer() is None for v in router.inputs)  # the router reads x and its FP32 weight as they were
+    assert {v.producer().op_type for v in dense.inputs} == {"DequantizeLinear"}
