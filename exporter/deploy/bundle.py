@@ -162,9 +162,9 @@ def build_bundle(
     check_quantized_targets(precision, arches, "a bundle")
     if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
         raise UserError(
-            f"a bundle of a {precision} graph needs the plugin rewrite, which does not take Q/DQ experts yet: "
-            f"export --precision {precision} and build its portable graph (build engine GRAPH.onnx --backend "
-            "tensorrt-rtx --target sm_89)"
+            f"build bundle does not make {precision} bundles yet (no --calibration here; their plugin kernels are "
+            f"untested): export --precision {precision} --calibration FILE.npz|DIR, rewrite it, and build its graph "
+            "(build engine GRAPH.onnx --backend tensorrt-rtx --target sm_89)"
         )
     ptx_version = PER_ARCH if ptx_version is None else ptx_version
     try:
