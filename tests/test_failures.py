@@ -64,8 +64,25 @@ def graph(exported):
     return result.path
 
 
+@pytest.fixture(scope="module")
+def fp8_graph(graph, tmp_path_factory):
+    """The same graph in FP8 (Q/DQ), made by the quantization pass on the FP32 graph."""
+    import onnx_ir as ir
+
+    from exporter.export.quantize import quantize
+    from exporter.formats.graph import PRECISION_KEY
+
+    model = ir.load(str(graph))
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantize(model, "fp8", moe_layers=["blocks.1.mlp", "blocks.3.mlp"], images=images, batch=8)
+    model.metadata_props[PRECISION_KEY] = json.dumps({"precision": "fp8", "routing": "fp32"})
+    path = tmp_path_factory.mktemp("fp8") / "v8.onnx"
+    ir.save(model, str(path))
+    return path
+
+
 @pytest.fixture
-def scene(tmp_path, graph):
+def scene(tmp_path, graph, fp8_graph):
     """A folder with a graph, input files of every wrong kind, a special file and a fake huge image."""
     shutil.copy(graph, tmp_path / "v.onnx")
     images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -73,6 +90,12 @@ def scene(tmp_path, graph):
     np.savez(tmp_path / "int64.npz", images=images.astype(np.int64))
     np.savez(tmp_path / "float64.npz", images=images.astype(np.float64))
     np.savez(tmp_path / "extra.npz", images=images, labels=np.zeros(8))
+    np.savez(tmp_path / "small.npz", images=images[:, :, :16, :16])
+    np.savez(tmp_path / "few.npz", images=images[:4])
+    np.savez(tmp_path / "nan.npz", images=np.where(images > 2.5, np.nan, images).astype(np.float32))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "0.png").write_bytes(b"not a png")
+    shutil.copy(fp8_graph, tmp_path / "v8.onnx")
     (tmp_path / "two_iterations.json").write_text(json.dumps([{}, {}]))
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))  # Pillow itself refuses to open it
@@ -113,7 +136,79 @@ CATALOGUE = [
         2,
         "--routing-precision reduced needs --precision fp16 or bf16",
     ),
-    ("--precision int8", "export --model vmoe-tiny --precision int8 -o {d}/x.onnx", 2, "'int8' is not one of"),
+    ("--precision int4", "export --model vmoe-tiny --precision int4 -o {d}/x.onnx", 2, "'int4' is not one of"),
+    (
+        "calibration of another shape",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/small.npz -o {d}/x.onnx",
+        2,
+        "'images' is 8x3x16x16; the graph takes Nx3x32x32",
+    ),
+    (
+        "calibration of another dtype",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/int64.npz -o {d}/x.onnx",
+        2,
+        "'images' is int64; the graph takes float32",
+    ),
+    (
+        "calibration of another name",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/wrong_name.npz -o {d}/x.onnx",
+        2,
+        "holds ['pixels']; a calibration .npz holds one array named 'images'",
+    ),
+    (
+        "calibration with NaN",
+        "export --model vmoe-tiny --precision fp8 --calibration {d}/nan.npz -o {d}/x.onnx",
+        2,
+        "NaN or infinite values",
+    ),
+    (
+        "calibration folder without images",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/dir -o {d}/x.onnx",
+        2,
+        "holds no PNG or JPEG images",
+    ),
+    (
+        "calibration image unreadable",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/broken -o {d}/x.onnx",
+        2,
+        "0.png is not a readable PNG or JPEG image",
+    ),
+    (
+        "calibration neither an .npz nor a folder",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/huge.png -o {d}/x.onnx",
+        2,
+        "is neither an .npz nor a folder of images",
+    ),
+    (
+        "calibration of fewer images than a routing group",
+        "export --model vmoe-tiny --precision int8 --calibration {d}/few.npz -o {d}/x.onnx",
+        2,
+        "holds 4 images; calibration needs at least one routing group (8)",
+    ),
+    (
+        "calibration of a weight-only graph",
+        "export --model vmoe-tiny --precision w4 --calibration {d}/extra.npz -o {d}/x.onnx",
+        2,
+        "--calibration applies to --precision int8 and fp8 only (w4 quantizes weights only)",
+    ),
+    (
+        "FP8 for Jetson Orin",
+        "build bundle --model vmoe-tiny --precision fp8 --target sm_87 -o {d}/b",
+        2,
+        "cannot target sm_87: FP8 needs sm_89 or newer (Jetson Orin has no FP8",
+    ),
+    (
+        "an FP8 RTX engine for an RTX 30 GPU",
+        "build engine {d}/v8.onnx --backend tensorrt-rtx --target sm_86 -o {d}/e",
+        2,
+        "in fp8 cannot target sm_86: FP8 needs sm_89 or newer",
+    ),
+    (
+        "a bundle of an INT8 graph",
+        "build bundle --model vmoe-tiny --precision int8 --target sm_87 -o {d}/b",
+        2,
+        "build bundle does not make int8 bundles yet (no --calibration here",
+    ),
     (
         "an engine in another precision than its graph",
         "build engine {d}/v.onnx --precision fp16 -o {d}/engine",

@@ -123,7 +123,8 @@ class EngineOptions:
     """Build options, named like trtexec's.
 
     Attributes:
-        precision: What the graph must hold: ``fp32``, ``fp16`` or ``bf16``; None takes the graph's.
+        precision: What the graph must hold (``settings.PRECISIONS``: ``fp32``, ``fp16``, ``bf16``, the
+            Q/DQ ``int8`` and ``fp8``, the weight-only ``w8`` and ``w4``); None takes the graph's.
             The network is always strongly typed: the precision is the graph's own (``moe-export export
             --precision``), never a builder flag. FP32 builds with TF32 off (exact FP32 parity).
         min_batch, opt_batch, max_batch: The optimization profile of the batch axis (images); None

@@ -435,7 +435,15 @@ def print_notes(notes) -> None:
 
 
 def precision_options(f):
-    """``--precision`` and ``--routing-precision`` (export, build bundle)."""
+    """``--precision``, ``--routing-precision`` and ``--calibration`` (export, build bundle)."""
+    f = click.option(
+        "--calibration",
+        type=click.Path(path_type=str),
+        default=None,
+        help="int8/fp8: an .npz holding the graph's input (float32 NxCxHxW) or a folder of PNG/JPEG images "
+        "(preprocessed as the model takes them) to calibrate the activations' scales on. Without it: seeded "
+        "random images, said in one line.",
+    )(f)
     f = click.option(
         "--routing-precision",
         type=click.Choice(settings.ROUTING_PRECISIONS),
@@ -448,15 +456,40 @@ def precision_options(f):
         type=click.Choice(settings.PRECISIONS),
         default=settings.DEFAULT_PRECISION,
         show_default=True,
-        help="The graph's float type: fp16/bf16 tokens, weights and experts, with Casts around the FP32 routing; "
-        "input and outputs stay FP32. TensorRT builds it strongly typed.",
+        help="The graph's precision: fp16/bf16 tokens, weights and experts, with Casts around the FP32 routing; "
+        "int8/fp8 explicit Q/DQ (calibrated) on the experts, attention, patch embedding and head, the routing, "
+        "LayerNorm and residual adds in FP32; w8/w4 the experts' weights only, INT8 or block-quantized INT4. "
+        "Input and outputs stay FP32. TensorRT builds it strongly typed.",
     )(f)
+
+
+def print_quantization(q: dict) -> None:
+    """What an int8/fp8/w8/w4 export quantized, its calibration and the tokens each expert saw."""
+    out = console()
+    before, after = q["expert_weight_bytes"]
+    if before:
+        out.print(
+            f"expert weights: {before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({before / max(after, 1):.2f}x "
+            f"smaller); all weights {q['weight_bytes'][0] / 2**20:,.2f} -> {q['weight_bytes'][1] / 2**20:,.2f} MiB"
+        )
+    kept = ", ".join(f"{n} {reason}" for reason, n in q["float_nodes"].items())
+    if kept:
+        out.print(f"kept in FP32: {escape(kept)}; LayerNorm, softmax and residual adds carry no Q/DQ")
+    if q["calibration"]:
+        out.print(f"calibration: {escape(q['calibration'])} ({q['calibration_seconds']:.1f}s)", soft_wrap=True)
+    for layer, tokens in q["expert_tokens"].items():
+        out.print(escape(f"  {layer}: calibration tokens per expert {', '.join(map(str, tokens))}"))
+    for warning in q["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 def print_export(result) -> None:
     out = console()
-    precision = ""
-    if result.precision != "fp32":
+    precision, quantized = "", result.quantization
+    if quantized is not None:
+        done = sum(quantized["quantized_nodes"].values())
+        precision = f", {result.precision} (routing in FP32; {done} MatMul/Gemm/Conv nodes quantized)"
+    elif result.precision != "fp32":
         routing = "routing in FP32" if result.routing_precision == "fp32" else f"routing in {result.precision} too"
         kept = sum(result.fp32_nodes.values())
         precision = f", {result.precision} ({routing}; {kept} float nodes in FP32, {result.casts} Casts)"
@@ -474,6 +507,8 @@ def print_export(result) -> None:
         out.print(f"checked against PyTorch at batch {checked} (max rel err)")
     else:  # the reduced graph's own differences are validate's to report, flips explained
         out.print(f"checked: its FP32 trace against PyTorch at batch {checked}, and the {result.precision} graph runs")
+    if quantized is not None:
+        print_quantization(quantized)
     if result.overflows:
         names = ", ".join(result.overflows[:5]) + (" ..." if len(result.overflows) > 5 else "")
         out.print(

@@ -34,7 +34,7 @@ from exporter.commands.common import (
 )
 @precision_options
 @json_option("an export report")
-def export(choice, output, opset, routing_outputs, precision, routing_precision, json_out):
+def export(choice, output, opset, routing_outputs, precision, routing_precision, calibration, json_out):
     """Export a model to a portable ONNX graph (standard ops only, dynamic batch).
 
     \b
@@ -42,6 +42,7 @@ def export(choice, output, opset, routing_outputs, precision, routing_precision,
       moe-export export --model vmoe-tiny --capacity-factor 0.5 --batch-priority --routing-outputs -o tiny.onnx
       moe-export export --module samples/01_user_module/my_vit.py:build --input-shape 8,3,32,32 -o my.onnx
       moe-export export --model vmoe-s32-last2-e8 --precision fp16 --routing-outputs -o s32.fp16.onnx
+      moe-export export --model vmoe-tiny --precision int8 --calibration images/ --routing-outputs -o tiny.int8.onnx
     """
     from exporter.export.export import export_model
 
@@ -52,6 +53,7 @@ def export(choice, output, opset, routing_outputs, precision, routing_precision,
         routing_outputs=routing_outputs,
         precision=precision,
         routing_precision=routing_precision,
+        calibration=calibration,
         step=step,
     )
     emit(result, print_export, json_out)

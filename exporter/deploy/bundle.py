@@ -40,7 +40,7 @@ from exporter.deploy import ptx
 from exporter.deploy.readme import render_readme
 from exporter.errors import CheckFailed, UserError
 from exporter.export.export import ExportResult, export_onnx, graph_bytes
-from exporter.export.precision import check_precision
+from exporter.export.precision import check_precision, check_quantized_targets
 from exporter.fileio import check_output, check_replaceable, check_space, publish_dir, temp_dir
 from exporter.formats.bundle import (
     FORMAT,
@@ -159,6 +159,13 @@ def build_bundle(
     source = as_source(source)
     dest = check_output(dest, folder=True)
     arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
+    check_quantized_targets(precision, arches, "a bundle")
+    if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
+        raise UserError(
+            f"build bundle does not make {precision} bundles yet (no --calibration here; their plugin kernels are "
+            f"untested): export --precision {precision} --calibration FILE.npz|DIR, rewrite it, and build its graph "
+            "(build engine GRAPH.onnx --backend tensorrt-rtx --target sm_89)"
+        )
     ptx_version = PER_ARCH if ptx_version is None else ptx_version
     try:
         for arch in arches:

@@ -270,7 +270,9 @@ def build_rtx_engines(
     arches = parse_targets(targets)
     options = options or EngineOptions()
     options.check()
-    graph_precision(graph, options.precision)
+    from exporter.export.precision import check_quantized_targets
+
+    check_quantized_targets(graph_precision(graph, options.precision)[0], arches, str(graph))
     require_rtx(f"building the engines of {graph}")
     stem = graph.name.removesuffix(".onnx").removesuffix(".plugins")
     builds = []

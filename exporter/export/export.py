@@ -4,6 +4,7 @@ V-MoE layer optionally exposed as graph outputs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -17,6 +18,7 @@ from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -69,6 +71,7 @@ class ExportResult:
     # substitutions, a fixed batch and why, replaced draws, options that did not apply: each said once
     notes: list[str] = field(default_factory=list)
     checked: dict[int, float] = field(default_factory=dict)  # batch -> max rel err of the graph against PyTorch
+    quantization: dict | None = None  # int8/fp8/w8/w4: what was quantized, the calibration (QuantizeResult)
     rtx_parse: dict | None = None  # TensorRT for RTX's parser on the graph, where it is installed (ParseReport)
 
     def to_dict(self) -> dict:
@@ -156,6 +159,7 @@ def export_onnx(
     example_batch: int | None = None,
     precision: str = settings.DEFAULT_PRECISION,
     routing_precision: str = "fp32",
+    calibration: str | Path | None = None,
     step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> ExportResult:
     """Exports a loaded model to ``dest`` atomically and checks the result.
@@ -172,6 +176,8 @@ def export_onnx(
             in FP32 (``exporter.export.precision``); the input and outputs stay FP32.
         routing_precision: ``fp32`` (pinned), or ``reduced``: the routing in the reduced type too, to
             measure what pinning buys.
+        calibration: ``int8``/``fp8``: an .npz of the graph's input or a folder of images to take the
+            activations' scales over (``exporter.export.quantize``); seeded random images without it.
         step: Context-manager factory the CLI uses to show progress of each stage.
     """
     if opset < settings.MIN_OPSET:
@@ -179,6 +185,7 @@ def export_onnx(
     check_precision(precision, routing_precision)
     dest = check_output(dest)
     model, multiple = loaded.module, loaded.batch_multiple
+    calibration_images, calibration_note = _calibration(loaded, precision, calibration)  # bad input: before tracing
     check_space(dest, graph_bytes(model), f"the export of {loaded.source.name}")
     batch = example_batch or settings.EXPORT_EXAMPLE_GROUPS * multiple
     check_batch(batch, loaded)
@@ -205,8 +212,26 @@ def export_onnx(
         )
     _name_folded_weights(program.model.graph)
     _strip_build_machine_metadata(program.model)
-    converted = PrecisionResult(precision, routing_precision)
-    if precision != "fp32":  # before the routing outputs are named: they are integers either way
+    converted, quantized = PrecisionResult(precision, routing_precision), None
+    if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
+        from exporter.export.quantize import quantize
+        from exporter.models.soft_moe import soft_moe_layers
+
+        tutel = tutel_layer_settings(model)  # Swin-MoE: its routers stay FP32 too
+
+        images = calibration_images
+        what = "expert weights only" if images is None else f"calibrating on {len(images)} images"
+        with step(f"Quantizing to {precision} ({what})"):
+            quantized = quantize(
+                program.model,
+                precision,
+                moe_layers=[n for n, _ in vmoe_layers(model)] + [n for n, _ in soft_moe_layers(model)] + list(tutel),
+                images=calibration_images,
+                calibration=calibration_note,
+                batch=max(settings.CALIBRATION_CHUNK_IMAGES // multiple, 1) * multiple,
+            )
+        opset = program.model.graph.opset_imports[""]
+    elif precision != "fp32":  # before the routing outputs are named: they are integers either way
         with step(f"Converting to {precision} (routing in {'FP32' if routing_precision == 'fp32' else precision})"):
             converted = reduce_precision(
                 program.model, precision, routing=routing_precision, vmoe_layers=[n for n, _ in vmoe_layers(model)]
@@ -271,8 +296,35 @@ def export_onnx(
             else []
         ),
         checked=checked,
+        quantization=None if quantized is None else dataclasses.asdict(quantized),
         rtx_parse=rtx_parse,
     )
+
+
+def _calibration(loaded: LoadedModel, precision: str, calibration) -> tuple:
+    """``(images, one line saying what they are)`` an int8/fp8 export calibrates on, ``(None, "")`` for
+    other precisions; a user error for calibration given where none is used, or for bad data."""
+    from exporter.export.quantize import calibration_images, whole_groups
+
+    if precision not in settings.QUANTIZED_PRECISIONS:
+        if calibration is not None:
+            why = "quantizes weights only" if precision in settings.WEIGHT_ONLY_PRECISIONS else "has no scales"
+            raise UserError(
+                f"--calibration applies to --precision {' and '.join(settings.QUANTIZED_PRECISIONS)} only "
+                f"({precision} {why})"
+            )
+        return None, ""
+    multiple, shape = loaded.batch_multiple, loaded.source.input_shape
+    if calibration is None:
+        count = settings.CALIBRATION_DEFAULT_GROUPS * multiple if multiple > 1 else settings.CALIBRATION_DEFAULT_IMAGES
+        images = np.random.default_rng(settings.DEFAULT_SEED).standard_normal((count, *shape), dtype=np.float32)
+        return images, (
+            f"no --calibration: {count} seeded N(0, 1) images, the inputs validate checks with by default, not real "
+            "ones (give --calibration FILE.npz|DIR for scales that fit real images)"
+        )
+    images = calibration_images(calibration, INPUT_NAME, shape, normalization=loaded.source.normalization)
+    images = whole_groups(images, multiple, str(calibration))
+    return images, f"{len(images)} images of {calibration}"
 
 
 def export_model(
@@ -283,6 +335,7 @@ def export_model(
     routing_outputs: bool = False,
     precision: str = settings.DEFAULT_PRECISION,
     routing_precision: str = "fp32",
+    calibration: str | Path | None = None,
     step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> ExportResult:
     """Builds a model (a zoo name, a model folder, a user module, a checkpoint) and exports it:
@@ -301,6 +354,7 @@ def export_model(
         example_batch=example_batch,
         precision=precision,
         routing_precision=routing_precision,
+        calibration=calibration,
         step=step,
     )
 
@@ -382,7 +436,7 @@ def trace_structure(
         names += [n for layer in loaded.routing_layers for n in routing_output_names(layer)]
     program, _, _ = _torch_export(module, [images], loaded.batch_multiple, opset, names, routing_outputs, verify=False)
     graph = program.model.graph
-    if precision != "fp32":
+    if precision in settings.REDUCED_PRECISIONS:
         reduce_precision(program.model, precision, vmoe_layers=[n for n, _ in vmoe_layers(module)])
     for value in list(graph.initializers.values()):
         if value.const_value is not None and value.const_value.size <= SMALL_CONSTANT:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-# Standard-domain ops the exporter may emit for these models; all are parsed by TensorRT >= 10.3.
+# Standard-domain ops the exporter may emit for these models; all are parsed by TensorRT >= 10.3
+# (QuantizeLinear/DequantizeLinear: the explicit INT8/FP8 of export --precision int8|fp8|w8|w4).
 ALLOWED_OPS = frozenset(
     """
-    Abs Add And ArgMax ArgMin Cast Clip Concat Constant ConstantOfShape Conv Cos Div Equal Erf Exp
+    Abs Add And ArgMax ArgMin Cast Clip Concat Constant ConstantOfShape Conv Cos DequantizeLinear Div Equal Erf Exp
     Expand Flatten Gather GatherElements Gemm Greater GreaterOrEqual Identity LayerNormalization Less
-    LessOrEqual Log MatMul Max Min Mul Neg Not Or Pow Range Reciprocal ReduceMax ReduceMean ReduceMin
+    LessOrEqual Log MatMul Max Min Mul Neg Not Or Pow QuantizeLinear Range Reciprocal ReduceMax ReduceMean ReduceMin
     ReduceSum Relu Reshape ScatterElements ScatterND Shape Sigmoid Sin Slice Softmax Split Sqrt Squeeze
     Sub Sum Tanh Tile TopK Transpose Unsqueeze Where Xor
     """.split()

@@ -87,8 +87,18 @@ def check_precision(precision: str, routing: str = "fp32") -> None:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if routing not in ROUTING_PRECISIONS:
         raise UserError(f"routing precision must be one of {', '.join(ROUTING_PRECISIONS)}, got {routing!r}")
-    if precision == "fp32" and routing != "fp32":
+    if precision not in settings.REDUCED_PRECISIONS and routing != "fp32":
         raise UserError("--routing-precision reduced needs --precision fp16 or bf16")
+
+
+def check_quantized_targets(precision: str, arches, what: str) -> None:
+    """FP8 needs sm_89 or newer (Ada, Hopper, Blackwell, Thor): a user error naming a target without it."""
+    older = [a for a in arches if a < settings.FP8_MIN_TARGET]
+    if precision == "fp8" and older:
+        orin = " (Jetson Orin has no FP8: use --precision int8)" if 87 in older else ""
+        raise UserError(
+            f"{what} in fp8 cannot target sm_{older[0]}: FP8 needs sm_{settings.FP8_MIN_TARGET} or newer{orin}"
+        )
 
 
 # --- which nodes stay FP32 ------------------------------------------------------------------------
@@ -238,6 +248,8 @@ def reduce_precision(
     check_precision(precision, routing)
     if precision == "fp32":
         return PrecisionResult(precision, routing)
+    if precision not in settings.REDUCED_PRECISIONS:
+        raise ValueError(f"reduce_precision converts to fp16 or bf16, not {precision} (see exporter.export.quantize)")
     if model.functions:
         raise UserError("graphs with local functions cannot be converted to reduced precision (export it again)")
     graph = model.graph

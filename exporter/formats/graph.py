@@ -27,7 +27,7 @@ ROUTING_LAYERS_KEY = "moe_export.routing_layers"  # V-MoE layers whose routing t
 VMOE_LAYERS_KEY = "moe_export.vmoe_layers"  # {layer: routing settings}, for the plugin rewrite
 TUTEL_LAYERS_KEY = "moe_export.tutel_layers"  # {layer: routing settings} of Swin-MoE (tutel) layers
 REWRITE_KEY = "moe_export.rewrite"  # {plugin: count}, set by the rewrite
-PRECISION_KEY = "moe_export.precision"  # {"precision": fp32|fp16|bf16, "routing": fp32|reduced}
+PRECISION_KEY = "moe_export.precision"  # {"precision": settings.PRECISIONS, "routing": fp32|reduced}
 BATCH_KEY = "moe_export.batch"  # the N of --input-shape N,C,H,W: the images validate runs unless --batch
 
 # Routing outputs: three per V-MoE layer, ``routing.<layer>.<field>``.
@@ -137,7 +137,12 @@ _WEIGHT_TYPES = {
     "fp32": set(),
     "fp16": {onnx.TensorProto.FLOAT16},
     "bf16": {onnx.TensorProto.BFLOAT16},
+    "int8": {onnx.TensorProto.INT8},  # Q/DQ weights, scales FP32 (exporter/export/quantize.py)
+    "fp8": {onnx.TensorProto.FLOAT8E4M3FN},
+    "w8": {onnx.TensorProto.INT8},
+    "w4": {onnx.TensorProto.INT4},
 }
+_TYPED = {t for types in _WEIGHT_TYPES.values() for t in types}
 
 
 def recorded_batch(model: onnx.ModelProto) -> int | None:
@@ -163,7 +168,7 @@ def precision(model: onnx.ModelProto) -> tuple[str, str]:
         or recorded.get("routing", "fp32") not in settings.ROUTING_PRECISIONS
     ):
         raise bad_metadata(PRECISION_KEY, f"not a precision ({', '.join(settings.PRECISIONS)}) and routing precision")
-    found = weight_types(model) & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    found = weight_types(model) & _TYPED
     want = _WEIGHT_TYPES[recorded["precision"]]
     if found != want:
         held = ", ".join(sorted(onnx.helper.tensor_dtype_to_np_dtype(t).name for t in found)) or "float32 only"

@@ -378,9 +378,8 @@ def ort_backend_name(header: onnx.ModelProto) -> str:
     from exporter.backends.emulation import emulation_type
 
     dtype = emulation_type(header)
-    return "onnxruntime-cpu" + (
-        "" if dtype is None else f" ({'bf16' if dtype.name == 'BFLOAT16' else 'fp16'} emulated)"
-    )
+    names = {"BFLOAT16": "bf16", "FLOAT16": "fp16", "FLOAT8E4M3FN": "fp8"}
+    return "onnxruntime-cpu" + ("" if dtype is None else f" ({names[dtype.name]} emulated)")
 
 
 def stored_reference(bundle: str | Path) -> Reference:

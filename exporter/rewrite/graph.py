@@ -41,11 +41,20 @@ def is_var(t) -> bool:
 
 
 def is_const(t) -> bool:
-    """An initializer or a Constant node's output."""
+    """An initializer or a Constant node's output, or a weight dequantized from one (``dequantized_weight``)."""
     if isinstance(t, gs.Constant):
         return True
     node = producer(t) if isinstance(t, gs.Variable) else None
-    return node is not None and node.op == "Constant"
+    return node is not None and (node.op == "Constant" or dequantized_weight(t))
+
+
+def dequantized_weight(t) -> bool:
+    """A quantized graph's weight (``export --precision int8|fp8|w8|w4``): a DequantizeLinear of a stored
+    constant, possibly reshaped and transposed back to the weight's shape."""
+    node = producer(t) if isinstance(t, gs.Variable) else None
+    while node is not None and node.op in ("Reshape", "Transpose") and isinstance(node.inputs[0], gs.Variable):
+        node = producer(node.inputs[0])
+    return node is not None and node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant)
 
 
 def const_shape(t) -> tuple | None:
@@ -56,6 +65,8 @@ def const_shape(t) -> tuple | None:
     if node is not None and node.op == "Constant" and "value" in node.attrs:
         value = node.attrs["value"]
         return tuple(value.shape if isinstance(value, gs.Constant) else np.shape(value))
+    if dequantized_weight(t) and t.shape is not None and all(isinstance(d, int) for d in t.shape):
+        return tuple(t.shape)
     return None
 
 

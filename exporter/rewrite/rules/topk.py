@@ -417,7 +417,7 @@ def _find_experts(ctx: GraphContext, region, layer: str, experts: int, router: g
     data = [i for i in stacked[0].inputs if is_var(i) and not is_const(i)]
     if len(data) != 1:
         return None
-    start, end = data[0], stacked[-1].outputs[0]
+    start, end = _before_qdq(data[0]), stacked[-1].outputs[0]
     while (
         len(end.outputs) == 1
         and end.outputs[0].op in ("Add", "Mul")
@@ -433,6 +433,14 @@ def _find_experts(ctx: GraphContext, region, layer: str, experts: int, router: g
             if is_var(i) and i is not start and not is_const(i) and id(producer(i)) not in inside:
                 raise Decline(f"the stacked experts read {i.name} besides their input")
     return True, [start], [end], nodes
+
+
+def _before_qdq(t: gs.Variable) -> gs.Variable:
+    """The float tensor a QuantizeLinear/DequantizeLinear pair quantizes (a quantized graph's expert
+    input: the Q/DQ stay with the experts), or ``t`` itself."""
+    dq = producer(t)
+    q = producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+    return q.inputs[0] if q is not None and q.op == "QuantizeLinear" and is_var(q.inputs[0]) else t
 
 
 def _boundary(nodes, graph) -> tuple[gs.Variable, gs.Variable] | None:

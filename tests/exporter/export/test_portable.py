@@ -171,6 +171,15 @@ ONE_OP = {
         "float[2, 3, 2] y",
     ),
     "Not": ("bool[4] x", "y = Not(x)", "bool[4] y"),
+    **{
+        op: (
+            f"{F} x",
+            "s = Constant<value = float {0.1}>()\n z = Constant<value = int8 {0}>()\n q = QuantizeLinear(x, s, z)\n"
+            " y = DequantizeLinear(q, s, z)",
+            f"{F} y",
+        )
+        for op in ("QuantizeLinear", "DequantizeLinear")
+    },
     "Range": (
         "float[4] x",
         "a = Constant<value = int64 {0}>()\n b = Constant<value = int64 {4}>()\n d = Constant<value = int64 {1}>()\n"

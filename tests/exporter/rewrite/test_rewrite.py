@@ -192,3 +192,35 @@ def test_a_graph_with_reduced_routing_is_not_rewritten(exported, tmp_path):
     with pytest.raises(UserError, match="route plugins take FP32 router outputs"):
         rewrite_onnx(result.path, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_quantized_graph_rewrites_with_its_qdq_around_the_experts_and_float_plugins(exported, tmp_path):
+    """export --precision int8: the rewrite takes dequantized weights for weights and starts the experts
+    before their QuantizeLinear, so the plugins read and write float tensors and the Q/DQ stay."""
+    from exporter.parity.validate import validate_onnx
+
+    _, result = exported("vmoe-tiny", precision="int8", capacity_factor=0.5, batch_priority=True)
+    out = tmp_path / "plugins.onnx"
+    rewritten = rewrite_onnx(result.path, out)
+    assert rewritten.counts == {"TopKRoute": 2, "TopKDispatch": 2, "TopKCombine": 2} and not rewritten.declined
+    before, model = onnx.load(str(result.path)), onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == [n.op_type for n in before.graph.node].count("QuantizeLinear")
+    produced = {o: n for n in model.graph.node for o in n.output}
+
+    def source(name):  # the node that made a tensor, through reshapes
+        node = produced.get(name)
+        while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+            node = produced.get(node.input[0])
+        return node
+
+    plugins = [n for n in model.graph.node if n.domain == NAMESPACE]
+    assert len(plugins) == 6
+    assert not any(source(i) is not None and source(i).op_type == "DequantizeLinear" for n in plugins for i in n.input)
+    quantized_dispatch = [
+        n for n in model.graph.node if n.op_type == "QuantizeLinear" and (s := source(n.input[0])) is not None
+        and s.op_type == "TopKDispatch"
+    ]  # fmt: skip
+    assert len(quantized_dispatch) == 2  # each layer's expert input: the dispatch plugin's float output, quantized
+    report = validate_onnx(out)
+    assert report.passed and all(r.unexplained == 0 for r in report.routing)
