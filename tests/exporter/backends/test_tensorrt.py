@@ -57,7 +57,7 @@ def test_without_tensorrt_one_reason_and_nothing_written(graphs, tmp_path):
 @pytest.mark.parametrize(
     "options, match",
     [
-        (EngineOptions(precision="int8"), "not one of fp32, fp16, bf16"),
+        (EngineOptions(precision="int3"), "'int3' is not one of fp32, fp16, bf16, int8"),
         (EngineOptions(min_batch=16, max_batch=8), "min batch <= opt batch <= max batch"),
         (EngineOptions(min_batch=0), ">= 1"),
         (EngineOptions(opt_level=7), "0-5"),
