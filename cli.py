@@ -73,7 +73,10 @@ class _Cli(click.Group):
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
-            result = super().invoke(ctx)
+            from exporter.commands.console import progress_shown
+
+            with progress_shown():  # the library logs its progress; the CLI draws it on stderr
+                result = super().invoke(ctx)
             if sys.stdout is not None:
                 sys.stdout.flush()  # a report that cannot be written fails here, not silently at exit
             return result

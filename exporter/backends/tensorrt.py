@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,9 @@ from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.fileio import atomic_path
 from exporter.formats.graph import image_input, input_dims, precision, read_header
+from exporter.progress import OncePerPhase, phase
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = settings.PRECISIONS
 INSTALL_HINT = (
@@ -283,8 +285,6 @@ def build_engine(
     *,
     input_shape: tuple[int, ...] | None = None,
     batch_multiple: int = 1,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
 ) -> EngineBuild:
     """Parses ``onnx_path`` (moe:: plugin nodes go to the registered Quickly Deployable Plugins, AOT),
     builds, checks the plugin layers with the engine inspector and writes ``engine_path`` atomically.
@@ -296,8 +296,6 @@ def build_engine(
         input_shape: One image's shape, e.g. (3, 224, 224), when the graph's input is not static
             beyond the batch.
         batch_multiple: Images per routing group (V-MoE); every profile batch must be a multiple.
-        step: Context-manager factory the CLI uses to show progress.
-        progress: Called with each build phase and step (TensorRT's IProgressMonitor).
 
     Raises:
         TensorRTUnavailable: TensorRT or the GPU is missing (before anything is built).
@@ -347,10 +345,10 @@ def build_engine(
         memory_pool_limits=pools,
         builder_optimization_level=options.opt_level,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        progress_monitor=progress_monitor(trt, progress),
+        progress_monitor=progress_monitor(trt, OncePerPhase(log)),
     )
     building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
-    with step(building), quiet_polygraphy("WARNING"):
+    with phase(log, building), quiet_polygraphy("WARNING"):
         try:
             engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
         except PolygraphyException as e:  # Polygraphy reports parser and builder errors so

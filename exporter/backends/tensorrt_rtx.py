@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -37,6 +38,9 @@ from exporter import settings
 from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.formats.graph import image_input, input_dims, read_header
+from exporter.progress import OncePerPhase
+
+log = logging.getLogger(__name__)
 
 BACKEND = "tensorrt-rtx"
 PACKAGE = "tensorrt-rtx-cu12"
@@ -297,7 +301,6 @@ def build_engine(
     *,
     batch_multiple: int = 1,
     input_shape: tuple[int, ...] | None = None,
-    progress: Callable[[str], None] = lambda _: None,
 ) -> RTXEngineBuild:
     """Builds ``onnx_path`` for ``sm_<target>`` with TensorRT for RTX and writes ``engine_path``.
 
@@ -348,7 +351,7 @@ def build_engine(
         "opt_level": options.opt_level,
     }
     start = time.perf_counter()
-    result = _run_child(request, progress)
+    result = _run_child(request, OncePerPhase(log))
     return RTXEngineBuild(
         path=engine_path,
         onnx=onnx_path,

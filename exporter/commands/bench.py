@@ -5,17 +5,9 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
-    COUNT,
-    NON_NEGATIVE,
-    console,
-    emit,
-    escape,
-    json_option,
-    model_options,
-    print_notes,
-    step,
-)
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import COUNT, NON_NEGATIVE, json_option, model_options
+from exporter.commands.render import print_notes
 
 
 @click.command()
@@ -50,7 +42,7 @@ def bench(choice, batch, warmup, runs, backends, threads, json_out):
     """
     from exporter.tools.bench import bench as run_bench
 
-    report = run_bench(choice, batch=batch, warmup=warmup, runs=runs, backends=backends, threads=threads, step=step)
+    report = run_bench(choice, batch=batch, warmup=warmup, runs=runs, backends=backends, threads=threads)
     emit(report, _print_bench, json_out)
 
 

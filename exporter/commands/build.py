@@ -5,25 +5,19 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import (
     COUNT,
     SEED,
-    console,
-    emit,
-    escape,
     folder_option,
     json_option,
     model_options,
     output_option,
-    print_bundle,
-    print_notes,
-    print_report,
-    progress_once,
-    step,
     target_list,
     trust_option,
     verify_key_option,
 )
+from exporter.commands.render import print_bundle, print_notes, print_report
 from exporter.errors import CheckFailed
 
 BACKENDS = ("tensorrt", "tensorrt-rtx")
@@ -89,7 +83,6 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign
             seed=input_seed,
             precision=precision,
             sign_key=sign_key,
-            step=step,
         )
     except ParityFailed as failed:  # the tables that made it fail, then the one line
         if json_out != "-":
@@ -198,8 +191,6 @@ def build_engine(
         targets=targets,
         backend=backend,
         triton_repo=triton_repo,
-        step=step,
-        progress=progress_once(),
         bundle_written=print_bundle if json_out != "-" else lambda _: None,
         verify_key=verify_key,
         trust_module=trust_module,

@@ -5,17 +5,9 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
-    console,
-    escape,
-    folder_option,
-    print_bundle,
-    print_export,
-    print_notes,
-    print_report,
-    print_rewrite,
-    step,
-)
+from exporter.commands.console import console, escape, phase
+from exporter.commands.options import folder_option
+from exporter.commands.render import print_bundle, print_export, print_notes, print_report, print_rewrite
 from exporter.errors import CheckFailed
 
 
@@ -38,11 +30,14 @@ def demo(output_dir):
     Example:
       moe-export demo -o out/
     """
-    with step("Loading PyTorch, ONNX and ONNX Runtime (the first run on a machine takes longest)"):
+    with phase("Loading PyTorch, ONNX and ONNX Runtime (the first run on a machine takes longest)"):
         from exporter.tools import inspect_routing  # noqa: F401  (loaded here, used by routing_picture)
         from exporter.tools.demo import demo as run_demo
 
-    runs = run_demo(output_dir, step=step, started=_started, done=_print_run, picture=routing_picture)
+    runs = []
+    for run in run_demo(output_dir, picture=routing_picture):
+        _print_run(run)
+        runs.append(run)
     out = console()
     for run in runs:
         out.print(f"routing picture of {escape(run.model)}: [bold]{escape(str(run.picture.path))}[/bold]")
@@ -59,11 +54,7 @@ def routing_picture(source, graph, dest):
     from exporter.tools.inspect_routing import inspect_routing
 
     vmoe = source.config is not None and source.config.family == "vmoe"
-    return inspect_routing(source, dest, sample=0, graph=graph if vmoe else None, step=step)
-
-
-def _started(name: str, overrides: dict) -> None:
-    console().rule(f"{name} {' '.join(f'{k}={v}' for k, v in overrides.items())}")
+    return inspect_routing(source, dest, sample=0, graph=graph if vmoe else None)
 
 
 def _print_run(run) -> None:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
-    emit,
-    json_option,
-    model_options,
-    output_option,
-    precision_options,
-    print_export,
-    step,
-)
+from exporter.commands.console import emit
+from exporter.commands.options import json_option, model_options, output_option, precision_options
+from exporter.commands.render import print_export
 
 
 @click.command()
@@ -54,6 +48,5 @@ def export(choice, output, opset, routing_outputs, precision, routing_precision,
         precision=precision,
         routing_precision=routing_precision,
         calibration=calibration,
-        step=step,
     )
     emit(result, print_export, json_out)

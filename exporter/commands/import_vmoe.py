@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import click
 
-from exporter.commands.common import (
-    COUNT,
-    POSITIVE,
-    console,
-    emit,
-    escape,
-    folder_option,
-    json_option,
-    progress_lines,
-    routing_options,
-    step,
-)
+from exporter.commands.console import console, emit, escape, phase
+from exporter.commands.options import COUNT, POSITIVE, folder_option, json_option, routing_options
 
 
 @click.group("import")
@@ -47,8 +37,8 @@ def import_vmoe(prefix, output_dir, name, overrides, json_out):
     """
     from exporter.sources.checkpoints import import_vmoe as run_import
 
-    with step(f"Importing {prefix}"):
-        result = run_import(prefix, output_dir, name=name, progress=progress_lines(), **overrides)
+    with phase(f"Importing {prefix}"):
+        result = run_import(prefix, output_dir, name=name, **overrides)
     emit(result, _print_import, json_out)
 
 
@@ -98,13 +88,12 @@ def import_swin_moe(checkpoint, config, output_dir, name, k, capacity_factor, ba
     """
     from exporter.sources.checkpoints.swin_moe import import_swin_moe as run_import
 
-    with step(f"Importing {checkpoint}"):
+    with phase(f"Importing {checkpoint}"):
         result = run_import(
             checkpoint,
             config,
             output_dir,
             name=name,
-            progress=progress_lines(),
             k=k,
             capacity_factor=capacity_factor,
             batch_priority=batch_priority,

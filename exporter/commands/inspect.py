@@ -5,20 +5,17 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import (
     NON_NEGATIVE,
-    console,
-    escape,
     floats,
     indices,
     json_option,
     model_options,
     output_option,
-    print_notes,
-    step,
     trust_option,
-    write_json_out,
 )
+from exporter.commands.render import print_notes
 
 
 @click.group("inspect")
@@ -65,12 +62,8 @@ def inspect_routing(choice, image, sample, factors, graph, slots, output, trust_
         graph=graph,
         slots=indices(slots, "--slots") if slots else None,
         trust_module=trust_module,
-        step=step,
     )
-    if json_out != "-":
-        _print_picture(picture)
-    if json_out:
-        write_json_out(json_out, picture.to_dict())
+    emit(picture, _print_picture, json_out)
 
 
 def _cell(value) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from exporter.commands.common import console, emit, escape, json_option, output_option
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import json_option, output_option
 
 
 @click.command()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from exporter.commands.common import console, escape, json_option, write_json_out
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import json_option
 
 
 @click.command()
@@ -19,10 +20,7 @@ def models(json_out):
     from exporter.sources.zoo import zoo_rows
 
     rows = zoo_rows()
-    if json_out:
-        write_json_out(json_out, rows)
-    if json_out != "-":
-        _print_models(rows)
+    emit(rows, _print_models, json_out, data=rows)
 
 
 def _print_models(rows: list[dict]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import SEED, emit, json_option, output_option, print_rewrite, step
+from exporter.commands.console import emit
+from exporter.commands.options import SEED, json_option, output_option
+from exporter.commands.render import print_rewrite
 from exporter.errors import UserError
 
 
@@ -32,5 +34,5 @@ def rewrite(graph, output, plan_only, seed, json_out):
 
     if not plan_only and not output:
         raise UserError("give -o OUT.onnx, or --plan-only to write nothing")
-    result = rewrite_onnx(graph, None if plan_only else output, plan_only=plan_only, seed=seed, step=step)
+    result = rewrite_onnx(graph, None if plan_only else output, plan_only=plan_only, seed=seed)
     emit(result, print_rewrite, json_out)

@@ -5,19 +5,9 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
-    COUNT,
-    console,
-    escape,
-    floats,
-    json_option,
-    mark,
-    model_options_without,
-    output_option,
-    print_notes,
-    step,
-    write_json_out,
-)
+from exporter.commands.console import console, emit, escape
+from exporter.commands.options import COUNT, floats, json_option, model_options_without, output_option
+from exporter.commands.render import mark, print_notes
 from exporter.errors import CheckFailed
 
 
@@ -48,13 +38,8 @@ def sweep_capacity(choice, factors, parity, images, output, json_out):
     """
     from exporter.tools.sweep import sweep_capacity as run_sweep
 
-    report = run_sweep(
-        choice, capacity_factors=floats(factors, "--factors"), parity=parity, images=images, plot=output, step=step
-    )
-    if json_out != "-":
-        _print_sweep(report, output)
-    if json_out:
-        write_json_out(json_out, report.to_dict())
+    report = run_sweep(choice, capacity_factors=floats(factors, "--factors"), parity=parity, images=images, plot=output)
+    emit(report, lambda r: _print_sweep(r, output), json_out)
     if not report.parity_passed:
         raise CheckFailed("the exported graph does not match PyTorch at some capacity factors (see the table)")
 

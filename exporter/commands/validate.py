@@ -5,19 +5,18 @@ from __future__ import annotations
 import click
 
 from exporter import settings
-from exporter.commands.common import (
+from exporter.commands.console import emit
+from exporter.commands.options import (
     COUNT,
     SEED,
     SHARE,
     Number,
-    emit,
     json_option,
     model_options,
-    print_report,
-    step,
     trust_option,
     verify_key_option,
 )
+from exporter.commands.render import print_report
 from exporter.errors import CheckFailed
 
 _FP32 = settings.TOLERANCES["fp32"]
@@ -97,7 +96,6 @@ def validate(
         routing_agreement=min_routing_agreement,
         trust_module=trust_module,
         verify_key=verify_key,
-        step=step,
     )
     emit(report, print_report, json_out)
     if not report.passed:

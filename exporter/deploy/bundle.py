@@ -23,12 +23,10 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +63,7 @@ from exporter.formats.bundle import (
 from exporter.formats.graph import SOURCE_KEY, input_dims, metadata, read_header, routing_layers, vmoe_layers
 from exporter.formats.graph import precision as precision_of
 from exporter.parity.parity import ParityReport, onnx_parity, reference_run
+from exporter.progress import phase
 from exporter.rewrite.plan import RewriteResult
 from exporter.rewrite.rewrite import rewrite_onnx
 from exporter.sources.choice import ModelChoice, as_source
@@ -72,6 +71,8 @@ from exporter.sources.loading import ModelSource, load
 from exporter.versions import versions
 from plugins.aot import PER_ARCH, ptx_version_for
 from plugins.spec import NAMESPACE
+
+log = logging.getLogger(__name__)
 
 
 class ParityFailed(CheckFailed):
@@ -124,7 +125,6 @@ def build_bundle(
     precision: str = settings.DEFAULT_PRECISION,
     sign_key: str | Path | None = None,
     graphs: tuple[ExportResult, RewriteResult] | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> BundleResult:
     """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
 
@@ -148,7 +148,6 @@ def build_bundle(
             ``precision`` at ``opset``, and its rewrite: taken into the bundle instead of exported and
             rewritten again (the demo's standalone graphs; graphs with their weights in a ``.data``
             file are exported again).
-        step: Context-manager factory the CLI uses to show progress.
 
     Raises:
         ParityFailed: a graph does not match PyTorch on CPU (nothing is written); a CheckFailed whose
@@ -180,7 +179,7 @@ def build_bundle(
 
         signer = load_private_key(sign_key)
     ptx.check_triton()
-    with step(f"Building {source.name}"):
+    with phase(log, f"Building {source.name}"):
         loaded = load(source)
     # the portable and the plugin graph (each with the weights), samples, PTX and the plugin package
     check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
@@ -188,15 +187,13 @@ def build_bundle(
         if graphs is not None and _take_graphs(graphs, source, dest, tmp, opset=opset, precision=precision):
             export, rewritten = graphs
         else:
-            export = export_onnx(
-                loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision, step=step
-            )
-            rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed, step=step)
+            export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision)
+            rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed)
         headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
         header = headers[PORTABLE]
         sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
         # (the plugin graph's header: its TopKRoute nodes say how other authors' layers route)
-        reference = reference_run(source, headers[PLUGINS], batch=sample_batch, seed=seed, step=step, loaded=loaded)
+        reference = reference_run(source, headers[PLUGINS], batch=sample_batch, seed=seed, loaded=loaded)
         model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
         del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
         gc.collect()
@@ -209,7 +206,6 @@ def build_bundle(
                 headers[name],
                 graph=name,
                 tolerances=settings.TOLERANCES[precision],
-                step=step,
                 doing=f"Checking {name} against PyTorch (ONNX Runtime, CPU)",
             )
         if failed := {n: r for n, r in parity.items() if not r.passed}:
@@ -218,9 +214,9 @@ def build_bundle(
                 f"{', '.join(failed)} of {source.name} do not match PyTorch on CPU ({why}); no bundle written", failed
             )
         expected = reference.named_outputs(header)
-        with step("Writing sample inputs and PyTorch's reference outputs"):
+        with phase(log, "Writing sample inputs and PyTorch's reference outputs"):
             _write_samples(tmp, feeds, expected)
-        with step(f"Precompiling the plugin kernels to PTX for {', '.join(f'sm_{a}' for a in arches)}"):
+        with phase(log, f"Precompiling the plugin kernels to PTX for {', '.join(f'sm_{a}' for a in arches)}"):
             kernels = ptx.precompile(tmp, arches, ptx_version, seed)
         ptx.copy_plugin_package(tmp / "plugins")
         (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)

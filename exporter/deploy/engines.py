@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +32,10 @@ from exporter.formats.bundle import (
     read_manifest,
 )
 from exporter.formats.graph import ROUTING_PREFIX, batch_multiple, read_header
+from exporter.progress import phase
 from exporter.sources.choice import ModelChoice
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # parity imports torch: only once TensorRT is known to be here (a refusal is instant)
     from exporter.parity.parity import ParityReport
@@ -65,8 +67,6 @@ def build_bundle_engine(
     options=None,
     *,
     portable: bool = False,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
 ) -> BundleEngine:
     """Builds ``model.engine`` in a bundle from its plugin graph (or ``portable``: its portable graph),
     with the bundle's precompiled PTX, validates it against PyTorch on the bundle's sample inputs and
@@ -105,14 +105,11 @@ def build_bundle_engine(
             new_engine,
             options,
             batch_multiple=manifest["model"]["batch_multiple"],
-            step=step,
-            progress=progress,
         )
         parity = validate_engine(
             new_engine,
             graph,
             tolerances=settings.TOLERANCES[build.precision],
-            step=step,
             reference=stored_reference(bundle),
         )
     build = dataclasses.replace(build, path=bundle / ENGINE)
@@ -177,8 +174,6 @@ def build_onnx_engine(
     out_dir: str | Path,
     options=None,
     *,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
     trust_module: bool = False,
 ) -> BundleEngine:
     """``build engine`` on an exported ONNX file: ``out_dir/<stem>.engine``, validated against the
@@ -195,10 +190,8 @@ def build_onnx_engine(
 
     group = batch_multiple(header)
     engine = Path(out_dir) / f"{graph.stem}.engine"
-    build = build_engine(graph, engine, options, batch_multiple=group, step=step, progress=progress)
-    parity = validate_engine(
-        engine, graph, tolerances=settings.TOLERANCES[build.precision], step=step, trust_module=trust_module
-    )
+    build = build_engine(graph, engine, options, batch_multiple=group)
+    parity = validate_engine(engine, graph, tolerances=settings.TOLERANCES[build.precision], trust_module=trust_module)
     return BundleEngine(Path(out_dir), build, parity)
 
 
@@ -256,8 +249,6 @@ def build_rtx_engines(
     *,
     batch_multiple: int = 1,
     reference=None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
 ) -> RTXEngines:
     """Builds ``graph`` with TensorRT for RTX for each target into ``folder`` (``<stem>.sm_XX.engine``,
     each written atomically once every target has built) and, for a target this machine's GPU has,
@@ -280,8 +271,8 @@ def build_rtx_engines(
         for arch in arches:
             path = folder / f"{stem}.sm_{arch}.engine"
             tmp = stack.enter_context(atomic_path(path))
-            with step(f"Building {path.name} with TensorRT for RTX (strongly typed, {graph.name})"):
-                build = build_engine(graph, tmp, arch, options, batch_multiple=batch_multiple, progress=progress)
+            with phase(log, f"Building {path.name} with TensorRT for RTX (strongly typed, {graph.name})"):
+                build = build_engine(graph, tmp, arch, options, batch_multiple=batch_multiple)
             builds.append(dataclasses.replace(build, path=path))
     parity = {}
     here = gpu_arch()
@@ -291,11 +282,11 @@ def build_rtx_engines(
             from exporter.parity.parity import compare_runner, recorded_source, reference_run
 
             if reference is None:
-                reference = reference_run(recorded_source(graph, header), header, step=step)
+                reference = reference_run(recorded_source(graph, header), header)
             tolerances = settings.TOLERANCES[build.precision]
             runner = RTXEngineRunner(build.path)
             parity[build.target] = compare_runner(
-                reference, runner, header, graph=str(build.path), tolerances=tolerances, step=step
+                reference, runner, header, graph=str(build.path), tolerances=tolerances
             )
             build.ran = True
     return RTXEngines(folder, builds, parity)
@@ -307,8 +298,6 @@ def build_bundle_rtx_engines(
     options=None,
     *,
     portable: bool = False,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
 ) -> RTXEngines:
     """TensorRT for RTX engines of a bundle's plugin graph (``portable``: its portable graph), one per
     target, with the bundle's precompiled PTX where it has the target's; recorded with their hashes in
@@ -335,8 +324,6 @@ def build_bundle_rtx_engines(
         options,
         batch_multiple=manifest["model"]["batch_multiple"],
         reference=stored_reference(bundle),
-        step=step,
-        progress=progress,
     )
     engines = manifest.get("rtx_engines") or {}
     for b in built.builds:
@@ -368,8 +355,6 @@ def build_engine_for(
     targets=None,
     backend: str = "tensorrt",
     triton_repo: str | Path | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    progress: Callable[[str], None] = lambda _: None,
     bundle_written: Callable[[object], None] = lambda result: None,
     verify_key: str | Path | None = None,
     trust_module: bool = False,
@@ -411,7 +396,7 @@ def build_engine_for(
         from exporter.deploy.bundle import build_bundle
 
         precision = options.precision or settings.DEFAULT_PRECISION
-        written = build_bundle(model, output_dir, targets=targets, precision=precision, step=step)
+        written = build_bundle(model, output_dir, targets=targets, precision=precision)
         bundle_written(written)
         bundle = Path(output_dir)
     elif source_path and is_bundle(source_path):
@@ -424,22 +409,18 @@ def build_engine_for(
             raise UserError("give -o DIR: the folder for the engine")
         if rtx:
             group = batch_multiple(read_header(source_path))
-            return build_rtx_engines(
-                source_path, output_dir, targets, options, batch_multiple=group, step=step, progress=progress
-            )
-        return EngineRun(
-            build_onnx_engine(source_path, output_dir, options, step=step, progress=progress, trust_module=trust_module)
-        )
+            return build_rtx_engines(source_path, output_dir, targets, options, batch_multiple=group)
+        return EngineRun(build_onnx_engine(source_path, output_dir, options, trust_module=trust_module))
     elif source_path:
         raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
     else:
         raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
     if rtx:
-        built = build_bundle_rtx_engines(bundle, targets, options, portable=portable, step=step, progress=progress)
+        built = build_bundle_rtx_engines(bundle, targets, options, portable=portable)
         built.bundle = written
         return built
     try:
-        built = build_bundle_engine(bundle, options, portable=portable, step=step, progress=progress)
+        built = build_bundle_engine(bundle, options, portable=portable)
     except TensorRTUnavailable as e:
         raise TensorRTUnavailable(f"{e}. The bundle in {bundle} is complete: build its engine on the target") from None
     built.parity.notes += notes

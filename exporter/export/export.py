@@ -13,8 +13,6 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +44,12 @@ from exporter.formats.graph import (
 )
 from exporter.models.capture import capture_routing, flatten_outputs, run_with_routing
 from exporter.models.vmoe import vmoe_layers
+from exporter.progress import phase
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,7 +161,6 @@ def export_onnx(
     precision: str = settings.DEFAULT_PRECISION,
     routing_precision: str = "fp32",
     calibration: str | Path | None = None,
-    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> ExportResult:
     """Exports a loaded model to ``dest`` atomically and checks the result.
 
@@ -178,7 +178,6 @@ def export_onnx(
             measure what pinning buys.
         calibration: ``int8``/``fp8``: an .npz of the graph's input or a folder of images to take the
             activations' scales over (``exporter.export.quantize``); seeded random images without it.
-        step: Context-manager factory the CLI uses to show progress of each stage.
     """
     if opset < settings.MIN_OPSET:
         raise UserError(f"opset must be at least {settings.MIN_OPSET}, got {opset}")
@@ -195,7 +194,7 @@ def export_onnx(
     if loaded.source.kind == "zoo":  # the config fixes the input shape and the outputs
         names, layers = ["logits"], list(loaded.routing_layers)
     else:
-        with step("Checking the model runs on the input shape"):
+        with phase(log, "Checking the model runs on the input shape"):
             outputs, routing = run_with_routing(model, images)
         names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         layers = list(routing)
@@ -204,7 +203,7 @@ def export_onnx(
 
     start = time.perf_counter()
     second = _second_batch(batch, multiple)
-    with step("Tracing to ONNX (torch.export + torch.onnx)"):
+    with phase(log, "Tracing to ONNX (torch.export + torch.onnx)"):
         probes = [images, torch.randn((second, *loaded.source.input_shape), generator=generator)]
         exposing = routing_outputs and bool(layers)  # (only moe-export's own layers name their decisions)
         program, exported, notes = _torch_export(
@@ -221,7 +220,7 @@ def export_onnx(
 
         images = calibration_images
         what = "expert weights only" if images is None else f"calibrating on {len(images)} images"
-        with step(f"Quantizing to {precision} ({what})"):
+        with phase(log, f"Quantizing to {precision} ({what})"):
             quantized = quantize(
                 program.model,
                 precision,
@@ -232,7 +231,9 @@ def export_onnx(
             )
         opset = program.model.graph.opset_imports[""]
     elif precision != "fp32":  # before the routing outputs are named: they are integers either way
-        with step(f"Converting to {precision} (routing in {'FP32' if routing_precision == 'fp32' else precision})"):
+        with phase(
+            log, f"Converting to {precision} (routing in {'FP32' if routing_precision == 'fp32' else precision})"
+        ):
             converted = reduce_precision(
                 program.model, precision, routing=routing_precision, vmoe_layers=[n for n, _ in vmoe_layers(model)]
             )
@@ -247,7 +248,7 @@ def export_onnx(
         program.model.metadata_props[BATCH_KEY] = str(batch)
     program.model.producer_name, program.model.producer_version = "moe-export", package_version("moe-export") or ""
 
-    with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
+    with phase(log, f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
         path = tmp / dest.name
         program.save(str(path))
         del program
@@ -261,14 +262,14 @@ def export_onnx(
         batches = [batch, second] if dynamic else [batch]
         if loaded.source.kind == "zoo" and dynamic:
             batches = [second]  # moe-export's own models: the smallest batch, where a fixed size would show
-        with step(f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
+        with phase(log, f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
             trace = exported if precision != "fp32" else None  # an FP16/BF16 graph is compared by its FP32 trace
             checked = check_graph(path, model, loaded.source.input_shape, batches, batch, trace=trace)
         del exported
     seconds = time.perf_counter() - start
     rtx_parse = None
     if rtx_available() is None:  # the real parser's word beside the allow-list's
-        with step("Parsing with TensorRT for RTX"):
+        with phase(log, "Parsing with TensorRT for RTX"):
             rtx_parse = parse_structure(dest).to_dict()
     return ExportResult(
         path=dest,
@@ -336,7 +337,6 @@ def export_model(
     precision: str = settings.DEFAULT_PRECISION,
     routing_precision: str = "fp32",
     calibration: str | Path | None = None,
-    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> ExportResult:
     """Builds a model (a zoo name, a model folder, a user module, a checkpoint) and exports it:
     what ``moe-export export`` does. See ``export_onnx`` for the arguments."""
@@ -344,7 +344,7 @@ def export_model(
     check_output(dest)
     source = as_source(model)
     example_batch = model.batch if isinstance(model, ModelChoice) else None
-    with step(f"Building {source.name}"):
+    with phase(log, f"Building {source.name}"):
         loaded = load(source)
     return export_onnx(
         loaded,
@@ -355,7 +355,6 @@ def export_model(
         precision=precision,
         routing_precision=routing_precision,
         calibration=calibration,
-        step=step,
     )
 
 

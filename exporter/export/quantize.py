@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,7 +389,6 @@ def quantize(
     images: np.ndarray | None = None,
     calibration: str = "",
     batch: int = 8,
-    step: Callable[[str], object] | None = None,
 ) -> QuantizeResult:
     """Rewrites ``model`` (in place) to ``precision`` (see the module).
 

@@ -10,11 +10,9 @@ import dataclasses
 import functools
 import gc
 import json
+import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,7 +51,10 @@ from exporter.formats.graph import (
     routing_output_names,
     vmoe_layers,
 )
+from exporter.progress import phase
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
+
+log = logging.getLogger(__name__)
 
 ROUTING_CHECKED, ROUTING_NOT_EXPOSED, ROUTING_NONE = "checked", "not exposed by the graph", "no V-MoE layers"
 
@@ -237,17 +238,16 @@ def reference_run(
     batch: int | None = None,
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     loaded: LoadedModel | None = None,
 ) -> Reference:
     """Builds the PyTorch model (unless ``loaded`` is given) and runs it on seeded random images (or
     ``inputs_npz``) shaped for the graph."""
     if loaded is None:
-        with step(f"Building {source.name} in PyTorch"):
+        with phase(log, f"Building {source.name} in PyTorch"):
             loaded = load(source)
     name, images = make_inputs(header, loaded, batch=batch, seed=seed, inputs_npz=inputs_npz)
     routes = plugin_routes(header)
-    with step(f"Running PyTorch on {images.shape[0]} images"):
+    with phase(log, f"Running PyTorch on {images.shape[0]} images"):
         expected, routing, routers = _torch_run(loaded.module, images, routes)
     del loaded  # big models: free this reference to PyTorch's weights before another runtime loads its own
     gc.collect()
@@ -350,7 +350,6 @@ def compare_runner(
     *,
     graph: str,
     tolerances: settings.Tolerances = settings.FP32_TOLERANCES,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     start: float | None = None,
 ) -> ParityReport:
     """The one comparison loop (validate, the bundle, the engines): runs any runner
@@ -358,7 +357,7 @@ def compare_runner(
     output order, with PyTorch's (``compare_to_reference``); the other tensors it returns are the
     graph's router tensors, whose flips and weights are then explained."""
     names = [o.name for o in header.graph.output]
-    with step(f"Running {runner.name} on {reference.images.shape[0]} images"), runner:
+    with phase(log, f"Running {runner.name} on {reference.images.shape[0]} images"), runner:
         values = runner.infer({reference.input_name: reference.images})
     actual = {n: values[n] for n in names if n in values}
     routers = {n: v for n, v in values.items() if n not in names}
@@ -501,7 +500,6 @@ def onnx_parity(
     *,
     graph: str,
     tolerances: settings.Tolerances,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     doing: str | None = None,
     start: float | None = None,
 ) -> ParityReport:
@@ -511,7 +509,7 @@ def onnx_parity(
     FP32's tolerance then holds for a correct graph, and the report says how many elements that took.
     ``doing`` names the ONNX Runtime step (default: "Running ONNX Runtime (<backend>)")."""
     backend = ort_backend_name(header)
-    with step(doing or f"Running ONNX Runtime ({backend})"):
+    with phase(log, doing or f"Running ONNX Runtime ({backend})"):
         actual, internals = onnxruntime_outputs(path, header, {reference.input_name: reference.images})
     compare = functools.partial(
         compare_to_reference, actual=actual, header=header, graph=graph, backend=backend, tolerances=tolerances
@@ -528,7 +526,7 @@ def onnx_parity(
                 "graph rounds nothing: export it with --bf16-dispatch, or validate with --no-bf16-dispatch"
             )
         return report
-    with step("Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
+    with phase(log, "Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
         loaded = load(reference.source)
         with rounding_as([internals[n] for n in roundings], tolerances.rtol) as found:
             outputs, routing, routers = _torch_run(loaded.module, reference.images, plugin_routes(header))

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -28,6 +26,8 @@ from exporter.parity.parity import (
 from exporter.sources.choice import ModelChoice, resolve
 from exporter.sources.loading import ModelSource
 
+log = logging.getLogger(__name__)
+
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
@@ -43,7 +43,6 @@ def validate(
     routing_agreement: float | None = None,
     trust_module: bool = False,
     verify_key: str | Path | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> ParityReport:
     """Checks ``target`` against PyTorch, outputs and routing decisions.
 
@@ -76,7 +75,6 @@ def validate(
             seed=seed,
             inputs_npz=inputs_npz,
             tolerances=tolerances,
-            step=step,
             header=header,
         )
         report.notes += notes
@@ -100,7 +98,6 @@ def validate(
         seed=seed,
         inputs_npz=str(sample) if use_sample else inputs_npz,
         tolerances=_tolerances(engine_precision or "fp32", rtol, routing_agreement),
-        step=step,
         reference=reference,
     )
     report.notes += notes + seed_notes
@@ -147,7 +144,6 @@ def validate_onnx(
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
     tolerances: settings.Tolerances | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     header: onnx.ModelProto | None = None,
     trust_module: bool = False,
 ) -> ParityReport:
@@ -160,7 +156,6 @@ def validate_onnx(
         seed: Seed of the random inputs (ignored with ``inputs_npz``).
         inputs_npz: A .npz with the input array (named after the graph input, or alone).
         tolerances: Pass criteria; by default those of the graph's precision (``settings.TOLERANCES``).
-        step: Context-manager factory the CLI uses to show progress.
         header: The graph without weights, if the caller has already read it (``read_header``).
         trust_module: Import the user module the graph records (``recorded_source``), when no source is given.
     """
@@ -168,10 +163,8 @@ def validate_onnx(
     header = header if header is not None else read_header(graph_path)
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]
     source = source or recorded_source(graph_path, header, trust_module=trust_module)
-    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
-    return onnx_parity(
-        reference, graph_path, header, graph=str(graph_path), tolerances=tolerances, step=step, start=start
-    )
+    reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz)
+    return onnx_parity(reference, graph_path, header, graph=str(graph_path), tolerances=tolerances, start=start)
 
 
 def validate_engine(
@@ -183,7 +176,6 @@ def validate_engine(
     seed: int = settings.DEFAULT_SEED,
     inputs_npz: str | None = None,
     tolerances: settings.Tolerances | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
     reference: Reference | None = None,
     trust_module: bool = False,
 ) -> ParityReport:
@@ -201,11 +193,9 @@ def validate_engine(
     tolerances = tolerances or settings.TOLERANCES[precision(header)[0]]  # the engine is typed as its graph
     if reference is None:
         source = source or recorded_source(graph_path, header, trust_module=trust_module)
-        reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz, step=step)
+        reference = reference_run(source, header, batch=batch, seed=seed, inputs_npz=inputs_npz)
     runner = EngineRunner(engine_path)
-    report = compare_runner(
-        reference, runner, header, graph=str(engine_path), tolerances=tolerances, step=step, start=start
-    )
+    report = compare_runner(reference, runner, header, graph=str(engine_path), tolerances=tolerances, start=start)
     if reference.stored:
         report.notes.append(f"reference: {reference.stored}")
     return report

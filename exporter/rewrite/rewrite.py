@@ -22,12 +22,10 @@ Runtime runs the result and TensorRT without the plugins still builds it.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 import onnx
@@ -46,11 +44,14 @@ from exporter.formats.graph import (
     read_header,
     vmoe_layers,
 )
+from exporter.progress import phase
 from exporter.rewrite.graph import quiet_graphsurgeon
 from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
 from exporter.rewrite.probe import Probe
 from exporter.rewrite.rules import GraphContext, rules
 from plugins import registry
+
+log = logging.getLogger(__name__)
 
 
 def plan_rewrite(
@@ -102,7 +103,6 @@ def rewrite_onnx(
     *,
     plan_only: bool = False,
     seed: int = settings.DEFAULT_SEED,
-    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> RewriteResult:
     """Rewrites ``src`` into ``dest`` (atomically; checked with onnx.checker), or only plans it.
 
@@ -114,7 +114,7 @@ def rewrite_onnx(
     if not (plan_only or dest is None):
         dest = check_output(dest)
         check_space(dest, sum(f.stat().st_size for f in src.parent.glob(src.name + "*")), f"rewriting {src.name}")
-    with step("Finding and checking MoE layers (one ONNX Runtime run)"):
+    with phase(log, "Finding and checking MoE layers (one ONNX Runtime run)"):
         proto, graph, plans = plan_rewrite(src, seed=seed)
     if not plans:
         raise UserError(f"{src} has no MoE layer to rewrite (no V-MoE or Soft-MoE layer found)")
@@ -124,7 +124,7 @@ def rewrite_onnx(
         return result
 
     dest = Path(dest)
-    with step("Replacing subgraphs with plugin nodes"):
+    with phase(log, "Replacing subgraphs with plugin nodes"):
         for plan in plans:
             if plan.replaced:
                 plan.apply(graph)
@@ -139,7 +139,7 @@ def rewrite_onnx(
         out.metadata_props.extend(proto.metadata_props)
         onnx.helper.set_model_props(out, {**metadata(proto), REWRITE_KEY: json.dumps(result.counts)})
 
-    with step(f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
+    with phase(log, f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
         path = tmp / dest.name
         external = _external_files(out)
         for location in sorted(external):  # weight files: shared when beside the source, else copied

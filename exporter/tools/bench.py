@@ -11,7 +11,6 @@ that does not build) is an ``n/a`` row with a one-line reason, never a crash.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
@@ -21,7 +20,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,9 +31,12 @@ from exporter.backends import onnxruntime as ort_backend
 from exporter.compare import max_rel_err
 from exporter.errors import UserError, one_line
 from exporter.formats.graph import image_input, read_header
+from exporter.progress import phase
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
+
+log = logging.getLogger(__name__)
 
 TORCH_EAGER, TORCH_COMPILE = "torch-eager", "torch-compile"
 ORT_CPU, ORT_CUDA = "onnxruntime-cpu", "onnxruntime-cuda"
@@ -238,7 +239,6 @@ def bench(
     threads: int | None = None,
     device: str | None = None,
     seed: int = settings.DEFAULT_SEED,
-    step: Callable[[str], ContextManager] = lambda _: contextlib.nullcontext(),
 ) -> BenchReport:
     """Times one model on each backend and compares its first output with PyTorch eager.
 
@@ -252,7 +252,6 @@ def bench(
         threads: PyTorch threads and ONNX Runtime intra-op threads (default: every CPU core).
         device: Where PyTorch runs, ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
         seed: Seed of the random input images.
-        step: Context-manager factory the CLI uses to show progress.
     """
     names = parse_backends(backends) if isinstance(backends, str) else check_backends(backends)
     batch = source.batch if batch is None and isinstance(source, ModelChoice) else batch
@@ -269,7 +268,7 @@ def bench(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with step(f"Building {source.name}"):
+        with phase(log, f"Building {source.name}"):
             t0 = time.perf_counter()
             loaded = load(source)
             load_s = time.perf_counter() - t0
@@ -291,9 +290,9 @@ def bench(
         with tempfile.TemporaryDirectory(prefix="moe-export-bench-") as tmp:
             graph, export_error = None, None
             if any(n in ONNX_BACKENDS and n not in rows for n in names):
-                graph, report.export_s, export_error = _export(loaded, Path(tmp), step)
+                graph, report.export_s, export_error = _export(loaded, Path(tmp))
             multiple = loaded.batch_multiple
-            rows.update(_bench_torch(loaded, images, names, device, warmup, runs, step))
+            rows.update(_bench_torch(loaded, images, names, device, warmup, runs))
             del loaded  # big models: free PyTorch's weights before ONNX Runtime and TensorRT load theirs
             gc.collect()
             if device == "cuda":
@@ -303,7 +302,7 @@ def bench(
                 if graph is None:
                     rows[name] = BenchRow(name, batch, status=NOT_AVAILABLE, note=f"no ONNX graph: {export_error}")
                     continue
-                row = _bench_graph(name, graph, Path(tmp), images, reference, threads, multiple, warmup, runs, step)
+                row = _bench_graph(name, graph, Path(tmp), images, reference, threads, multiple, warmup, runs)
                 if row.setup_s is not None:
                     row.setup_s += report.export_s
                 rows[name] = row
@@ -317,13 +316,13 @@ def bench(
         torch.set_num_threads(previous_threads)
 
 
-def _export(loaded: LoadedModel, folder: Path, step) -> tuple[Path | None, float | None, str | None]:
+def _export(loaded: LoadedModel, folder: Path) -> tuple[Path | None, float | None, str | None]:
     from exporter.export.export import export_onnx
 
     path = folder / "portable.onnx"
     try:
         with _quiet():
-            result = export_onnx(loaded, path, step=step)
+            result = export_onnx(loaded, path)
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -331,14 +330,14 @@ def _export(loaded: LoadedModel, folder: Path, step) -> tuple[Path | None, float
     return path, result.seconds, None
 
 
-def _bench_torch(loaded: LoadedModel, images: np.ndarray, names, device: str, warmup: int, runs: int, step) -> dict:
+def _bench_torch(loaded: LoadedModel, images: np.ndarray, names, device: str, warmup: int, runs: int) -> dict:
     """The eager reference output (key ``"_reference"``) and the PyTorch rows."""
     batch, sync = images.shape[0], _sync(device)
     module = loaded.module.to(device)
     x = torch.from_numpy(images).to(device)
     rows: dict = {}
     with torch.inference_mode():
-        with step(f"Running PyTorch eager on {batch} images ({device})"):
+        with phase(log, f"Running PyTorch eager on {batch} images ({device})"):
             try:
                 rows["_reference"] = _first_tensor(module(x)).float().cpu().numpy()
             except (RuntimeError, ValueError, IndexError) as e:  # as exporter.models.capture.run_with_routing
@@ -351,18 +350,18 @@ def _bench_torch(loaded: LoadedModel, images: np.ndarray, names, device: str, wa
                 sync()
                 return out
 
-            rows[TORCH_EAGER] = _timed_row(TORCH_EAGER, batch, eager, 0.0, rows["_reference"], warmup, runs, step)
+            rows[TORCH_EAGER] = _timed_row(TORCH_EAGER, batch, eager, 0.0, rows["_reference"], warmup, runs)
             rows[TORCH_EAGER].device = device
         if TORCH_COMPILE in names:
-            rows[TORCH_COMPILE] = _bench_compile(module, x, rows["_reference"], sync, warmup, runs, step)
+            rows[TORCH_COMPILE] = _bench_compile(module, x, rows["_reference"], sync, warmup, runs)
             rows[TORCH_COMPILE].device = device
     return rows
 
 
-def _bench_compile(module, x, reference, sync, warmup, runs, step) -> BenchRow:
+def _bench_compile(module, x, reference, sync, warmup, runs) -> BenchRow:
     batch = x.shape[0]
     try:
-        with step("Compiling with torch.compile (first call)"), _quiet():
+        with phase(log, "Compiling with torch.compile (first call)"), _quiet():
             compiled = torch.compile(module)
             start = time.perf_counter()
             compiled(x)
@@ -380,7 +379,7 @@ def _bench_compile(module, x, reference, sync, warmup, runs, step) -> BenchRow:
         return out
 
     try:
-        return _timed_row(TORCH_COMPILE, batch, run, setup, reference, warmup, runs, step)
+        return _timed_row(TORCH_COMPILE, batch, run, setup, reference, warmup, runs)
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -389,8 +388,8 @@ def _bench_compile(module, x, reference, sync, warmup, runs, step) -> BenchRow:
         torch._dynamo.reset()
 
 
-def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note="") -> BenchRow:
-    with step(f"Timing {backend} ({warmup} warm-up + {runs} runs)"):
+def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, note="") -> BenchRow:
+    with phase(log, f"Timing {backend} ({warmup} warm-up + {runs} runs)"):
         (times, last), busy = busy_elsewhere(lambda: time_runs(fn, warmup, runs))
     if busy is not None and busy >= settings.BENCH_BUSY_NOTE:
         note = "; ".join(n for n in (note, f"busy machine: other processes used {busy:.0%} of the CPUs") if n)
@@ -416,15 +415,15 @@ def _timed_row(backend, batch, fn, setup_s, reference, warmup, runs, step, note=
     )
 
 
-def _bench_graph(name, graph, folder: Path, images, reference, threads, multiple, warmup, runs, step) -> BenchRow:
+def _bench_graph(name, graph, folder: Path, images, reference, threads, multiple, warmup, runs) -> BenchRow:
     """An ONNX Runtime or TensorRT row; any failure becomes an ``n/a`` row with the reason."""
     batch = images.shape[0]
     try:
         if name in (ORT_CPU, ORT_CUDA):
-            return _bench_ort(name, graph, images, reference, threads, warmup, runs, step)
+            return _bench_ort(name, graph, images, reference, threads, warmup, runs)
         if name == TENSORRT_RTX:
-            return _bench_rtx(graph, folder, images, reference, multiple, warmup, runs, step)
-        return _bench_tensorrt(name, graph, folder, images, reference, multiple, warmup, runs, step)
+            return _bench_rtx(graph, folder, images, reference, multiple, warmup, runs)
+        return _bench_tensorrt(name, graph, folder, images, reference, multiple, warmup, runs)
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -433,10 +432,10 @@ def _bench_graph(name, graph, folder: Path, images, reference, threads, multiple
         )
 
 
-def _bench_ort(name, graph, images, reference, threads, warmup, runs, step) -> BenchRow:
+def _bench_ort(name, graph, images, reference, threads, warmup, runs) -> BenchRow:
     provider = ort_backend.CPU if name == ORT_CPU else ort_backend.CUDA
     runner = ort_backend.OnnxRuntimeRunner(graph, provider=provider, threads=threads, name=name)
-    with step(f"Creating the {name} session"):
+    with phase(log, f"Creating the {name} session"):
         start = time.perf_counter()
         runner.activate()
         setup = time.perf_counter() - start
@@ -444,36 +443,36 @@ def _bench_ort(name, graph, images, reference, threads, warmup, runs, step) -> B
         if runner.active_provider != provider:
             return BenchRow(name, images.shape[0], status=NOT_AVAILABLE, note=f"{provider} did not load", device="cuda")
         feed = {image_input(read_header(graph)).name: images}
-        row = _timed_row(name, images.shape[0], lambda: runner.infer(feed), setup, reference, warmup, runs, step)
+        row = _timed_row(name, images.shape[0], lambda: runner.infer(feed), setup, reference, warmup, runs)
     finally:
         runner.deactivate()
     row.device = "cpu" if name == ORT_CPU else "cuda"
     return row
 
 
-def _plugin_graph(graph, folder: Path, step) -> tuple[Path, float, str]:
+def _plugin_graph(graph, folder: Path) -> tuple[Path, float, str]:
     """The plugin graph of the exported one: (path, rewrite seconds, the row's note)."""
     from exporter.rewrite.rewrite import rewrite_onnx
 
-    rewritten = rewrite_onnx(graph, folder / "plugins.onnx", step=step)
+    rewritten = rewrite_onnx(graph, folder / "plugins.onnx")
     note = f"plugin graph, {sum(rewritten.counts.values())} plugin nodes"
     if rewritten.declined:
         note += f", {len(rewritten.declined)} layers left standard"
     return folder / "plugins.onnx", rewritten.seconds, note
 
 
-def _bench_rtx(graph, folder: Path, images, reference, multiple, warmup, runs, step) -> BenchRow:
+def _bench_rtx(graph, folder: Path, images, reference, multiple, warmup, runs) -> BenchRow:
     """TensorRT for RTX: the plugin graph's engine for this machine's GPU, timed; without an RTX GPU,
     built for ``settings.BENCH_RTX_TARGET`` and listed as built, not run."""
     from exporter.backends.tensorrt import EngineOptions
     from exporter.backends.tensorrt_rtx import TARGETS, RTXEngineRunner, build_engine, gpu_arch
 
     batch = images.shape[0]
-    graph, setup, note = _plugin_graph(graph, folder, step)
+    graph, setup, note = _plugin_graph(graph, folder)
     here = gpu_arch()
     target = here if here in TARGETS else settings.BENCH_RTX_TARGET
     options = EngineOptions(min_batch=batch, opt_batch=batch, max_batch=batch)
-    with step(f"Building the TensorRT for RTX engine for sm_{target}"):
+    with phase(log, f"Building the TensorRT for RTX engine for sm_{target}"):
         built = build_engine(graph, folder / "rtx.engine", target, options, batch_multiple=multiple)
     setup += built.seconds
     note += f" ({sum(built.plugin_layers.values())} plugin layers in the engine, sm_{target})"
@@ -482,23 +481,21 @@ def _bench_rtx(graph, folder: Path, images, reference, multiple, warmup, runs, s
         return BenchRow(TENSORRT_RTX, batch, setup_s=setup, status=BUILT, note=f"{note}; not run: {why}", device="cuda")
     feeds = {image_input(read_header(graph)).name: images}
     with RTXEngineRunner(built.path) as runner:
-        row = _timed_row(
-            TENSORRT_RTX, batch, lambda: runner.infer(feeds), setup, reference, warmup, runs, step, note=note
-        )
+        row = _timed_row(TENSORRT_RTX, batch, lambda: runner.infer(feeds), setup, reference, warmup, runs, note=note)
     row.device = "cuda"
     return row
 
 
-def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warmup, runs, step) -> BenchRow:
+def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warmup, runs) -> BenchRow:
     from exporter.backends.tensorrt import EngineOptions, EngineRunner, build_engine
 
     batch, setup, note = images.shape[0], 0.0, "portable graph"
     if name == TENSORRT_PLUGINS:
-        graph, setup, note = _plugin_graph(graph, folder, step)
+        graph, setup, note = _plugin_graph(graph, folder)
     input_name = image_input(read_header(graph)).name
     engine = folder / f"{name}.engine"
     options = EngineOptions(precision="fp32", min_batch=batch, opt_batch=batch, max_batch=batch)
-    built = build_engine(graph, engine, options, input_shape=images.shape[1:], batch_multiple=multiple, step=step)
+    built = build_engine(graph, engine, options, input_shape=images.shape[1:], batch_multiple=multiple)
     setup += built.seconds
     if built.plugin_layers:
         note += f" ({sum(built.plugin_layers.values())} plugin layers in the engine)"
@@ -510,7 +507,7 @@ def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warm
             torch.cuda.synchronize()
             return out
 
-        row = _timed_row(name, batch, run, setup, reference, warmup, runs, step, note=note)
+        row = _timed_row(name, batch, run, setup, reference, warmup, runs, note=note)
     row.device = "cuda"
     return row
 

@@ -5,9 +5,8 @@ its routing, all on CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,12 @@ from exporter.export.export import ExportResult, export_model
 from exporter.fileio import check_output, write_json
 from exporter.parity.parity import ParityReport
 from exporter.parity.validate import validate_onnx
+from exporter.progress import phase
 from exporter.rewrite.plan import RewriteResult
 from exporter.rewrite.rewrite import rewrite_onnx
 from exporter.sources.loading import ModelSource, from_zoo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,15 +50,12 @@ def demo(
     output_dir: str | Path = settings.DEMO_OUTPUT_DIR,
     *,
     runs=settings.DEMO_RUNS,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
-    started: Callable[[str, dict], None] = lambda name, overrides: None,
-    done: Callable[[DemoRun], None] = lambda run: None,
     picture: Callable[[ModelSource, Path, Path], object] | None = None,
-) -> list[DemoRun]:
-    """Runs each (zoo model, routing overrides) of ``runs``; graphs, JSON parity reports and the deploy
-    bundle ``<model>.bundle/`` go to ``output_dir``. ``started`` and ``done`` are called around each
-    model (the CLI prints there). Without Triton the bundles are skipped, with a note. ``picture(source,
-    graph, dest)`` draws each model's routing to ``<model>.routing.png`` (the CLI passes
+) -> Iterator[DemoRun]:
+    """Runs each (zoo model, routing overrides) of ``runs``, yielding each model's ``DemoRun`` as it
+    finishes (each model is a logged phase); graphs, JSON parity reports and the deploy bundle
+    ``<model>.bundle/`` go to ``output_dir``. Without Triton the bundles are skipped, with a note.
+    ``picture(source, graph, dest)`` draws each model's routing to ``<model>.routing.png`` (the CLI passes
     ``exporter.tools.inspect_routing``'s: tools do not import each other)."""
     out = check_output(output_dir, folder=True)
     try:
@@ -64,22 +63,23 @@ def demo(
         no_triton = ""
     except UserError as e:
         no_triton = f"no deploy bundle: {e}"
-    results = []
     for name, overrides in runs:
-        started(name, overrides)
-        source = from_zoo(name, **overrides)
-        path, plugin_path = out / f"{name}.onnx", out / f"{name}.plugins.onnx"
-        exported = export_model(source, path, routing_outputs=True, step=step)
-        report = validate_onnx(path, source, step=step)
-        write_json(out / f"{name}.parity.json", report.to_dict())
-        rewritten = rewrite_onnx(path, plugin_path, step=step)
-        plugin_report = validate_onnx(plugin_path, source, step=step)
-        write_json(out / f"{name}.plugins.parity.json", plugin_report.to_dict())
-        bundle = None
-        if not no_triton:  # the graphs above go into the bundle as they are: no second trace and rewrite
-            bundle = build_bundle(source, out / f"{name}.bundle", graphs=(exported, rewritten), step=step)
-        drawn = None if picture is None else picture(source, path, out / f"{name}.routing.png")
-        run = DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report, bundle, no_triton, drawn)
-        done(run)
-        results.append(run)
-    return results
+        with phase(log, " ".join([name, *(f"{k}={v}" for k, v in overrides.items())])):
+            run = _run(out, name, overrides, no_triton, picture)
+        yield run
+
+
+def _run(out: Path, name: str, overrides: dict, no_triton: str, picture) -> DemoRun:
+    source = from_zoo(name, **overrides)
+    path, plugin_path = out / f"{name}.onnx", out / f"{name}.plugins.onnx"
+    exported = export_model(source, path, routing_outputs=True)
+    report = validate_onnx(path, source)
+    write_json(out / f"{name}.parity.json", report.to_dict())
+    rewritten = rewrite_onnx(path, plugin_path)
+    plugin_report = validate_onnx(plugin_path, source)
+    write_json(out / f"{name}.plugins.parity.json", plugin_report.to_dict())
+    bundle = None
+    if not no_triton:  # the graphs above go into the bundle as they are: no second trace and rewrite
+        bundle = build_bundle(source, out / f"{name}.bundle", graphs=(exported, rewritten))
+    drawn = None if picture is None else picture(source, path, out / f"{name}.routing.png")
+    return DemoRun(name, dict(overrides), exported, report, rewritten, plugin_report, bundle, no_triton, drawn)

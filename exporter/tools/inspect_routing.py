@@ -26,10 +26,9 @@ matplotlib is imported inside the drawing functions only.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,10 +48,13 @@ from exporter.models.swin_moe import SwinBlock, swin_moe_layers
 from exporter.models.swin_moe import routing_settings as swin_routing_settings
 from exporter.models.vmoe import routing_settings, vmoe_layers
 from exporter.parity.parity import recorded_source
+from exporter.progress import phase
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.digits import REFERENCE_NORMALIZATION, image_file, load_split, to_display
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SOFT_MOE, SWIN_MOE, VMOE
+
+log = logging.getLogger(__name__)
 
 GREY = (0.55, 0.55, 0.55)
 # The V-MoE legend's title: the expert colours are drawn translucent over the image in grey.
@@ -241,7 +243,6 @@ def inspect_routing(
     slots: Sequence[int] | None = None,
     dpi: int = settings.FIGURE_DPI,
     trust_module: bool = False,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> RoutingPicture:
     """Draws the routing of one image to a PNG at ``dest`` (written atomically).
 
@@ -260,7 +261,6 @@ def inspect_routing(
             slots with the most concentrated dispatch, per layer.
         dpi: Pixels per inch of the PNG.
         trust_module: With ``graph``: import the user module it records (``recorded_source``).
-        step: Progress context-manager factory.
     """
     check_output(dest)
     if isinstance(source, ModelChoice):
@@ -273,7 +273,7 @@ def inspect_routing(
             recorded_source(graph, read_header(graph), trust_module=trust_module) if graph and not named else None
         )
         source = as_source(source, recorded)
-    with step(f"Building {source.name}"):
+    with phase(log, f"Building {source.name}"):
         loaded = load(source)
     images, where = pictured_image(
         tuple(source.input_shape), image=image, sample=sample, normalization=source.normalization
@@ -281,10 +281,10 @@ def inspect_routing(
     display = to_display(images[0], source.normalization)
     if loaded.family in (VMOE, SWIN_MOE):
         swin = loaded.family == SWIN_MOE
-        columns, notes = (_swin_columns if swin else _vmoe_columns)(loaded, images, capacity_factors, graph, step)
+        columns, notes = (_swin_columns if swin else _vmoe_columns)(loaded, images, capacity_factors, graph)
         layers = list(columns[0].experts)
         title = f"{source.name}: {'Swin-MoE' if swin else 'V-MoE'} routing of {where}"
-        with step(f"Drawing {len(layers)}x{len(columns)} panels"):
+        with phase(log, f"Drawing {len(layers)}x{len(columns)} panels"):
             layout = (draw_swin_moe if swin else draw_vmoe)(dest, display, columns, loaded, title=title, dpi=dpi)
         stats = [
             {"layer": layer, "column": c.label, "capacity": c.capacity.get(layer), "dropped": c.dropped(layer)}
@@ -302,17 +302,17 @@ def inspect_routing(
                 "Soft-MoE graphs expose no routing outputs (nothing is dropped); picture the PyTorch model "
                 "without --onnx"
             )
-        with step("Running the model"):
+        with phase(log, "Running the model"):
             weights = _soft_weights(loaded.module, images)
         layers = list(weights)
         title = f"{source.name}: Soft-MoE dispatch and combine of {where}"
-        with step(f"Drawing {len(layers)} layers"):
+        with phase(log, f"Drawing {len(layers)} layers"):
             layout, stats = draw_soft_moe(dest, display, weights, loaded, slots=slots, title=title, dpi=dpi)
         return RoutingPicture(Path(dest), source.name, SOFT_MOE, where, layout, layers, stats)
     raise UserError(f"{source.name} has no single MoE family to picture (found: {loaded.family})")
 
 
-def _vmoe_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[Column], list[str]]:
+def _vmoe_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column], list[str]]:
     module = loaded.module
     if graph is None:
         capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
@@ -320,7 +320,7 @@ def _vmoe_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[C
             raise UserError("give at least one capacity factor")
         group = settings.INSPECT_GROUP_IMAGES
         columns = []
-        with step(f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
+        with phase(log, f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
             for c in capacity_factors:
                 for bpr in (False, True):
                     columns.append(torch_column(module, images, Routing(c, bpr), group_images=group))
@@ -329,7 +329,7 @@ def _vmoe_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[C
     header = read_header(graph)
     group = _graph_group_images(loaded.source, loaded)
     batch = images.expand(group, *images.shape[1:]).contiguous()
-    with step(f"Running {Path(graph).name} in ONNX Runtime"):
+    with phase(log, f"Running {Path(graph).name} in ONNX Runtime"):
         routing = onnx_routing(graph, header, batch.numpy())
     own = torch_column(module, batch, Routing(None, _own_bpr(module)), group_images=group, label="PyTorch")
     tokens = next(iter(own.experts.values())).shape[0]
@@ -359,17 +359,17 @@ def swin_column(module: nn.Module, image: torch.Tensor, setting: Routing, *, lab
     return Column(label or setting.label, experts, kept, capacity)
 
 
-def _swin_columns(loaded, images, capacity_factors, graph, step) -> tuple[list[Column], list[str]]:
+def _swin_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column], list[str]]:
     module = loaded.module
     if graph is None:
         capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
         if not capacity_factors:
             raise UserError("give at least one capacity factor")
-        with step(f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
+        with phase(log, f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
             columns = [swin_column(module, images, Routing(c, bpr)) for c in capacity_factors for bpr in (False, True)]
         return columns, []
     header = read_header(graph)
-    with step(f"Running {Path(graph).name} in ONNX Runtime"):
+    with phase(log, f"Running {Path(graph).name} in ONNX Runtime"):
         routing = onnx_routing(graph, header, images.numpy())
     bpr = swin_moe_layers(module)[0][1].batch_priority
     own = swin_column(module, images, Routing(None, bpr), label="PyTorch")

@@ -12,11 +12,10 @@ coincide. matplotlib is imported inside ``plot_sweep`` only.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,10 +33,13 @@ from exporter.models import swin_moe
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting, check_capacity_factor
 from exporter.models.vmoe import routing_settings, unlimited_capacity_factor, vmoe_layers
+from exporter.progress import phase
 from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.digits import NUM_CLASSES, accuracy, load_split
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SWIN_MOE, VMOE
+
+log = logging.getLogger(__name__)
 
 # Parity of a sweep point's graph. "slots differ": the outputs are within tolerance and every (token,
 # choice) has the same expert and the same kept/dropped decision; only buffer positions differ, which
@@ -190,7 +192,6 @@ def sweep_capacity(
     parity: bool = True,
     images: int | None = None,
     plot: str | Path | None = None,
-    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
 ) -> SweepReport:
     """Runs the sweep on the digits test split (resized to the model's input).
 
@@ -202,7 +203,6 @@ def sweep_capacity(
         images: Test images to route (at most the split's 448, rounded down to whole routing
             groups); all of them by default.
         plot: Also draw the sweep to this PNG (``plot_sweep``).
-        step: Progress context-manager factory.
     """
     start = time.perf_counter()
     if plot is not None:
@@ -218,7 +218,7 @@ def sweep_capacity(
         raise UserError("give at least one capacity factor")
     for c in factors:
         check_capacity_factor(c)
-    with step(f"Building {source.name}"):
+    with phase(log, f"Building {source.name}"):
         loaded = load(source)
     if loaded.family not in (VMOE, SWIN_MOE):
         raise UserError(f"sweep capacity needs a V-MoE or Swin-MoE model; {source.name} is {loaded.family}")
@@ -245,7 +245,7 @@ def sweep_capacity(
         loaded.module
     )
     with (
-        step(f"Unlimited capacity (C={unlimited:g}) on {count} digits"),
+        phase(log, f"Unlimited capacity (C={unlimited:g}) on {count} digits"),
         _settings(loaded, capacity_factor=unlimited),
     ):
         reference = _forward(loaded, images, batch)
@@ -257,7 +257,7 @@ def sweep_capacity(
             for bpr in (False, True):
                 label = f"C={c:g} {'BPR' if bpr else 'vanilla'}"
                 with (
-                    step(label + (", export and parity" if parity else "")),
+                    phase(log, label + (", export and parity" if parity else "")),
                     _settings(loaded, capacity_factor=c, batch_priority=bpr),
                 ):
                     run = _forward(loaded, images, batch)

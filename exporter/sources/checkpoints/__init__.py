@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from exporter.sources.checkpoints.vmoe_format import (
     resolve_prefix,
     shard_path,
 )
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FORMAT = "moe-export model"
@@ -64,12 +66,12 @@ def config_for_checkpoint(path: str | Path, *, name: str | None = None, **overri
     return infer_config(read_shapes(path), name=name, checkpoint=resolve_prefix(path).name, **overrides)
 
 
-def state_dict_for(path: str | Path, config, module=None, *, progress: Callable[[str], None] | None = None):
+def state_dict_for(path: str | Path, config, module=None):
     """The torch state dict of ``config``'s model from a vmoe checkpoint; the checkpoint's own
     architecture must be ``config``'s (one line naming the first difference otherwise)."""
     from exporter.sources.checkpoints.vit_moe import architecture_of, infer_architecture, to_state_dict
 
-    params, _ = read_checkpoint(path, progress=progress)
+    params, _ = read_checkpoint(path)
     arch, want = infer_architecture({k: v.shape for k, v in params.items()}), architecture_of(config)
     diff = [f for f in want if arch[f] != want[f]]
     if diff:
@@ -88,7 +90,6 @@ def load_vmoe_checkpoint(
     batch_priority: bool | None = None,
     group_images: int | None = None,
     bf16_dispatch: bool | None = None,
-    progress: Callable[[str], None] | None = None,
 ):
     """A vmoe checkpoint (its prefix or ``.index`` file) as a PyTorch model in eval mode, taking NCHW
     float32 images in [-1, 1] and returning logits. Routing settings a checkpoint does not hold come
@@ -104,7 +105,7 @@ def load_vmoe_checkpoint(
         bf16_dispatch=bf16_dispatch,
     )
     model = build_model(config, device="meta")
-    model.load_state_dict(state_dict_for(path, config, model, progress=progress), strict=True, assign=True)
+    model.load_state_dict(state_dict_for(path, config, model), strict=True, assign=True)
     return model.eval()
 
 
@@ -164,7 +165,6 @@ def import_vmoe(
     output_dir: str | Path,
     *,
     name: str | None = None,
-    progress: Callable[[str], None] | None = None,
     **overrides,
 ) -> ImportResult:
     """Converts a vmoe checkpoint into ``output_dir/{model.safetensors,config.json}``. The folder is
@@ -182,10 +182,9 @@ def import_vmoe(
     check_replaceable(out, model_dir_listing(out), "model folder")
     prefix = resolve_prefix(path)
     config = config_for_checkpoint(prefix, name=name, **overrides)
-    state = state_dict_for(prefix, config, progress=progress)
+    state = state_dict_for(prefix, config)
     check_space(out, sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20), "the model folder")
-    if progress:
-        progress(f"hashing {prefix.name}")
+    log.info(f"hashing {prefix.name}")
     source = {
         "checkpoint": str(prefix.resolve()),
         "checkpoint_sha256": checkpoint_sha256(prefix),
@@ -198,8 +197,7 @@ def import_vmoe(
         "source": source,
     }
     with temp_dir(out) as tmp:
-        if progress:
-            progress(f"writing {WEIGHTS_FILE}")
+        log.info(f"writing {WEIGHTS_FILE}")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
         meta["files"] = {WEIGHTS_FILE: file_entry(tmp / WEIGHTS_FILE)}  # with the format: what a new import replaces

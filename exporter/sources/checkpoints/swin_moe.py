@@ -20,9 +20,10 @@ experts from the checkpoint; every tensor is checked against the config, naming 
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import torch
 
 from exporter.errors import UserError, one_line
 from exporter.sources.swin_moe import SwinMoEConfig, build_swin_moe, from_yaml, matching_config
+
+log = logging.getLogger(__name__)
 
 MOE_KEY = "._moe_layer."
 EXPERTS_KEY = "._moe_layer.experts."
@@ -125,12 +128,11 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def read_checkpoint(path: str | Path, *, progress: Callable[[str], None] | None = None) -> SwinCheckpoint:
+def read_checkpoint(path: str | Path) -> SwinCheckpoint:
     """Reads per-rank files or one merged file into one state dict with every expert (tutel's gather)."""
     files = checkpoint_files(path)
     if len(files) == 1 and not is_swin_checkpoint(files[0]):
-        if progress:
-            progress(f"reading {files[0].name}")
+        log.info(f"reading {files[0].name}")
         state = load_state(files[0])
         _check_swin(state, files[0])
         return SwinCheckpoint(Path(path), files, state, 0)
@@ -140,8 +142,7 @@ def read_checkpoint(path: str | Path, *, progress: Callable[[str], None] | None 
     pieces: dict[str, list[torch.Tensor]] = {}
     first_keys = None
     for r, f in enumerate(ranks):
-        if progress:
-            progress(f"reading {f.name} ({r + 1} of {len(ranks)})")
+        log.info(f"reading {f.name} ({r + 1} of {len(ranks)})")
         state = load_state(f)
         experts = {k: v for k, v in state.items() if EXPERTS_KEY in k}
         if first_keys is None:
@@ -159,8 +160,7 @@ def read_checkpoint(path: str | Path, *, progress: Callable[[str], None] | None 
         if r == 0:  # rank files with whole state dicts: the rest comes from rank 0 (the master overrides it)
             merged.update({k: v for k, v in state.items() if EXPERTS_KEY not in k})
     if master is not None:
-        if progress:
-            progress(f"reading {master.name}")
+        log.info(f"reading {master.name}")
         merged.update(load_state(master))
     _check_swin(merged, master or ranks[0])
     checkpoint = SwinCheckpoint(_prefix(Path(path)), files, merged, len(ranks))
@@ -291,7 +291,6 @@ def load_swin_moe_checkpoint(
     k: int | None = None,
     capacity_factor: float | None = None,
     batch_priority: bool | None = None,
-    progress: Callable[[str], None] | None = None,
 ):
     """A Swin-MoE checkpoint (the prefix ``X.pth`` of per-rank files, or a merged file) as a PyTorch model
     in eval mode, taking ImageNet-normalised NCHW float32 images (``settings.SWIN_MOE_PREPROCESSING``) and
@@ -302,9 +301,8 @@ def load_swin_moe_checkpoint(
         config: Swin's YAML for the model (or a ``SwinMoEConfig`` whose experts match the checkpoint's).
         k, capacity_factor, batch_priority: Override the YAML's ``TOP_VALUE``, ``CAPACITY_FACTOR`` and
             ``USE_BPR`` (``capacity_factor`` 0: tutel's dynamic capacity; below 0: dynamic and bounded).
-        progress: Called with a line per file read.
     """
-    checkpoint = read_checkpoint(path, progress=progress)
+    checkpoint = read_checkpoint(path)
     overrides = dict(k=k, capacity_factor=capacity_factor, batch_priority=batch_priority)
     if isinstance(config, SwinMoEConfig):
         if config.num_experts != checkpoint.num_experts:
@@ -335,7 +333,6 @@ def import_swin_moe(
     output_dir: str | Path,
     *,
     name: str | None = None,
-    progress: Callable[[str], None] | None = None,
     **overrides,
 ):
     """Converts a Swin-MoE checkpoint (per-rank files or a merged file) and Swin's YAML into
@@ -354,14 +351,13 @@ def import_swin_moe(
     out = check_output(output_dir, folder=True)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
         raise UserError(f"{out} exists and is not a moe-export model folder: choose another -o")
-    read = read_checkpoint(checkpoint, progress=progress)
+    read = read_checkpoint(checkpoint)
     swin_config = config_for_checkpoint(read, config, name=name, **overrides)
     state = state_dict_for(read, swin_config)
     del read
     check_space(out, sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20), "the model folder")
     files = checkpoint_files(checkpoint)
-    if progress:
-        progress(f"hashing {len(files)} checkpoint file(s)")
+    log.info(f"hashing {len(files)} checkpoint file(s)")
     source = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_files": [f.name for f in files],
@@ -373,8 +369,7 @@ def import_swin_moe(
     meta = {"format": FORMAT, "model": swin_config.to_dict(), "preprocessing": settings.SWIN_MOE_PREPROCESSING}
     meta["source"] = source
     with temp_dir(out) as tmp:
-        if progress:
-            progress(f"writing {WEIGHTS_FILE}")
+        log.info(f"writing {WEIGHTS_FILE}")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -22,7 +22,7 @@ bounded (``settings.MAX_CHECKPOINT_*``); each shard must then hold exactly the c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,8 @@ import numpy as np
 
 from exporter import settings
 from exporter.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ARRAY_CHUNKS_KEY = "__msgpack_array_chunk_a87ca2__"
 # msgpack extension codes of flax.serialization and vmoe.checkpoints.serialization
@@ -252,9 +254,7 @@ def check_shard_sizes(prefix: Path, count: int, leaves: list[tuple[str, IndexInf
             )
 
 
-def read_checkpoint(
-    path: str | Path, *, progress: Callable[[str], None] | None = None
-) -> tuple[dict[str, np.ndarray], dict]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """All leaves of a vmoe checkpoint as ``{"Encoder/encoderblock_0/.../kernel": array}``, floating
     leaves widened to float32, and facts about it (prefix, version, shards, dtypes). Each shard must
     hold exactly the chunks the index assigns it, each once: a chunk written twice, or one never
@@ -270,8 +270,7 @@ def read_checkpoint(
     arrays = [np.zeros(info.shape, _storage_dtype(info.dtype)) for _, info in leaves]
     for shard in range(count):
         file = shard_path(prefix, shard, count)
-        if progress:
-            progress(f"reading {file.name} ({shard + 1}/{count})")
+        log.info(f"reading {file.name} ({shard + 1}/{count})")
         if not file.is_file():
             raise UserError(f"vmoe checkpoint shard {file} is missing")
         try:

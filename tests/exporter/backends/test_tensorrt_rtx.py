@@ -5,6 +5,7 @@ report, and the one-line refusals. Running an engine needs an RTX GPU (``rtx_gpu
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -75,12 +76,13 @@ def _kernels(engine: bytes) -> list[dict]:
 
 @needs_rtx
 @pytest.mark.parametrize("name, group", [("vmoe-tiny", 8), ("soft-moe-tiny", 1)])
-def test_plugin_graph_builds_with_a_plugin_layer_and_kernel_per_node(plugin_graphs, name, group, tmp_path):
+def test_plugin_graph_builds_with_a_plugin_layer_and_kernel_per_node(plugin_graphs, name, group, tmp_path, caplog):
     _, graph = plugin_graphs[name]
     engine = tmp_path / "e.engine"
-    progress = []
     options = EngineOptions(max_batch=2 * group)  # a profile over one and two groups: the batch axis is dynamic
-    build = build_engine(graph, engine, "sm_89", options, batch_multiple=group, progress=progress.append)
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        build = build_engine(graph, engine, "sm_89", options, batch_multiple=group)
+    progress = [r.getMessage() for r in caplog.records]
     assert build.plugin_layers == build.expected_plugins == plugin_nodes(graph)
     assert sum(build.plugin_layers.values()) == 6 and build.target == "sm_89" and build.fp32_layers is None
     assert build.size_bytes == engine.stat().st_size > 0 and any("Building engine" in p for p in progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from PIL import Image
 
@@ -10,7 +11,7 @@ from exporter.commands.demo import routing_picture
 from exporter.tools.demo import demo
 
 
-def test_demo_exports_rewrites_and_validates_each_model(tmp_path, monkeypatch):
+def test_demo_exports_rewrites_and_validates_each_model(tmp_path, monkeypatch, caplog):
     import exporter.deploy.bundle as bundle_module
 
     def again(*args, **kwargs):
@@ -18,16 +19,10 @@ def test_demo_exports_rewrites_and_validates_each_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bundle_module, "export_onnx", again)
     monkeypatch.setattr(bundle_module, "rewrite_onnx", again)
-    seen = []
-    runs = demo(
-        tmp_path,
-        runs=(("soft-moe-tiny", {}),),
-        started=lambda n, o: seen.append(n),
-        done=seen.append,
-        picture=routing_picture,
-    )
-    (run,) = runs
-    assert seen == ["soft-moe-tiny", run] and run.passed
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        (run,) = demo(tmp_path, runs=(("soft-moe-tiny", {}),), picture=routing_picture)
+    starts = [r.moe_message for r in caplog.records if getattr(r, "moe_phase", None) == "start"]
+    assert starts[0] == "soft-moe-tiny" and run.passed  # each model a logged phase, yielded when done
     assert run.rewrite.counts == {"SoftRoute": 2, "SoftDispatch": 2, "SoftCombine": 2}
     for name in ("soft-moe-tiny.onnx", "soft-moe-tiny.plugins.onnx"):
         assert (tmp_path / name).is_file()
