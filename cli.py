@@ -96,11 +96,13 @@ class _Cli(click.Group):
                 _drop_stdout()
                 click.echo("error: the report could not be written: stdout's reader closed the pipe", err=True)
                 ctx.exit(EXIT_USAGE)
+            from exporter.commands.console import as_options  # the library names arguments; the CLI, options
+
             if (user_error := wrapped_user_error(e)) is not None:
-                click.echo(f"error: {user_error}", err=True)
+                click.echo(f"error: {as_options(str(user_error), ctx)}", err=True)
                 ctx.exit(EXIT_USAGE)
             if isinstance(e, CheckFailed):
-                click.echo(f"FAILED: {e}", err=True)
+                click.echo(f"FAILED: {as_options(str(e), ctx)}", err=True)
                 ctx.exit(EXIT_CHECK_FAILED)
             if (reason := environment_failure(e)) is not None:
                 click.echo(f"error: {reason}", err=True)

@@ -82,3 +82,63 @@ def test_command_bodies_are_short():
             if lines > 25:
                 long.append(f"{path.name}:{node.name}: {lines} lines")
     assert not long, long
+
+
+# Documents a bundle carries (its README, the Triton repository's how-to): their command lines are for a
+# shell on the target, not messages of the library.
+DOCUMENTS = {"exporter/deploy/readme.py", "exporter/deploy/triton_repo.py"}
+
+
+def _cli_flags() -> set[str]:
+    import click
+
+    from cli import main
+
+    flags, ctx = set(), click.Context(main)
+
+    def walk(command: click.Command) -> None:
+        for param in command.params:
+            flags.update(o for o in (*param.opts, *getattr(param, "secondary_opts", ())) if o.startswith("--"))
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                walk(command.get_command(ctx, name))
+
+    walk(main)
+    return flags - {"--help", "--version"}
+
+
+def _messages(path: Path):
+    """Every string literal of a module but its docstrings (f-strings by their literal parts)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_the_library_speaks_of_arguments_and_only_commands_of_flags():
+    """A library error or note names the function's arguments (`output_dir`, `precision=int8`); the CLI
+    shows them as its options (exporter.commands.console.as_options). No module outside
+    exporter/commands imports it or names one of the CLI's flags in a message."""
+    import re
+
+    flags = _cli_flags()
+    assert {"--routing-outputs", "--verify-key", "--no-bf16-dispatch", "--onnx"} <= flags  # the walk found them
+    library = [p for p in sorted((ROOT / "exporter").rglob("*.py")) if "commands" not in p.relative_to(ROOT).parts]
+    named, imported = [], []
+    for path in library:
+        where = str(path.relative_to(ROOT))
+        imported += [f"{where}:{line}" for line, module, _ in _imports(path) if module.startswith("exporter.commands")]
+        if where in DOCUMENTS:
+            continue
+        for line, text in _messages(path):
+            named += [f"{where}:{line}: {m}" for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text) if m in flags]
+    assert not imported, imported
+    assert not named, "\n".join(named)

@@ -40,9 +40,11 @@ def bench(choice, batch, warmup, runs, backends, threads, json_out):
       moe-export bench --model vmoe-s32-last2-e8 --batch 8
       moe-export bench --model soft-moe-tiny --backends torch-eager,onnxruntime-cpu --runs 20 --json -
     """
+    from exporter.commands.choice import resolve
     from exporter.tools.bench import bench as run_bench
 
-    report = run_bench(choice, batch=batch, warmup=warmup, runs=runs, backends=backends, threads=threads)
+    source, batch = resolve(choice), choice.batch if batch is None else batch
+    report = run_bench(source, batch=batch, warmup=warmup, runs=runs, backends=backends, threads=threads)
     emit(report, _print_bench, json_out)
 
 

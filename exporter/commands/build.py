@@ -18,7 +18,7 @@ from exporter.commands.options import (
     verify_key_option,
 )
 from exporter.commands.render import print_bundle, print_notes, print_report
-from exporter.errors import CheckFailed
+from exporter.errors import CheckFailed, UserError
 
 BACKENDS = ("tensorrt", "tensorrt-rtx")
 
@@ -70,13 +70,14 @@ def build_bundle(choice, output_dir, targets, batch, input_seed, precision, sign
       moe-export build bundle --model vmoe-s32-last2-e8 --precision fp16 --target sm_87 -o vmoe-orin
       moe-export build bundle --model vmoe-tiny --sign-key signing.key -o tiny-bundle
     """
+    from exporter.commands.choice import resolve
     from exporter.deploy.bundle import ParityFailed
     from exporter.deploy.bundle import build_bundle as run_build
 
     targets = target_list(targets) if targets is not None else None
     try:
         result = run_build(
-            choice,
+            resolve(choice),
             output_dir,
             targets=targets,
             batch=batch,
@@ -182,23 +183,39 @@ def build_engine(
     from exporter.backends.tensorrt import EngineOptions
     from exporter.deploy.engines import build_engine_for
 
-    run = build_engine_for(
-        source_path,
-        choice,
-        output_dir=output_dir,
-        options=EngineOptions(precision=precision, **profile),
-        portable=portable,
-        targets=targets,
-        backend=backend,
-        triton_repo=triton_repo,
-        bundle_written=print_bundle if json_out != "-" else lambda _: None,
-        verify_key=verify_key,
-        trust_module=trust_module,
-    )
+    options = EngineOptions(precision=precision, **profile)
+    request = dict(options=options, targets=targets, backend=backend, triton_repo=triton_repo, verify_key=verify_key)
+    written = None
+    if choice.model or choice.module:  # the bundle first, shown before the engine (kept if TensorRT is absent)
+        written = _bundle_first(choice, source_path, output_dir, precision, json_out, request)
+        source_path = output_dir
+    elif not source_path:
+        raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
+    run = build_engine_for(source_path, output_dir=output_dir, portable=portable, trust_module=trust_module, **request)
+    run.bundle = written if written is not None else run.bundle
     emit(run, _print_engine if backend == "tensorrt" else _print_rtx, json_out)
     if not run.passed:
         where = run.built.bundle if backend == "tensorrt" else run.folder
         raise CheckFailed(f"the engine in {where} does not match PyTorch (see the table above)")
+
+
+def _bundle_first(choice, source_path, output_dir, precision, json_out, request: dict):
+    """``build engine --model/--module``: the request checked, then the bundle written and shown."""
+    if source_path:
+        raise UserError("give a bundle folder or --model/--module, not both")
+    if not output_dir:
+        raise UserError("give -o DIR: the bundle folder to write")
+    from exporter.commands.choice import resolve
+    from exporter.deploy.bundle import build_bundle as write_bundle
+    from exporter.deploy.engines import check_engine_request
+
+    model = resolve(choice)
+    check_engine_request(model, output_dir=output_dir, **request)
+    precision = precision or settings.DEFAULT_PRECISION
+    written = write_bundle(model, output_dir, targets=request["targets"], precision=precision)
+    if json_out != "-":
+        print_bundle(written)
+    return written
 
 
 def _checked_targets(backend: str, targets: str | None) -> list | None:

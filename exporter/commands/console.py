@@ -9,12 +9,75 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import sys
 
 import click
 
 from exporter.errors import UserError
 from exporter.progress import MESSAGE, PHASE, ROOT, SECONDS
+
+# --- the library names its arguments; the CLI shows its options --------------------------------------
+
+_ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def _options(ctx: click.Context | None) -> dict[str, click.Option]:
+    """Every option the CLI has, by parameter name and by long flag (``capacity_factors`` for
+    ``--capacity-factors``): the running command's first, then every other command's."""
+    found: dict[str, click.Option] = {}
+
+    def add(command: click.Command, sub_ctx: click.Context) -> None:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for key in (param.name, *(o.lstrip("-").replace("-", "_") for o in param.opts if o.startswith("--"))):
+                    found.setdefault(key, param)
+        if isinstance(command, click.Group):
+            for name in command.list_commands(sub_ctx):
+                if (sub := command.get_command(sub_ctx, name)) is not None:
+                    add(sub, sub_ctx)
+
+    if ctx is not None:
+        add(ctx.command, ctx)
+        root = ctx.find_root()
+        add(root.command, root)
+    return found
+
+
+def as_options(text: str, ctx: click.Context | None = None) -> str:
+    """A library message in the CLI's words: an argument it names in backticks (`name`, `name=value`)
+    becomes the option that sets it (``--name``, ``--name value``; a flag ``--name``, or ``--no-name``
+    for ``=False``). What no option sets stays as written."""
+    if "`" not in text:
+        return text
+    options = _options(ctx or click.get_current_context(silent=True))
+
+    def option(match: re.Match) -> str:
+        name, value = match.groups()
+        param = options.get(name)
+        if param is None:
+            return match.group(0)
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value in (None, "True"):
+                return flag
+            if value == "False" and param.secondary_opts:
+                return max(param.secondary_opts, key=len)
+            return match.group(0)
+        return flag if value is None else f"{flag} {value}"
+
+    return _ARGUMENT.sub(option, text)
+
+
+def _in_cli_words(data):
+    """``as_options`` over every string of a JSON report."""
+    if isinstance(data, str):
+        return as_options(data)
+    if isinstance(data, dict):
+        return {k: _in_cli_words(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_in_cli_words(v) for v in data]
+    return data
 
 
 def escape(text: str) -> str:
@@ -61,9 +124,9 @@ class ProgressHandler(logging.Handler):
             elif kind in ("end", "abort"):
                 self._finish(getattr(record, MESSAGE), getattr(record, SECONDS, None))
             elif record.levelno >= logging.WARNING:
-                self.out.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", soft_wrap=True)
+                self.out.print(f"[yellow]warning:[/yellow] {escape(as_options(record.getMessage()))}", soft_wrap=True)
             else:
-                self.out.print(f"[dim]  {escape(record.getMessage())}[/dim]")
+                self.out.print(f"[dim]  {escape(as_options(record.getMessage()))}[/dim]")
         except Exception:  # a closed stderr must not turn progress into a failure
             self.handleError(record)
 
@@ -138,4 +201,4 @@ def emit(result, printer, json_out: str | None, data=None) -> None:
     if json_out != "-":
         printer(result)
     if json_out:
-        write_json_out(json_out, result.to_dict() if data is None else data)
+        write_json_out(json_out, _in_cli_words(result.to_dict() if data is None else data))

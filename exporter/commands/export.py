@@ -38,11 +38,13 @@ def export(choice, output, opset, routing_outputs, precision, routing_precision,
       moe-export export --model vmoe-s32-last2-e8 --precision fp16 --routing-outputs -o s32.fp16.onnx
       moe-export export --model vmoe-tiny --precision int8 --calibration images/ --routing-outputs -o tiny.int8.onnx
     """
+    from exporter.commands.choice import resolve
     from exporter.export.export import export_model
 
     result = export_model(
-        choice,
+        resolve(choice),
         output,
+        example_batch=choice.batch,
         opset=opset,
         routing_outputs=routing_outputs,
         precision=precision,

@@ -16,6 +16,7 @@ from exporter.commands.options import (
     trust_option,
 )
 from exporter.commands.render import print_notes
+from exporter.errors import UserError
 
 
 @click.group("inspect")
@@ -51,17 +52,29 @@ def inspect_routing(choice, image, sample, factors, graph, slots, output, trust_
       moe-export inspect routing --model soft-moe-tiny --image digit.png --slots 0,1,2 -o soft.png
       moe-export inspect routing --onnx tiny.onnx --sample 3 -o deployed.png
     """
+    from exporter.commands.choice import resolve
     from exporter.tools.inspect_routing import inspect_routing as draw
 
+    capacity_factors = floats(factors, "--capacity-factors") if factors else None
+    if choice.capacity_factor is not None:
+        if capacity_factors is not None:
+            raise UserError("give --capacity-factors (the columns) or --capacity-factor (one column), not both")
+        if graph is None:  # one column
+            capacity_factors, choice = [choice.capacity_factor], choice.replace(capacity_factor=None)
+    recorded = None
+    if graph and not (choice.model or choice.module):  # the model the graph records, changed by the options
+        from exporter.formats.graph import read_header
+        from exporter.parity.parity import recorded_source
+
+        recorded = recorded_source(graph, read_header(graph), trust_module=trust_module)
     picture = draw(
-        choice,
+        resolve(choice, recorded),
         output,
         image=image,
         sample=sample,
-        capacity_factors=floats(factors, "--capacity-factors") if factors else None,
+        capacity_factors=capacity_factors,
         graph=graph,
         slots=indices(slots, "--slots") if slots else None,
-        trust_module=trust_module,
     )
     emit(picture, _print_picture, json_out)
 

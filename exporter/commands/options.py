@@ -13,8 +13,8 @@ import math
 import click
 
 from exporter import settings
+from exporter.commands.choice import ROUTING_FIELDS, ModelChoice
 from exporter.errors import UserError
-from exporter.sources.choice import ROUTING_FIELDS, ModelChoice
 
 # --- option types: every number is checked when the options are parsed -----------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from exporter.commands.console import console, escape
+from exporter.commands.console import as_options, console, escape
 
 # --- the parity table -------------------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ def print_report(report) -> None:
             "buffer slots (tied priorities ordered differently); outputs are unaffected"
         )
     for note in report.notes:
-        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+        out.print(f"[yellow]note:[/yellow] {escape(as_options(note))}")
     out.print(f"{mark(report.passed)} ({report.seconds:.1f}s)")
 
 
@@ -143,7 +143,7 @@ def _print_rounding(out, r, rtol: float) -> None:
 def print_notes(notes) -> None:
     out = console()
     for note in notes:  # one line each, however long: a note names files and lines to find
-        out.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        out.print(f"[yellow]note:[/yellow] {escape(as_options(note))}", soft_wrap=True)
 
 
 # --- reports more than one command prints --------------------------------------------------------
@@ -166,7 +166,7 @@ def print_quantization(q: dict) -> None:
     for layer, tokens in q["expert_tokens"].items():
         out.print(escape(f"  {layer}: calibration tokens per expert {', '.join(map(str, tokens))}"))
     for warning in q["warnings"]:
-        out.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        out.print(f"[yellow]warning:[/yellow] {escape(as_options(warning))}", soft_wrap=True)
 
 
 def print_export(result) -> None:

@@ -36,9 +36,12 @@ def sweep_capacity(choice, factors, parity, images, output, json_out):
     Example:
       moe-export sweep capacity --model vmoe-tiny --checkpoint samples/02_digits/vmoe_digits.safetensors -o sweep.png
     """
+    from exporter.commands.choice import resolve
     from exporter.tools.sweep import sweep_capacity as run_sweep
 
-    report = run_sweep(choice, capacity_factors=floats(factors, "--factors"), parity=parity, images=images, plot=output)
+    report = run_sweep(
+        resolve(choice), capacity_factors=floats(factors, "--factors"), parity=parity, images=images, plot=output
+    )
     emit(report, lambda r: _print_sweep(r, output), json_out)
     if not report.parity_passed:
         raise CheckFailed("the exported graph does not match PyTorch at some capacity factors (see the table)")

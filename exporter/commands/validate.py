@@ -48,6 +48,7 @@ _FP32 = settings.TOLERANCES["fp32"]
 )
 @click.option(
     "--min-routing-agreement",
+    "routing_agreement",
     type=SHARE,
     help="Smallest share of (token, choice) pairs with identical routing decisions, per layer. "
     f"Default: the precision's ({_FP32.routing_agreement:g} for FP32).",
@@ -63,7 +64,7 @@ def validate(
     inputs_npz,
     input_seed,
     rtol,
-    min_routing_agreement,
+    routing_agreement,
     verify_key,
     trust_module,
     json_out,
@@ -83,17 +84,22 @@ def validate(
       moe-export validate vmoe-bundle --verify-key signing.key.pub
       moe-export validate model.engine --onnx model.plugins.onnx --batch 16
     """
+    import functools
+
+    from exporter.commands.choice import resolve
     from exporter.parity.validate import validate as run_validate
 
+    named = choice.model or choice.module  # else the model the graph records, changed by the options given
     report = run_validate(
         graph,
-        choice,
+        resolve(choice) if named else None,
+        changes=functools.partial(resolve, choice) if choice.given and not named else None,
         engine_graph=engine_graph,
-        batch=batch,
+        batch=choice.batch if batch is None else batch,
         seed=input_seed,
         inputs_npz=inputs_npz,
         rtol=rtol,
-        routing_agreement=min_routing_agreement,
+        routing_agreement=routing_agreement,
         trust_module=trust_module,
         verify_key=verify_key,
     )

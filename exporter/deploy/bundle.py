@@ -66,7 +66,6 @@ from exporter.parity.parity import ParityReport, onnx_parity, reference_run
 from exporter.progress import phase
 from exporter.rewrite.plan import RewriteResult
 from exporter.rewrite.rewrite import rewrite_onnx
-from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import ModelSource, load
 from exporter.versions import versions
 from plugins.aot import PER_ARCH, ptx_version_for
@@ -114,7 +113,7 @@ def bundle_source(path: str | Path) -> ModelSource:
 
 
 def build_bundle(
-    source: ModelChoice | ModelSource,
+    source: ModelSource,
     dest: str | Path,
     *,
     targets=None,
@@ -129,7 +128,7 @@ def build_bundle(
     """Model -> portable ONNX -> plugin ONNX -> CPU parity of both -> sample data, PTX, manifest, README.
 
     Args:
-        source: The model: a ModelSource, or the options that name it (``ModelChoice``).
+        source: The model (``exporter.from_zoo``, ``from_module``, ...).
         dest: The bundle folder. An existing bundle there is replaced if it holds only its own files; any
             other non-empty folder, the working folder and its parents are refused (``check_replaceable``).
         targets: CUDA architectures to precompile the plugin kernels for (87 = Orin, 90 = Hopper);
@@ -155,15 +154,14 @@ def build_bundle(
     """
     start = time.perf_counter()
     check_precision(precision)
-    source = as_source(source)
     dest = check_output(dest, folder=True)
     arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
     check_quantized_targets(precision, arches, "a bundle")
     if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
         raise UserError(
-            f"build bundle does not make {precision} bundles yet (no --calibration here; their plugin kernels are "
-            f"untested): export --precision {precision} --calibration FILE.npz|DIR, rewrite it, and build its graph "
-            "(build engine GRAPH.onnx --backend tensorrt-rtx --target sm_89)"
+            f"build bundle does not make {precision} bundles yet (no `calibration` here; their plugin kernels are "
+            f"untested): export `precision={precision}` `calibration=FILE.npz|DIR`, rewrite it, and build its graph "
+            "(build engine GRAPH.onnx `backend=tensorrt-rtx` `target=sm_89`)"
         )
     ptx_version = PER_ARCH if ptx_version is None else ptx_version
     try:
@@ -275,7 +273,7 @@ def _take_graphs(
     routing = routing_layers(headers[0]) or not vmoe_layers(headers[0])
     if export.opset != opset or precision_of(headers[0])[0] != precision or not routing:
         raise UserError(
-            f"{paths[0]} is not a bundle's graph: export it at opset {opset} in {precision} with --routing-outputs"
+            f"{paths[0]} is not a bundle's graph: export it at opset {opset} in {precision} with `routing_outputs=True`"
         )
     for path, header in zip(paths, headers):
         recorded = metadata(header).get(SOURCE_KEY)

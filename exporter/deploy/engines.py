@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,12 +32,12 @@ from exporter.formats.bundle import (
 )
 from exporter.formats.graph import ROUTING_PREFIX, batch_multiple, read_header
 from exporter.progress import phase
-from exporter.sources.choice import ModelChoice
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # parity imports torch: only once TensorRT is known to be here (a refusal is instant)
     from exporter.parity.parity import ParityReport
+    from exporter.sources.loading import ModelSource
 
 
 @dataclass
@@ -345,9 +344,54 @@ def build_bundle_rtx_engines(
     return built
 
 
+def _is_model(source) -> bool:
+    """A ModelSource rather than a path (to a bundle or a graph)."""
+    return source is not None and not isinstance(source, str | Path)
+
+
+def check_engine_request(
+    source: str | Path | ModelSource | None,
+    *,
+    output_dir: str | Path | None = None,
+    options=None,
+    targets=None,
+    backend: str = "tensorrt",
+    triton_repo: str | Path | None = None,
+    verify_key: str | Path | None = None,
+):
+    """Everything ``build_engine_for`` checks before any work (the profile, the backend and its targets,
+    what to build from and where to), one line each; returns the options to use."""
+    from exporter.backends.tensorrt import EngineOptions
+
+    options = options or EngineOptions()
+    options.check()
+    if backend not in ("tensorrt", RTX_BACKEND):
+        raise UserError(f"unknown backend {backend!r}; known: tensorrt, {RTX_BACKEND}")
+    if backend == RTX_BACKEND:
+        from exporter.backends.tensorrt_rtx import check_targets
+
+        check_targets(targets)  # an RTX target or one line, before any work
+        if triton_repo:
+            raise UserError("`triton_repo` serves TensorRT engines; TensorRT for RTX engines are for RTX applications")
+    model = _is_model(source)
+    if triton_repo and source and not model and not is_bundle(source):
+        raise UserError("`triton_repo` needs a bundle (its manifest names the inputs and outputs)")
+    if verify_key is not None and not (source and not model and is_bundle(source)):
+        raise UserError("`verify_key` checks a bundle's signature: give the bundle folder")
+    if model and not output_dir:
+        raise UserError("give `output_dir`: the bundle folder to write")
+    if source is None:
+        raise UserError("give a bundle folder, an exported .onnx or a model (`source`)")
+    if not model and not is_bundle(source):
+        if Path(source).suffix != ".onnx":
+            raise UserError(f"{source} is neither a moe-export bundle nor an .onnx file")
+        if not output_dir:
+            raise UserError("give `output_dir`: the folder for the engine")
+    return options
+
+
 def build_engine_for(
-    source_path: str | Path | None = None,
-    model: ModelChoice = ModelChoice(),
+    source: str | Path | ModelSource | None,
     *,
     output_dir: str | Path | None = None,
     options=None,
@@ -355,66 +399,50 @@ def build_engine_for(
     targets=None,
     backend: str = "tensorrt",
     triton_repo: str | Path | None = None,
-    bundle_written: Callable[[object], None] = lambda result: None,
     verify_key: str | Path | None = None,
     trust_module: bool = False,
 ) -> EngineRun:
     """What ``moe-export build engine`` does, from a bundle folder, an exported .onnx (the engine goes
-    to ``output_dir``) or a model (``model`` names one: the bundle is written to ``output_dir`` first,
-    on CPU, and ``bundle_written`` is called with it). With ``triton_repo``, an engine that passed
-    parity also gets a Triton Inference Server entry. ``verify_key`` (a bundle): its Ed25519
-    signature is checked first. ``trust_module`` (an .onnx): the user module it records may be imported.
+    to ``output_dir``) or a model (a ``ModelSource``: its bundle is written to ``output_dir`` first, on
+    CPU, and returned as the run's ``bundle``). With ``triton_repo``, an engine that passed parity also
+    gets a Triton Inference Server entry. ``verify_key`` (a bundle): its Ed25519 signature is checked
+    first. ``trust_module`` (an .onnx): the user module it records may be imported.
     ``backend="tensorrt-rtx"`` builds one TensorRT for RTX engine per target instead (``targets``: the
     RTX GPUs, which the bundle written first precompiles its kernels for too) and returns ``RTXEngines``.
+    Everything is checked first (``check_engine_request``).
 
     Raises:
         TensorRTUnavailable: no TensorRT or GPU here; a bundle written first is kept and complete.
     """
-    from exporter.backends.tensorrt import EngineOptions, TensorRTUnavailable
+    from exporter.backends.tensorrt import TensorRTUnavailable
 
-    options = options or EngineOptions()
-    options.check()
+    options = check_engine_request(
+        source,
+        output_dir=output_dir,
+        options=options,
+        targets=targets,
+        backend=backend,
+        triton_repo=triton_repo,
+        verify_key=verify_key,
+    )
     rtx = backend == RTX_BACKEND
-    if backend not in ("tensorrt", RTX_BACKEND):
-        raise UserError(f"unknown backend {backend!r}; known: tensorrt, {RTX_BACKEND}")
-    if rtx:
-        from exporter.backends.tensorrt_rtx import check_targets
-
-        check_targets(targets)  # an RTX target or one line, before any work
-        if triton_repo:
-            raise UserError("--triton-repo serves TensorRT engines; TensorRT for RTX engines are for RTX applications")
-    if triton_repo and source_path and not is_bundle(source_path):
-        raise UserError("--triton-repo needs a bundle (its manifest names the inputs and outputs)")
     written, notes = None, []
-    if verify_key is not None and not (source_path and is_bundle(source_path)):
-        raise UserError("--verify-key checks a bundle's signature: give the bundle folder")
-    if model.model or model.module:
-        if source_path:
-            raise UserError("give a bundle folder or --model/--module, not both")
-        if not output_dir:
-            raise UserError("give -o DIR: the bundle folder to write")
+    if _is_model(source):
         from exporter.deploy.bundle import build_bundle
 
         precision = options.precision or settings.DEFAULT_PRECISION
-        written = build_bundle(model, output_dir, targets=targets, precision=precision)
-        bundle_written(written)
+        written = build_bundle(source, output_dir, targets=targets, precision=precision)
         bundle = Path(output_dir)
-    elif source_path and is_bundle(source_path):
-        bundle = Path(source_path)
+    elif is_bundle(source):
+        bundle = Path(source)
         _, notes = open_bundle(bundle, verify_key)  # the signature, every file, what is unlisted
         if output_dir and Path(output_dir).resolve() != bundle.resolve():
             bundle = copy_bundle(bundle, output_dir)  # the listed files only, links never followed
-    elif source_path and Path(source_path).suffix == ".onnx":
-        if not output_dir:
-            raise UserError("give -o DIR: the folder for the engine")
-        if rtx:
-            group = batch_multiple(read_header(source_path))
-            return build_rtx_engines(source_path, output_dir, targets, options, batch_multiple=group)
-        return EngineRun(build_onnx_engine(source_path, output_dir, options, trust_module=trust_module))
-    elif source_path:
-        raise UserError(f"{source_path} is neither a moe-export bundle nor an .onnx file")
+    elif rtx:  # an exported .onnx
+        group = batch_multiple(read_header(source))
+        return build_rtx_engines(source, output_dir, targets, options, batch_multiple=group)
     else:
-        raise UserError("give a bundle folder, or --model NAME / --module FILE.py:FACTORY with -o DIR")
+        return EngineRun(build_onnx_engine(source, output_dir, options, trust_module=trust_module))
     if rtx:
         built = build_bundle_rtx_engines(bundle, targets, options, portable=portable)
         built.bundle = written

@@ -30,7 +30,7 @@ def parse_targets(targets) -> list[int]:
     for t in targets:
         text = str(t).lower().removeprefix("sm_").removesuffix("a")
         if not text.isdigit() or not 50 <= int(text) <= 200:
-            raise UserError(f"--target {t!r} is not a CUDA architecture like sm_87 or 90")
+            raise UserError(f"`target={t!r}` is not a CUDA architecture like sm_87 or 90")
         out.append(int(text))
     for arch in out:
         if arch >= 100 and (reason := target_unsupported(arch)):

@@ -45,7 +45,6 @@ from exporter.formats.graph import (
 from exporter.models.capture import capture_routing, flatten_outputs, run_with_routing
 from exporter.models.vmoe import vmoe_layers
 from exporter.progress import phase
-from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
 
@@ -151,17 +150,40 @@ def _value_info(values) -> dict[str, list]:
     return out
 
 
-def export_onnx(
-    loaded: LoadedModel,
-    dest: str | Path,
-    *,
-    opset: int = settings.DEFAULT_OPSET,
-    routing_outputs: bool = False,
-    example_batch: int | None = None,
-    precision: str = settings.DEFAULT_PRECISION,
-    routing_precision: str = "fp32",
-    calibration: str | Path | None = None,
-) -> ExportResult:
+@dataclass(frozen=True)
+class ExportOptions:
+    """The settings of one export, checked once and handed to each phase (as Torch-TensorRT's
+    ``CompilationSettings`` are): ``export_onnx``, ``export_model`` and ``build_bundle`` take them as
+    keyword arguments and build this."""
+
+    opset: int = settings.DEFAULT_OPSET
+    routing_outputs: bool = False
+    example_batch: int | None = None
+    precision: str = settings.DEFAULT_PRECISION
+    routing_precision: str = "fp32"
+    calibration: str | Path | None = None
+
+    def check(self) -> ExportOptions:
+        if self.opset < settings.MIN_OPSET:
+            raise UserError(f"opset must be at least {settings.MIN_OPSET}, got {self.opset}")
+        check_precision(self.precision, self.routing_precision)
+        return self
+
+
+@dataclass
+class _Traced:
+    """What tracing gave: the ONNX program, the torch.export program (an FP16/BF16 graph is compared by
+    its FP32 trace), the output names, the V-MoE layers, the two batches traced and the notes."""
+
+    program: object
+    exported: object
+    layers: list[str]
+    batch: int
+    second: int
+    notes: list[str]
+
+
+def export_onnx(loaded: LoadedModel, dest: str | Path, **options) -> ExportResult:
     """Exports a loaded model to ``dest`` atomically and checks the result.
 
     Args:
@@ -169,108 +191,39 @@ def export_onnx(
         dest: The .onnx file to write (weights over 2 GB go to ``<dest>.data`` beside it).
         opset: ONNX opset, at least 18.
         routing_outputs: Also output each V-MoE layer's expert index, kept mask and buffer slot.
-        example_batch: Images in the tracing example (the N of ``--input-shape``, recorded in the graph
-            for validate); defaults to ``settings.EXPORT_EXAMPLE_GROUPS`` routing groups (one would let
-            torch.export fix the batch).
+        example_batch: Images in the tracing example (the N of an input shape N,C,H,W, recorded in the
+            graph for validate); defaults to ``settings.EXPORT_EXAMPLE_GROUPS`` routing groups (one would
+            let torch.export fix the batch).
         precision: ``fp32``, or ``fp16``/``bf16``: tokens, weights and experts in that type, the routing
-            in FP32 (``exporter.export.precision``); the input and outputs stay FP32.
+            in FP32 (``exporter.export.precision``); ``int8``/``fp8``/``w8``/``w4``: quantized
+            (``exporter.export.quantize``); the input and outputs stay FP32.
         routing_precision: ``fp32`` (pinned), or ``reduced``: the routing in the reduced type too, to
             measure what pinning buys.
         calibration: ``int8``/``fp8``: an .npz of the graph's input or a folder of images to take the
-            activations' scales over (``exporter.export.quantize``); seeded random images without it.
+            activations' scales over; seeded random images without it.
     """
-    if opset < settings.MIN_OPSET:
-        raise UserError(f"opset must be at least {settings.MIN_OPSET}, got {opset}")
-    check_precision(precision, routing_precision)
+    opts = ExportOptions(**options).check()
     dest = check_output(dest)
-    model, multiple = loaded.module, loaded.batch_multiple
-    calibration_images, calibration_note = _calibration(loaded, precision, calibration)  # bad input: before tracing
-    check_space(dest, graph_bytes(model), f"the export of {loaded.source.name}")
-    batch = example_batch or settings.EXPORT_EXAMPLE_GROUPS * multiple
-    check_batch(batch, loaded)
-    generator = torch.Generator().manual_seed(settings.EXPORT_EXAMPLE_SEED)
-    images = torch.randn((batch, *loaded.source.input_shape), generator=generator)
-
-    if loaded.source.kind == "zoo":  # the config fixes the input shape and the outputs
-        names, layers = ["logits"], list(loaded.routing_layers)
-    else:
-        with phase(log, "Checking the model runs on the input shape"):
-            outputs, routing = run_with_routing(model, images)
-        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-        layers = list(routing)
-    if routing_outputs:
-        names += [n for layer in layers for n in routing_output_names(layer)]
-
+    calibration = _calibration(loaded, opts.precision, opts.calibration)  # bad input: before tracing
+    check_space(dest, graph_bytes(loaded.module), f"the export of {loaded.source.name}")
     start = time.perf_counter()
-    second = _second_batch(batch, multiple)
-    with phase(log, "Tracing to ONNX (torch.export + torch.onnx)"):
-        probes = [images, torch.randn((second, *loaded.source.input_shape), generator=generator)]
-        exposing = routing_outputs and bool(layers)  # (only moe-export's own layers name their decisions)
-        program, exported, notes = _torch_export(
-            model, probes, multiple, opset, names, exposing, user_code=loaded.source.kind == "module"
-        )
-    _name_folded_weights(program.model.graph)
-    _strip_build_machine_metadata(program.model)
-    converted, quantized = PrecisionResult(precision, routing_precision), None
-    if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
-        from exporter.export.quantize import quantize
-        from exporter.models.soft_moe import soft_moe_layers
-
-        tutel = tutel_layer_settings(model)  # Swin-MoE: its routers stay FP32 too
-
-        images = calibration_images
-        what = "expert weights only" if images is None else f"calibrating on {len(images)} images"
-        with phase(log, f"Quantizing to {precision} ({what})"):
-            quantized = quantize(
-                program.model,
-                precision,
-                moe_layers=[n for n, _ in vmoe_layers(model)] + [n for n, _ in soft_moe_layers(model)] + list(tutel),
-                images=calibration_images,
-                calibration=calibration_note,
-                batch=max(settings.CALIBRATION_CHUNK_IMAGES // multiple, 1) * multiple,
-            )
-        opset = program.model.graph.opset_imports[""]
-    elif precision != "fp32":  # before the routing outputs are named: they are integers either way
-        with phase(
-            log, f"Converting to {precision} (routing in {'FP32' if routing_precision == 'fp32' else precision})"
-        ):
-            converted = reduce_precision(
-                program.model, precision, routing=routing_precision, vmoe_layers=[n for n, _ in vmoe_layers(model)]
-            )
-    program.model.metadata_props[PRECISION_KEY] = json.dumps({"precision": precision, "routing": routing_precision})
-    program.model.metadata_props[SOURCE_KEY] = loaded.source.relative_to(dest.parent).to_json()
-    program.model.metadata_props[ROUTING_LAYERS_KEY] = json.dumps(layers if routing_outputs else [])
-    program.model.metadata_props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
-    if tutel := tutel_layer_settings(model):
-        program.model.metadata_props[TUTEL_LAYERS_KEY] = json.dumps(tutel)
-    program.model.metadata_props[PREPROCESSING_KEY] = loaded.source.preprocessing
-    if example_batch is not None:  # the user's N: validate runs it too
-        program.model.metadata_props[BATCH_KEY] = str(batch)
-    program.model.producer_name, program.model.producer_version = "moe-export", package_version("moe-export") or ""
-
-    with phase(log, f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
-        path = tmp / dest.name
-        program.save(str(path))
-        del program
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise RuntimeError(f"the exported graph fails onnx.checker: {e}") from e
-        proto = onnx.load(str(path), load_external_data=False)
-        dynamic = not isinstance(input_dims(image_input(proto))[0], int)
-        # the graph against PyTorch at the traced batch and (dynamic) a second one: never written as right
-        batches = [batch, second] if dynamic else [batch]
-        if loaded.source.kind == "zoo" and dynamic:
-            batches = [second]  # moe-export's own models: the smallest batch, where a fixed size would show
-        with phase(log, f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
-            trace = exported if precision != "fp32" else None  # an FP16/BF16 graph is compared by its FP32 trace
-            checked = check_graph(path, model, loaded.source.input_shape, batches, batch, trace=trace)
-        del exported
+    traced = _trace(loaded, opts)
+    converted, quantized, opset = _convert(traced.program.model, loaded, opts, calibration)
+    _record(traced.program.model, loaded, opts, traced, dest)
+    proto, dynamic, checked = _write_and_check(traced, loaded, opts, dest)
     seconds = time.perf_counter() - start
     rtx_parse = None
     if rtx_available() is None:  # the real parser's word beside the allow-list's
         with phase(log, "Parsing with TensorRT for RTX"):
             rtx_parse = parse_structure(dest).to_dict()
+    ignored = (
+        [
+            f"`routing_outputs=True` is ignored: {loaded.source.name} has no layer of moe-export's V-MoE class (a "
+            "Soft-MoE routes by weights; another author's top-k layer does not name its decisions)"
+        ]
+        if opts.routing_outputs and not traced.layers
+        else []
+    )
     return ExportResult(
         path=dest,
         seconds=seconds,
@@ -278,28 +231,118 @@ def export_onnx(
         inputs=_value_info(proto.graph.input),
         outputs=_value_info(proto.graph.output),
         op_counts=dict(sorted(op_histogram(proto).items())),
-        routing_layers=layers if routing_outputs else [],
+        routing_layers=traced.layers if opts.routing_outputs else [],
         findings=check_portable(proto),
         dynamic_batch=dynamic,
-        precision=precision,
-        routing_precision=routing_precision,
+        precision=opts.precision,
+        routing_precision=opts.routing_precision,
         casts=converted.casts,
         fp32_nodes=converted.fp32_nodes,
         overflows=converted.overflows,
         size_bytes=sum(f.stat().st_size for f in (dest, dest.with_name(dest.name + ".data")) if f.exists()),
-        notes=notes
-        + (
-            [
-                f"--routing-outputs is ignored: {loaded.source.name} has no layer of moe-export's V-MoE class (a "
-                "Soft-MoE routes by weights; another author's top-k layer does not name its decisions)"
-            ]
-            if routing_outputs and not layers
-            else []
-        ),
+        notes=traced.notes + ignored,
         checked=checked,
         quantization=None if quantized is None else dataclasses.asdict(quantized),
         rtx_parse=rtx_parse,
     )
+
+
+def _trace(loaded: LoadedModel, opts: ExportOptions) -> _Traced:
+    """The example images, the output names, then torch.export and torch.onnx at two batches."""
+    model, multiple = loaded.module, loaded.batch_multiple
+    batch = opts.example_batch or settings.EXPORT_EXAMPLE_GROUPS * multiple
+    check_batch(batch, loaded)
+    generator = torch.Generator().manual_seed(settings.EXPORT_EXAMPLE_SEED)
+    images = torch.randn((batch, *loaded.source.input_shape), generator=generator)
+    if loaded.source.kind == "zoo":  # the config fixes the input shape and the outputs
+        names, layers = ["logits"], list(loaded.routing_layers)
+    else:
+        with phase(log, "Checking the model runs on the input shape"):
+            outputs, routing = run_with_routing(model, images)
+        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        layers = list(routing)
+    if opts.routing_outputs:
+        names += [n for layer in layers for n in routing_output_names(layer)]
+    second = _second_batch(batch, multiple)
+    with phase(log, "Tracing to ONNX (torch.export + torch.onnx)"):
+        probes = [images, torch.randn((second, *loaded.source.input_shape), generator=generator)]
+        exposing = opts.routing_outputs and bool(layers)  # (only moe-export's own layers name their decisions)
+        program, exported, notes = _torch_export(
+            model, probes, multiple, opts.opset, names, exposing, user_code=loaded.source.kind == "module"
+        )
+    _name_folded_weights(program.model.graph)
+    _strip_build_machine_metadata(program.model)
+    return _Traced(program, exported, layers, batch, second, notes)
+
+
+def _convert(model_ir, loaded: LoadedModel, opts: ExportOptions, calibration: tuple):
+    """The precision pass: quantized (int8, fp8, w8, w4) or reduced (fp16, bf16), the routing in FP32;
+    ``(PrecisionResult, QuantizeResult or None, the opset now: quantizing may raise it)``. Runs before
+    the routing outputs are named: they are integers either way."""
+    precision, routing, model = opts.precision, opts.routing_precision, loaded.module
+    converted, quantized = PrecisionResult(precision, routing), None
+    if precision in settings.QUANTIZED_PRECISIONS + settings.WEIGHT_ONLY_PRECISIONS:
+        from exporter.export.quantize import quantize
+        from exporter.models.soft_moe import soft_moe_layers
+
+        tutel = tutel_layer_settings(model)  # Swin-MoE: its routers stay FP32 too
+        images, note = calibration
+        what = "expert weights only" if images is None else f"calibrating on {len(images)} images"
+        multiple = loaded.batch_multiple
+        with phase(log, f"Quantizing to {precision} ({what})"):
+            quantized = quantize(
+                model_ir,
+                precision,
+                moe_layers=[n for n, _ in vmoe_layers(model)] + [n for n, _ in soft_moe_layers(model)] + list(tutel),
+                images=images,
+                calibration=note,
+                batch=max(settings.CALIBRATION_CHUNK_IMAGES // multiple, 1) * multiple,
+            )
+    elif precision != "fp32":
+        with phase(log, f"Converting to {precision} (routing in {'FP32' if routing == 'fp32' else precision})"):
+            converted = reduce_precision(
+                model_ir, precision, routing=routing, vmoe_layers=[n for n, _ in vmoe_layers(model)]
+            )
+    return converted, quantized, model_ir.graph.opset_imports[""] if quantized is not None else opts.opset
+
+
+def _record(model_ir, loaded: LoadedModel, opts: ExportOptions, traced: _Traced, dest: Path) -> None:
+    """What the graph records for validate, rewrite and the bundle (``exporter.formats.graph``'s keys)."""
+    model, props = loaded.module, model_ir.metadata_props
+    props[PRECISION_KEY] = json.dumps({"precision": opts.precision, "routing": opts.routing_precision})
+    props[SOURCE_KEY] = loaded.source.relative_to(dest.parent).to_json()
+    props[ROUTING_LAYERS_KEY] = json.dumps(traced.layers if opts.routing_outputs else [])
+    props[VMOE_LAYERS_KEY] = json.dumps(vmoe_layer_settings(model))
+    if tutel := tutel_layer_settings(model):
+        props[TUTEL_LAYERS_KEY] = json.dumps(tutel)
+    props[PREPROCESSING_KEY] = loaded.source.preprocessing
+    if opts.example_batch is not None:  # the user's N: validate runs it too
+        props[BATCH_KEY] = str(traced.batch)
+    model_ir.producer_name, model_ir.producer_version = "moe-export", package_version("moe-export") or ""
+
+
+def _write_and_check(traced: _Traced, loaded: LoadedModel, opts: ExportOptions, dest: Path):
+    """Writes the graph atomically after onnx.checker and a run against PyTorch at the traced batch and
+    (dynamic) a second one: a graph that differs is never written as right. ``(proto, dynamic, checked)``."""
+    with phase(log, f"Writing and checking {dest.name}"), atomic_dir(dest) as tmp:
+        path = tmp / dest.name
+        traced.program.save(str(path))
+        traced.program = None
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise RuntimeError(f"the exported graph fails onnx.checker: {e}") from e
+        proto = onnx.load(str(path), load_external_data=False)
+        dynamic = not isinstance(input_dims(image_input(proto))[0], int)
+        batches = [traced.batch, traced.second] if dynamic else [traced.batch]
+        if loaded.source.kind == "zoo" and dynamic:
+            batches = [traced.second]  # moe-export's own models: the smallest batch, where a fixed size would show
+        with phase(log, f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
+            trace = traced.exported if opts.precision != "fp32" else None
+            shape = loaded.source.input_shape
+            checked = check_graph(path, loaded.module, shape, batches, traced.batch, trace=trace)
+        traced.exported = None
+    return proto, dynamic, checked
 
 
 def _calibration(loaded: LoadedModel, precision: str, calibration) -> tuple:
@@ -311,7 +354,7 @@ def _calibration(loaded: LoadedModel, precision: str, calibration) -> tuple:
         if calibration is not None:
             why = "quantizes weights only" if precision in settings.WEIGHT_ONLY_PRECISIONS else "has no scales"
             raise UserError(
-                f"--calibration applies to --precision {' and '.join(settings.QUANTIZED_PRECISIONS)} only "
+                f"`calibration` applies to `precision` {' and '.join(settings.QUANTIZED_PRECISIONS)} only "
                 f"({precision} {why})"
             )
         return None, ""
@@ -320,8 +363,8 @@ def _calibration(loaded: LoadedModel, precision: str, calibration) -> tuple:
         count = settings.CALIBRATION_DEFAULT_GROUPS * multiple if multiple > 1 else settings.CALIBRATION_DEFAULT_IMAGES
         images = np.random.default_rng(settings.DEFAULT_SEED).standard_normal((count, *shape), dtype=np.float32)
         return images, (
-            f"no --calibration: {count} seeded N(0, 1) images, the inputs validate checks with by default, not real "
-            "ones (give --calibration FILE.npz|DIR for scales that fit real images)"
+            f"no `calibration`: {count} seeded N(0, 1) images, the inputs validate checks with by default, not real "
+            "ones (give `calibration=FILE.npz|DIR` for scales that fit real images)"
         )
     images = calibration_images(calibration, INPUT_NAME, shape, normalization=loaded.source.normalization)
     images = whole_groups(images, multiple, str(calibration))
@@ -329,21 +372,21 @@ def _calibration(loaded: LoadedModel, precision: str, calibration) -> tuple:
 
 
 def export_model(
-    model: ModelChoice | ModelSource,
+    source: ModelSource,
     dest: str | Path,
     *,
+    example_batch: int | None = None,
     opset: int = settings.DEFAULT_OPSET,
     routing_outputs: bool = False,
     precision: str = settings.DEFAULT_PRECISION,
     routing_precision: str = "fp32",
     calibration: str | Path | None = None,
 ) -> ExportResult:
-    """Builds a model (a zoo name, a model folder, a user module, a checkpoint) and exports it:
-    what ``moe-export export`` does. See ``export_onnx`` for the arguments."""
-    check_precision(precision, routing_precision)
+    """Builds a model (a zoo name, a model folder, a user module, a checkpoint: ``exporter.from_zoo``,
+    ``from_module``, ...) and exports it: what ``moe-export export`` does. See ``export_onnx`` for the
+    arguments."""
+    ExportOptions(opset, routing_outputs, example_batch, precision, routing_precision, calibration).check()
     check_output(dest)
-    source = as_source(model)
-    example_batch = model.batch if isinstance(model, ModelChoice) else None
     with phase(log, f"Building {source.name}"):
         loaded = load(source)
     return export_onnx(

@@ -88,14 +88,14 @@ def check_precision(precision: str, routing: str = "fp32") -> None:
     if routing not in ROUTING_PRECISIONS:
         raise UserError(f"routing precision must be one of {', '.join(ROUTING_PRECISIONS)}, got {routing!r}")
     if precision not in settings.REDUCED_PRECISIONS and routing != "fp32":
-        raise UserError("--routing-precision reduced needs --precision fp16 or bf16")
+        raise UserError("`routing_precision=reduced` needs `precision` fp16 or bf16")
 
 
 def check_quantized_targets(precision: str, arches, what: str) -> None:
     """FP8 needs sm_89 or newer (Ada, Hopper, Blackwell, Thor): a user error naming a target without it."""
     older = [a for a in arches if a < settings.FP8_MIN_TARGET]
     if precision == "fp8" and older:
-        orin = " (Jetson Orin has no FP8: use --precision int8)" if 87 in older else ""
+        orin = " (Jetson Orin has no FP8: use `precision=int8`)" if 87 in older else ""
         raise UserError(
             f"{what} in fp8 cannot target sm_{older[0]}: FP8 needs sm_{settings.FP8_MIN_TARGET} or newer{orin}"
         )

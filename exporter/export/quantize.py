@@ -415,7 +415,7 @@ def quantize(
     ranges = _Ranges()
     if not weight_only:
         if images is None or not len(images):
-            raise UserError(f"--precision {precision} needs calibration images")
+            raise UserError(f"`precision={precision}` needs calibration images")
         fixed = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else None
         if isinstance(fixed, int):  # a model that fixes its batch: runs of exactly that many images
             images, batch = whole_groups(images, fixed, calibration or "the calibration images"), fixed

@@ -211,7 +211,7 @@ def verify_bundle(bundle: str | Path, key: str | Path, manifest: dict | None = N
     manifest = manifest or read_manifest(bundle)
     signature = manifest.get("signature")
     if signature is None:
-        raise UserError(f"{bundle} is not signed: --verify-key takes only a bundle built with --sign-key")
+        raise UserError(f"{bundle} is not signed: `verify_key` takes only a bundle built with `sign_key`")
     if _kind(bundle, SIGNATURE) != "file":
         raise UserError(f"{bundle / SIGNATURE} is missing or not a file: the bundle's signature was removed")
     verify(signed_payload(manifest), (bundle / SIGNATURE).read_bytes(), key, signature["public_key_sha256"],
@@ -233,7 +233,7 @@ def open_bundle(bundle: str | Path, verify_key: str | Path | None = None) -> tup
         notes.append(f"signature verified: {SIGNATURE_ALGORITHM}, key {signature['public_key_sha256'][:16]}...")
         notes += [f"{n} was added on this target, not signed" for n in sorted(local_files(manifest))]
     elif signature is not None:
-        notes.append("the bundle is signed: pass --verify-key PUBLIC_KEY to check its signature")
+        notes.append("the bundle is signed: pass `verify_key=PUBLIC_KEY` to check its signature")
     if extra := unlisted(bundle, manifest):
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
         notes.append(f"not in the manifest, so neither used nor copied: {', '.join(extra[:5])}{more}")
@@ -311,7 +311,7 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
             raise UserError(
                 f"{path} has no engine yet: build it with `moe-export build engine {path}` where TensorRT and a GPU "
                 f"are; on this machine, check its graphs on CPU against PyTorch on its sample images with "
-                f"`moe-export validate {path / PLUGINS} --inputs {path / INPUTS_JSON}` (or {PORTABLE})"
+                f"`moe-export validate {path / PLUGINS}` with `inputs_npz={path / INPUTS_JSON}` (or {PORTABLE})"
             )
         engine = path / ENGINE
     elif path.is_file():
@@ -322,7 +322,7 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
     if graph is None and manifest is not None and engine.name == ENGINE:
         graph = folder / built.get("graph", PLUGINS)
     if graph is None:
-        raise UserError(f"give --onnx GRAPH: the ONNX graph {engine.name} was built from")
+        raise UserError(f"give `engine_graph=GRAPH`: the ONNX graph {engine.name} was built from")
     inputs = folder / INPUTS_NPZ if manifest is not None else None
     return engine, Path(graph), inputs, built.get("precision")
 

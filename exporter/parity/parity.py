@@ -128,15 +128,17 @@ def recorded_source(graph_path: str | Path, header: onnx.ModelProto, *, trust_mo
     saying what the graph records and how to run it; reading a graph never runs the code it names."""
     text = metadata(header).get(SOURCE_KEY)
     if text is None:
-        raise UserError(f"{graph_path} does not say which model it was exported from; pass --model or --module")
+        raise UserError(
+            f"{graph_path} does not say which model it was exported from; name the model (`model` or `module`)"
+        )
     source = ModelSource.from_json(text, f"{graph_path}'s metadata {SOURCE_KEY}").anchored(Path(graph_path).parent)
     if source.kind == "module" and not trust_module:
         shape = ",".join(map(str, source.input_shape))
-        weights = f" --checkpoint {source.checkpoint}" if source.checkpoint else ""
+        weights = f" `checkpoint={source.checkpoint}`" if source.checkpoint else ""
         raise UserError(
             f"{graph_path} records the user module {source.spec}, which moe-export does not import on a graph's "
-            f"word (that would run its code): name it, --module {source.spec} --input-shape {shape}{weights}, or "
-            "pass --trust-module if you trust the graph and that file"
+            f"word (that would run its code): name it, `module={source.spec}` `input_shape={shape}`{weights}, or "
+            "pass `trust_module` if you trust the graph and that file"
         )
     return source
 
@@ -441,7 +443,7 @@ def compare_to_reference(
         status, checked = ROUTING_NONE, []
     elif not exposed:
         status, checked = ROUTING_NOT_EXPOSED, []
-        notes.append("routing not compared: export with --routing-outputs to check routing decisions")
+        notes.append("routing not compared: export with `routing_outputs=True` to check routing decisions")
     else:
         status = ROUTING_CHECKED
         missing = sorted(set(routing) - set(exposed))
@@ -523,7 +525,7 @@ def onnx_parity(
         if config is not None and config.bf16_dispatch:
             report.notes.append(
                 f"{reference.model} rounds its expert inputs and outputs to bfloat16 (bf16 dispatch) and the "
-                "graph rounds nothing: export it with --bf16-dispatch, or validate with --no-bf16-dispatch"
+                "graph rounds nothing: export it with `bf16_dispatch=True`, or validate with `bf16_dispatch=False`"
             )
         return report
     with phase(log, "Running PyTorch again, rounding to bfloat16 as the graph did where float32 noise decides"):
@@ -535,7 +537,7 @@ def onnx_parity(
     if len(found) != len(roundings) or None in found:
         report.notes.append(
             f"the graph rounds {len(roundings)} tensors to bfloat16 and the model {len(found)}, not the same ones: "
-            "was the graph exported from this model with the same --bf16-dispatch?"
+            "was the graph exported from this model with the same `bf16_dispatch`?"
         )
         return report
     rerun = dataclasses.replace(reference, outputs=outputs, routing=routing, routers=routers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -23,7 +24,6 @@ from exporter.parity.parity import (
     reference_run,
     stored_reference,
 )
-from exporter.sources.choice import ModelChoice, resolve
 from exporter.sources.loading import ModelSource
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 
 def validate(
     target: str | Path,
-    choice: ModelChoice = ModelChoice(),
+    source: ModelSource | None = None,
     *,
+    changes: Callable[[ModelSource], ModelSource] | None = None,
     engine_graph: str | Path | None = None,
     batch: int | None = None,
     seed: int = settings.DEFAULT_SEED,
@@ -49,24 +50,23 @@ def validate(
     ``target`` is an .onnx file (run with ONNX Runtime on CPU), an engine file (with ``engine_graph``,
     the ONNX graph it was built from, or beside a bundle manifest) or a bundle folder (its engine on
     its sample inputs against the PyTorch outputs the bundle stores: no model code needed). The model
-    is the one the graph records, changed by whatever ``choice`` gives; so is the batch (``batch``, else
-    the N of ``choice``'s input shape, else the N export was given: ``formats.graph.recorded_batch``,
-    else one routing group). ``rtol`` and
+    is ``source``, else the one the graph records, passed through ``changes`` when given (other
+    routing settings, weights or seed: the CLI's model options); the batch is ``batch``, else the N
+    export was given (``formats.graph.recorded_batch``), else one routing group. ``rtol`` and
     ``routing_agreement`` override the tolerances of the precision (an ONNX graph's as its metadata
     records it; an engine's as its bundle records it). A user module the graph records is imported only
-    with ``trust_module`` (or when ``choice`` names it): a graph is data, never code to run. With
+    with ``trust_module`` (or when ``source`` names it): a graph is data, never code to run. With
     ``verify_key`` (an Ed25519 public key file), a bundle's signature is checked first.
     """
     target = Path(target)
-    batch = choice.batch if batch is None else batch
     if not (target.is_dir() or target.suffix in ENGINE_SUFFIXES):
         if engine_graph:
-            raise UserError("--onnx applies to engine files; GRAPH is already an ONNX graph")
+            raise UserError("`engine_graph` applies to engine files; the target is already an ONNX graph")
         if verify_key:
-            raise UserError("--verify-key checks a bundle's signature: give the bundle folder (or its engine)")
+            raise UserError("`verify_key` checks a bundle's signature: give the bundle folder (or its engine)")
         header = read_header(target)
         batch = batch if batch is not None or inputs_npz else recorded_batch(header)
-        source, notes = _source(choice, target, header, trust_module)
+        source, notes = _source(source, changes, target, header, trust_module)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         report = validate_onnx(
             target,
@@ -81,14 +81,15 @@ def validate(
         return _note_ignored(report, routing_agreement)
     folder = target if target.is_dir() else target.parent
     if not is_bundle(folder) and verify_key:
-        raise UserError(f"--verify-key checks a bundle's signature; {folder} holds no bundle manifest")
+        raise UserError(f"`verify_key` checks a bundle's signature; {folder} holds no bundle manifest")
     _, notes = open_bundle(folder, verify_key) if is_bundle(folder) else (None, [])
     engine, graph, sample, engine_precision = resolve_engine(target, engine_graph)
     use_sample = sample is not None and batch is None and inputs_npz is None
     # A bundle's own samples and stored PyTorch outputs need no model (nor its checkpoint) on the target
-    reference = stored_reference(sample.parent) if use_sample and not choice.given else None
+    given = source is not None or changes is not None
+    reference = stored_reference(sample.parent) if use_sample and not given else None
     source, seed_notes = (
-        (None, []) if reference is not None else _source(choice, graph, read_header(graph), trust_module)
+        (None, []) if reference is not None else _source(source, changes, graph, read_header(graph), trust_module)
     )
     report = validate_engine(
         engine,
@@ -107,23 +108,26 @@ def validate(
 def _note_ignored(report: ParityReport, routing_agreement: float | None) -> ParityReport:
     if routing_agreement is not None and not report.routing:
         report.notes.append(
-            f"--min-routing-agreement is ignored: no routing decisions were compared ({report.routing_status})"
+            f"`min_routing_agreement` is ignored: no routing decisions were compared ({report.routing_status})"
         )
     return report
 
 
 def _source(
-    choice: ModelChoice, graph: Path, header: onnx.ModelProto, trust_module: bool
+    source: ModelSource | None, changes, graph: Path, header: onnx.ModelProto, trust_module: bool
 ) -> tuple[ModelSource, list[str]]:
-    """The model a choice names, starting from the one the graph records unless it names another;
-    and a note when ``--seed`` is not the seed the graph records (saying which one is used)."""
-    if choice.model or choice.module:
-        return resolve(choice), []
-    recorded = recorded_source(graph, header, trust_module=trust_module)
-    source = resolve(choice, recorded)
-    if choice.seed is None or choice.seed == recorded.seed:
+    """``source``, else the model the graph records passed through ``changes``; and a note when its
+    seed is not the seed the graph records (saying which one is used)."""
+    if source is not None:
         return source, []
-    used = f"--seed {choice.seed} is used, not the seed {recorded.seed} {graph.name} records"
+    recorded = recorded_source(graph, header, trust_module=trust_module)
+    if changes is None:
+        recorded.verify_checkpoint()  # still the weights it was exported with
+        return recorded, []
+    source = changes(recorded)
+    if source.seed == recorded.seed:
+        return source, []
+    used = f"`seed={source.seed}` is used, not the seed {recorded.seed} {graph.name} records"
     if source.checkpoint:
         return source, [f"{used}; it changes nothing here: the weights come from {source.checkpoint}"]
     return source, [f"{used}: PyTorch's random weights are not the ones the graph was exported with"]

@@ -67,7 +67,7 @@ def plan_rewrite(
     if routing_precision != "fp32":
         raise UserError(
             f"{path} computes its routing in {graph_precision}: the moe:: route plugins take FP32 router outputs; "
-            "export with --routing-precision fp32 (the default) to rewrite it"
+            "export with `routing_precision=fp32` (the default) to rewrite it"
         )
     with quiet_graphsurgeon():
         graph = gs.import_onnx(proto)

@@ -94,7 +94,7 @@ class ModelSource:
         if now != self.checkpoint_sha256:
             raise UserError(
                 f"checkpoint {self.checkpoint} has changed since the export (SHA-256 {self.checkpoint_sha256[:12]}... "
-                f"recorded, {now[:12]}... now); pass --checkpoint to compare against these weights anyway"
+                f"recorded, {now[:12]}... now); pass `checkpoint` to compare against these weights anyway"
             )
 
     @classmethod
@@ -217,9 +217,9 @@ def from_module(
     spec: str, *, input_shape: tuple[int, ...] | None, seed: int = settings.DEFAULT_SEED, checkpoint: str | None = None
 ) -> ModelSource:
     if ":" not in spec:
-        raise UserError(f"--module {spec!r} must look like path/to/file.py:factory or package.module:factory")
+        raise UserError(f"`module={spec!r}` must look like path/to/file.py:factory or package.module:factory")
     if input_shape is None:
-        raise UserError("a user module needs --input-shape, e.g. --input-shape 8,3,224,224")
+        raise UserError("a user module needs `input_shape`, e.g. `input_shape=8,3,224,224`")
     _, image_shape = split_shape(input_shape)
     return ModelSource("module", spec, tuple(image_shape), None, seed, *checkpoint_info(checkpoint))
 
@@ -291,7 +291,7 @@ def _load_state_dict(module: nn.Module, path: str, config: ModelConfig | SwinMoE
     if is_vmoe_checkpoint(path):
         if config is None:
             raise UserError(
-                f"{path} is a vmoe checkpoint: it loads into a zoo model or by itself (--checkpoint without --module)"
+                f"{path} is a vmoe checkpoint: it loads into a zoo model or by itself (`checkpoint` without `module`)"
             )
         module.load_state_dict(state_dict_for(path, config, module), strict=True)
         return

@@ -32,7 +32,6 @@ from exporter.compare import max_rel_err
 from exporter.errors import UserError, one_line
 from exporter.formats.graph import image_input, read_header
 from exporter.progress import phase
-from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
 
@@ -230,7 +229,7 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def bench(
-    source: ModelChoice | ModelSource,
+    source: ModelSource,
     *,
     batch: int | None = None,
     warmup: int = settings.BENCH_WARMUP,
@@ -243,7 +242,7 @@ def bench(
     """Times one model on each backend and compares its first output with PyTorch eager.
 
     Args:
-        source: The model: a ModelSource, or the options that name it (``ModelChoice``).
+        source: The model (``exporter.from_zoo``, ``from_module``, ...).
         batch: Images per run, a multiple of the routing group; default ``settings.default_batch``.
         warmup: Untimed runs per backend before the timed ones.
         runs: Timed runs per backend.
@@ -254,8 +253,6 @@ def bench(
         seed: Seed of the random input images.
     """
     names = parse_backends(backends) if isinstance(backends, str) else check_backends(backends)
-    batch = source.batch if batch is None and isinstance(source, ModelChoice) else batch
-    source = as_source(source)
     if warmup < 0 or runs < 1:
         raise UserError(f"need warmup >= 0 and runs >= 1, got warmup {warmup} and runs {runs}")
     threads = threads or os.cpu_count() or 1

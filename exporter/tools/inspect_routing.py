@@ -47,9 +47,7 @@ from exporter.models.soft_moe import SoftMoEMlp, SoftRouter
 from exporter.models.swin_moe import SwinBlock, swin_moe_layers
 from exporter.models.swin_moe import routing_settings as swin_routing_settings
 from exporter.models.vmoe import routing_settings, vmoe_layers
-from exporter.parity.parity import recorded_source
 from exporter.progress import phase
-from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.digits import REFERENCE_NORMALIZATION, image_file, load_split, to_display
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SOFT_MOE, SWIN_MOE, VMOE
@@ -233,7 +231,7 @@ def patch_grid(tokens: int, image_size: int) -> tuple[int, int, int]:
 
 
 def inspect_routing(
-    source: ModelChoice | ModelSource,
+    source: ModelSource,
     dest: str | Path,
     *,
     image: str | None = None,
@@ -242,37 +240,24 @@ def inspect_routing(
     graph: str | Path | None = None,
     slots: Sequence[int] | None = None,
     dpi: int = settings.FIGURE_DPI,
-    trust_module: bool = False,
 ) -> RoutingPicture:
     """Draws the routing of one image to a PNG at ``dest`` (written atomically).
 
     Args:
-        source: The model (its weights and routing config): a ModelSource, or the options that name
-            it (``ModelChoice``; with ``graph`` and no model named, the model the graph records).
+        source: The model (its weights and routing config); with ``graph``, typically the model the
+            graph records (``exporter.parity.parity.recorded_source``).
         dest: The PNG to write.
         image: A PNG/JPEG file, resized to the model's input; or
         sample: an index into the digits test split (``exporter.sources.digits``); sample 0 by default.
         capacity_factors: V-MoE columns, each vanilla and BPR, routing the image in a group of its own;
-            default the choice's one ``capacity_factor`` if it gives one, else
-            ``settings.INSPECT_CAPACITY_FACTORS``.
+            default ``settings.INSPECT_CAPACITY_FACTORS``.
         graph: V-MoE: picture the routing outputs of this exported graph next to PyTorch's routing of
             the same config, instead of the capacity factors.
         slots: Soft-MoE: the slots to picture (``expert * p + slot``); default the ``INSPECT_SLOTS``
             slots with the most concentrated dispatch, per layer.
         dpi: Pixels per inch of the PNG.
-        trust_module: With ``graph``: import the user module it records (``recorded_source``).
     """
     check_output(dest)
-    if isinstance(source, ModelChoice):
-        if source.capacity_factor is not None and capacity_factors is not None:
-            raise UserError("give --capacity-factors (the columns) or --capacity-factor (one column), not both")
-        if source.capacity_factor is not None and graph is None:
-            capacity_factors, source = [source.capacity_factor], source.replace(capacity_factor=None)
-        named = source.model or source.module
-        recorded = (
-            recorded_source(graph, read_header(graph), trust_module=trust_module) if graph and not named else None
-        )
-        source = as_source(source, recorded)
     with phase(log, f"Building {source.name}"):
         loaded = load(source)
     images, where = pictured_image(

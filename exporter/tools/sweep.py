@@ -34,7 +34,6 @@ from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting, check_capacity_factor
 from exporter.models.vmoe import routing_settings, unlimited_capacity_factor, vmoe_layers
 from exporter.progress import phase
-from exporter.sources.choice import ModelChoice, as_source
 from exporter.sources.digits import NUM_CLASSES, accuracy, load_split
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SWIN_MOE, VMOE
@@ -186,7 +185,7 @@ def _parity(loaded: LoadedModel, images: torch.Tensor, run: _Run, folder: Path, 
 
 
 def sweep_capacity(
-    source: ModelChoice | ModelSource,
+    source: ModelSource,
     *,
     capacity_factors: Sequence[float] = settings.SWEEP_CAPACITY_FACTORS,
     parity: bool = True,
@@ -207,12 +206,8 @@ def sweep_capacity(
     start = time.perf_counter()
     if plot is not None:
         check_output(plot)
-    if isinstance(source, ModelChoice):
-        if source.capacity_factor is not None or source.batch_priority is not None:
-            raise UserError("the sweep sets --capacity-factor and --batch-priority itself; use --factors")
-        source = as_source(source)
     if images is not None and images < 1:
-        raise UserError(f"--images must be at least 1, got {images}")
+        raise UserError(f"`images` must be at least 1, got {images}")
     factors = sorted({float(c) for c in capacity_factors})
     if not factors:
         raise UserError("give at least one capacity factor")

@@ -16,7 +16,7 @@ from exporter.backends.tensorrt import EngineOptions, TensorRTUnavailable, tenso
 from exporter.backends.tensorrt_rtx import rtx_available
 from exporter.deploy.engines import build_engine_for
 from exporter.errors import UserError
-from exporter.sources.choice import ModelChoice
+from exporter.sources.loading import from_zoo
 
 NO_TENSORRT = tensorrt_available() is not None
 
@@ -24,10 +24,10 @@ NO_TENSORRT = tensorrt_available() is not None
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(), "give a bundle folder, or --model NAME"),
-        (dict(model=ModelChoice(model="soft-moe-tiny")), "give -o DIR: the bundle folder to write"),
-        (dict(source_path="x.onnx"), "give -o DIR: the folder for the engine"),
-        (dict(source_path="README.md"), "neither a moe-export bundle nor an .onnx file"),
+        (dict(source=None), "give a bundle folder, an exported .onnx or a model"),
+        (dict(source=from_zoo("soft-moe-tiny")), "give `output_dir`: the bundle folder to write"),
+        (dict(source="x.onnx"), "give `output_dir`: the folder for the engine"),
+        (dict(source="README.md"), "neither a moe-export bundle nor an .onnx file"),
     ],
 )
 def test_what_to_build_from_is_checked_first(kwargs, message):
@@ -37,9 +37,13 @@ def test_what_to_build_from_is_checked_first(kwargs, message):
 
 def test_bundle_and_model_together_are_refused(bundled):
     _, _, folder = bundled("soft-moe-tiny")
-    with pytest.raises(UserError, match="not both"):
-        build_engine_for(folder, ModelChoice(model="soft-moe-tiny"), output_dir=folder)
-    with pytest.raises(UserError, match="--triton-repo needs a bundle"):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    both = CliRunner().invoke(main, ["build", "engine", str(folder), "--model", "soft-moe-tiny", "-o", str(folder)])
+    assert both.exit_code == 2 and "not both" in both.output  # the command resolves --model/--module
+    with pytest.raises(UserError, match="`triton_repo` needs a bundle"):
         build_engine_for("x.onnx", triton_repo="repo")
 
 

@@ -86,12 +86,12 @@ def test_folded_linear_weights_keep_their_parameter_names(exported):
 
 
 def test_export_model_is_what_the_export_command_runs(tmp_path):
+    from exporter.commands.choice import ModelChoice, resolve
     from exporter.export.export import export_model
     from exporter.formats.graph import metadata
-    from exporter.sources.choice import ModelChoice
 
     choice = ModelChoice(model="vmoe-tiny", capacity_factor=0.5, batch_priority=True)
-    result = export_model(choice, tmp_path / "t.onnx", routing_outputs=True)
+    result = export_model(resolve(choice), tmp_path / "t.onnx", routing_outputs=True)
     recorded = ModelSource.from_json(metadata(onnx.load(str(result.path), load_external_data=False))[METADATA_KEY])
     assert recorded == from_zoo("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
     assert result.routing_layers == ["blocks.1.mlp", "blocks.3.mlp"] and not result.findings
@@ -116,8 +116,8 @@ def test_a_fixed_batch_keeps_the_reshapes_a_matmul_needs(tmp_path):
     import torch
 
     from exporter.backends.onnxruntime import run_onnxruntime
+    from exporter.commands.choice import ModelChoice, resolve
     from exporter.export.export import export_model
-    from exporter.sources.choice import ModelChoice
 
     (tmp_path / "fixed.py").write_text(
         "import torch\n"
@@ -135,7 +135,7 @@ def test_a_fixed_batch_keeps_the_reshapes_a_matmul_needs(tmp_path):
         "    return Gated().eval()\n"
     )
     choice = ModelChoice(module=f"{tmp_path / 'fixed.py'}:build", input_shape="2,3,16,16")
-    result = export_model(choice, tmp_path / "f.onnx")
+    result = export_model(resolve(choice), tmp_path / "f.onnx", example_batch=choice.batch)
     assert not result.dynamic_batch
     images = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     got = run_onnxruntime(result.path, {"images": images})

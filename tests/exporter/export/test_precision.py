@@ -148,11 +148,11 @@ def test_a_weight_both_sides_read_is_kept_once_per_type():
 def test_bad_precision_arguments_are_user_errors():
     with pytest.raises(UserError, match="precision must be one of"):
         check_precision("int4")
-    with pytest.raises(UserError, match="--routing-precision reduced needs --precision fp16 or bf16"):
+    with pytest.raises(UserError, match="`routing_precision=reduced` needs `precision` fp16 or bf16"):
         check_precision("int8", "reduced")  # a quantized graph's routing is FP32 always
     with pytest.raises(UserError, match="routing precision must be one of"):
         check_precision("fp16", "fp8")
-    with pytest.raises(UserError, match="--routing-precision reduced needs --precision fp16 or bf16"):
+    with pytest.raises(UserError, match="`routing_precision=reduced` needs `precision` fp16 or bf16"):
         check_precision("fp32", "reduced")
 
 

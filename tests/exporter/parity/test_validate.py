@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from functools import partial
 
 import pytest
 
 from exporter import settings
 from exporter.backends.tensorrt import TensorRTUnavailable, tensorrt_available
+from exporter.commands.choice import ModelChoice, resolve
 from exporter.errors import UserError
 from exporter.formats.bundle import file_entry
 from exporter.parity.validate import validate
-from exporter.sources.choice import ModelChoice
 
 NO_TENSORRT = tensorrt_available() is not None
 
@@ -29,9 +30,9 @@ def test_an_onnx_graph_against_the_model_it_records(exported):
 
 def test_choice_overrides_the_recorded_model_and_fails_honestly(exported):
     _, result = exported("vmoe-tiny", capacity_factor=0.5, batch_priority=True)
-    other = validate(result.path, ModelChoice(capacity_factor=4.0))  # PyTorch now keeps every token
+    other = validate(result.path, changes=partial(resolve, ModelChoice(capacity_factor=4.0)))  # every token kept
     assert not other.passed and any(r.dropped_expected == 0 < r.dropped_actual for r in other.routing)
-    assert validate(result.path, ModelChoice(seed=1)).passed is False  # other random weights
+    assert validate(result.path, changes=partial(resolve, ModelChoice(seed=1))).passed is False  # other weights
 
 
 def test_tolerance_overrides_replace_only_what_is_given(exported):
@@ -43,7 +44,7 @@ def test_tolerance_overrides_replace_only_what_is_given(exported):
 
 def test_onnx_option_is_for_engines(exported):
     _, result = exported("soft-moe-tiny")
-    with pytest.raises(UserError, match="--onnx applies to engine files"):
+    with pytest.raises(UserError, match="`engine_graph` applies to engine files"):
         validate(result.path, engine_graph=result.path)
 
 
@@ -64,11 +65,12 @@ def test_the_batch_given_at_export_is_the_batch_validate_runs(tmp_path):
     from exporter.formats.graph import read_header, recorded_batch
 
     path = tmp_path / "four.onnx"
-    export_model(ModelChoice(model="soft-moe-tiny", input_shape="4,3,32,32"), path)
+    export_model(resolve(ModelChoice(model="soft-moe-tiny", input_shape="4,3,32,32")), path, example_batch=4)
     assert recorded_batch(read_header(path)) == 4
     assert validate(path).batch == 4
     assert validate(path, batch=3).batch == 3
-    assert validate(path, ModelChoice(input_shape="5,3,32,32")).batch == 5
+    five = ModelChoice(input_shape="5,3,32,32")  # what the command passes for --input-shape 5,3,32,32
+    assert validate(path, changes=partial(resolve, five), batch=five.batch).batch == 5
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="checks the refusal where TensorRT is absent")
@@ -87,7 +89,7 @@ def test_an_engine_needs_tensorrt_and_says_so(bundled, tmp_path):
         validate(bundle)
     alone = tmp_path / "alone.engine"  # no manifest beside it: the graph must be named
     alone.write_bytes(b"x")
-    with pytest.raises(UserError, match="give --onnx GRAPH"):
+    with pytest.raises(UserError, match="give `engine_graph=GRAPH`"):
         validate(alone)
 
 

@@ -68,7 +68,7 @@ def test_bad_factories_are_user_errors(spec, message):
 
 
 def test_module_needs_an_input_shape_and_a_factory_name():
-    with pytest.raises(UserError, match="needs --input-shape"):
+    with pytest.raises(UserError, match="needs `input_shape`"):
         from_module(f"{FIXTURES}:plain_cnn", input_shape=None)
     with pytest.raises(UserError, match="must look like"):
         from_module(FIXTURES, input_shape=(1, 3, 16, 16))

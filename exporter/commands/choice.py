@@ -1,8 +1,9 @@
 """Which model a command means: the options every model command shares, resolved in one place.
 
-``ModelChoice`` is what a user gives (a zoo name or model folder, a user module, a checkpoint, a
-seed, routing overrides); ``resolve`` turns it into a ``ModelSource``, starting from the model a
-graph records when there is one (validate, inspect routing on a graph).
+``ModelChoice`` is what a user gives on the command line (a zoo name or model folder, a user module, a
+checkpoint, a seed, routing overrides); ``resolve`` turns it into the ``ModelSource`` the library
+takes, starting from the model a graph records when there is one (validate, inspect routing on a
+graph). The library never sees a ModelChoice: its functions take a ModelSource.
 """
 
 from __future__ import annotations
@@ -124,8 +125,3 @@ def _from_checkpoint(c: ModelChoice) -> ModelSource:
     if not path.exists():
         raise UserError(f"checkpoint {c.checkpoint} does not exist")
     raise UserError(f"{c.checkpoint} holds weights only: give --model NAME or --module FILE.py:FACTORY with it")
-
-
-def as_source(model: ModelChoice | ModelSource, recorded: ModelSource | None = None) -> ModelSource:
-    """A ModelSource as is; a ModelChoice resolved (see ``resolve``)."""
-    return resolve(model, recorded) if isinstance(model, ModelChoice) else model

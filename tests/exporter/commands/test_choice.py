@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.commands.choice import ModelChoice, resolve
 from exporter.errors import UserError
-from exporter.sources.choice import ModelChoice, as_source, resolve
 from exporter.sources.loading import ModelSource, from_zoo
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -55,8 +55,3 @@ def test_a_weights_file_alone_asks_for_the_model(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(UserError, match="holds weights only"):
         resolve(ModelChoice(checkpoint=str(weights)))
-
-
-def test_as_source_passes_a_source_through():
-    source = from_zoo("soft-moe-tiny")
-    assert as_source(source) is source and as_source(ModelChoice(model="soft-moe-tiny")) == source
