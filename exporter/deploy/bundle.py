@@ -138,21 +138,73 @@ def build_bundle(
         batch: Images in the sample inputs (a multiple of the routing group); default one group.
         seed: Seed of the sample images.
         opset: ONNX opset of the export.
-        precision: ``fp32``, or ``fp16``/``bf16``: both graphs in that type with the routing in FP32
-            (``exporter.export.precision``), checked on CPU with that precision's tolerances; the
-            engine is built from them strongly typed.
+        precision: ``fp32``, ``fp16`` or ``bf16``: both graphs in it, the routing in FP32, checked on CPU
+            with its tolerances (the engine is built from them strongly typed).
         sign_key: An Ed25519 private key (PEM; ``moe-export keygen``): the manifest is signed
             (``manifest.sig``), and ``validate``/``build engine --verify-key`` check it on the target.
-        graphs: The portable graph of this model, already exported with its routing outputs in
-            ``precision`` at ``opset``, and its rewrite: taken into the bundle instead of exported and
-            rewritten again (the demo's standalone graphs; graphs with their weights in a ``.data``
-            file are exported again).
+        graphs: This model's portable graph (routing outputs, ``precision``, ``opset``) and its rewrite,
+            taken as they are rather than made again (the demo's; not with weights in a ``.data`` file).
 
     Raises:
-        ParityFailed: a graph does not match PyTorch on CPU (nothing is written); a CheckFailed whose
-            message names the worst mismatch, with each failed graph's report.
+        ParityFailed: a graph does not match PyTorch on CPU (nothing written): a CheckFailed naming the
+            worst mismatch, with each failed graph's report.
     """
     start = time.perf_counter()
+    dest, arches, ptx_version, signer = _check_request(dest, targets, ptx_version, precision, sign_key)
+    loaded = _load(source, dest)
+    with temp_dir(dest) as tmp:
+        export, rewritten = _graphs(source, loaded, graphs, dest, tmp, opset=opset, precision=precision, seed=seed)
+        headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
+        sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
+        # (the plugin graph's header: its TopKRoute nodes say how other authors' layers route)
+        reference = reference_run(source, headers[PLUGINS], batch=sample_batch, seed=seed, loaded=loaded)
+        model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
+        del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
+        gc.collect()
+        parity = _parity(reference, tmp, headers, precision, source.name)
+        graphs = (headers[PORTABLE], export, rewritten, parity)
+        manifest = _write_contents(tmp, source.relative_to(dest), model, reference, graphs, arches, ptx_version, seed)
+        _finish_manifest(tmp, manifest, signer)
+        publish_dir(tmp, dest)
+    return BundleResult(
+        path=dest,
+        model=source.name,
+        seconds=time.perf_counter() - start,
+        files=manifest["files"],
+        parity={n: r.summary() for n, r in parity.items()},
+        plugins=rewritten.counts,
+        ptx_kernels=manifest["plugins"]["ptx_kernels"],
+        targets=[f"sm_{a}" for a in arches],
+        precision=precision,
+        declined=[d.to_dict() for d in rewritten.declined],
+        notes=[f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"]
+        if rewritten.declined
+        else [],
+    )
+
+
+def _graphs(source, loaded, graphs, dest: Path, tmp: Path, *, opset: int, precision: str, seed: int):
+    """The portable graph and its rewrite in ``tmp``: the ones given when they fit (``_take_graphs``),
+    else exported and rewritten here."""
+    if graphs is not None and _take_graphs(graphs, source, dest, tmp, opset=opset, precision=precision):
+        return graphs
+    export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision)
+    return export, rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed)
+
+
+def _load(source: ModelSource, dest: Path):
+    """The model, and room for the portable and the plugin graph (each with the weights), samples, PTX
+    and the plugin package."""
+    with phase(log, f"Building {source.name}"):
+        loaded = load(source)
+    check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
+    return loaded
+
+
+def _check_request(dest, targets, ptx_version, precision: str, sign_key):
+    """Everything checked before any work: the precision, the folder (replaced only if it holds a bundle
+    of ours), the targets and their PTX versions, the signing key, Triton. ``(dest, arches, ptx_version,
+    signer or None)``."""
     check_precision(precision)
     dest = check_output(dest, folder=True)
     arches = ptx.default_targets() if targets is None else ptx.parse_targets(targets)
@@ -172,83 +224,66 @@ def build_bundle(
     check_replaceable(dest, bundle_listing(dest), "bundle")
     _created()  # a bad SOURCE_DATE_EPOCH fails before the work
     signer = None
-    if sign_key is not None:  # before the work: a key that does not load fails now
-        from exporter.formats.signing import key_id, load_private_key
+    if sign_key is not None:  # a key that does not load fails now
+        from exporter.formats.signing import load_private_key
 
         signer = load_private_key(sign_key)
     ptx.check_triton()
-    with phase(log, f"Building {source.name}"):
-        loaded = load(source)
-    # the portable and the plugin graph (each with the weights), samples, PTX and the plugin package
-    check_space(dest, 2 * graph_bytes(loaded.module) + (16 << 20), "the bundle")
-    with temp_dir(dest) as tmp:
-        if graphs is not None and _take_graphs(graphs, source, dest, tmp, opset=opset, precision=precision):
-            export, rewritten = graphs
-        else:
-            export = export_onnx(loaded, tmp / PORTABLE, opset=opset, routing_outputs=True, precision=precision)
-            rewritten = rewrite_onnx(tmp / PORTABLE, tmp / PLUGINS, seed=seed)
-        headers = {name: read_header(tmp / name) for name in (PORTABLE, PLUGINS)}
-        header = headers[PORTABLE]
-        sample_batch = batch or settings.default_batch(loaded.batch_multiple, "bundle")
-        # (the plugin graph's header: its TopKRoute nodes say how other authors' layers route)
-        reference = reference_run(source, headers[PLUGINS], batch=sample_batch, seed=seed, loaded=loaded)
-        model = {"family": loaded.family, "moe_layers": loaded.moe_layers, "batch_multiple": loaded.batch_multiple}
-        del loaded  # big models: PyTorch's weights go before ONNX Runtime loads its own
-        gc.collect()
-        feeds = {reference.input_name: reference.images}
-        parity: dict[str, ParityReport] = {}
-        for name in (PORTABLE, PLUGINS):
-            parity[name] = onnx_parity(
-                reference,
-                tmp / name,
-                headers[name],
-                graph=name,
-                tolerances=settings.TOLERANCES[precision],
-                doing=f"Checking {name} against PyTorch (ONNX Runtime, CPU)",
-            )
-        if failed := {n: r for n, r in parity.items() if not r.passed}:
-            why = "; ".join(f"{n}: {r.worst()}" for n, r in failed.items())
-            raise ParityFailed(
-                f"{', '.join(failed)} of {source.name} do not match PyTorch on CPU ({why}); no bundle written", failed
-            )
-        expected = reference.named_outputs(header)
-        with phase(log, "Writing sample inputs and PyTorch's reference outputs"):
-            _write_samples(tmp, feeds, expected)
-        with phase(log, f"Precompiling the plugin kernels to PTX for {', '.join(f'sm_{a}' for a in arches)}"):
-            kernels = ptx.precompile(tmp, arches, ptx_version, seed)
-        ptx.copy_plugin_package(tmp / "plugins")
-        (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)
-        manifest = _manifest(
-            header, source.relative_to(dest), model, export, rewritten, parity, expected, feeds, arches, ptx_version
-        )
-        manifest["plugins"]["ptx_kernels"] = kernels
-        (tmp / README).write_text(render_readme(manifest))
-        manifest["files"] = hashes(tmp)
-        if signer is not None:
-            from exporter.formats.signing import sign
+    return dest, arches, ptx_version, signer
 
-            manifest["signature"] = {
-                "file": SIGNATURE,
-                "algorithm": SIGNATURE_ALGORITHM,
-                "public_key_sha256": key_id(signer.public_key()),
-            }
-            (tmp / SIGNATURE).write_bytes(sign(signed_payload(manifest), signer))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        publish_dir(tmp, dest)
-    notes = [f"{len(rewritten.declined)} MoE layers left as standard ONNX (see declined)"] if rewritten.declined else []
-    return BundleResult(
-        path=dest,
-        model=source.name,
-        seconds=time.perf_counter() - start,
-        files=manifest["files"],
-        parity={n: r.summary() for n, r in parity.items()},
-        plugins=rewritten.counts,
-        ptx_kernels=kernels,
-        targets=[f"sm_{a}" for a in arches],
-        precision=precision,
-        declined=[d.to_dict() for d in rewritten.declined],
-        notes=notes,
-    )
+
+def _parity(reference, tmp: Path, headers: dict, precision: str, model: str) -> dict[str, ParityReport]:
+    """Both graphs against PyTorch on CPU with the precision's tolerances; ParityFailed (nothing written)
+    naming the worst mismatch of each that fails."""
+    parity: dict[str, ParityReport] = {}
+    for name in (PORTABLE, PLUGINS):
+        parity[name] = onnx_parity(
+            reference,
+            tmp / name,
+            headers[name],
+            graph=name,
+            tolerances=settings.TOLERANCES[precision],
+            doing=f"Checking {name} against PyTorch (ONNX Runtime, CPU)",
+        )
+    if failed := {n: r for n, r in parity.items() if not r.passed}:
+        why = "; ".join(f"{n}: {r.worst()}" for n, r in failed.items())
+        raise ParityFailed(
+            f"{', '.join(failed)} of {model} do not match PyTorch on CPU ({why}); no bundle written", failed
+        )
+    return parity
+
+
+def _write_contents(tmp: Path, recorded, model: dict, reference, graphs, arches, ptx_version, seed: int) -> dict:
+    """The samples and PyTorch's outputs, the PTX, the plugin package, Polygraphy's network script and
+    the README into ``tmp``; returns the manifest (without the files' hashes yet)."""
+    header, export, rewritten, parity = graphs
+    expected = reference.named_outputs(header)
+    feeds = {reference.input_name: reference.images}
+    with phase(log, "Writing sample inputs and PyTorch's reference outputs"):
+        _write_samples(tmp, feeds, expected)
+    with phase(log, f"Precompiling the plugin kernels to PTX for {', '.join(f'sm_{a}' for a in arches)}"):
+        kernels = ptx.precompile(tmp, arches, ptx_version, seed)
+    ptx.copy_plugin_package(tmp / "plugins")
+    (tmp / NETWORK_SCRIPT).write_text(NETWORK_SCRIPT_TEXT)
+    manifest = _manifest(header, recorded, model, export, rewritten, parity, expected, feeds, arches, ptx_version)
+    manifest["plugins"]["ptx_kernels"] = kernels
+    (tmp / README).write_text(render_readme(manifest))
+    return manifest
+
+
+def _finish_manifest(tmp: Path, manifest: dict, signer) -> None:
+    """Every file's hash into the manifest, its signature (with a key), then the manifest itself."""
+    manifest["files"] = hashes(tmp)
+    if signer is not None:
+        from exporter.formats.signing import key_id, sign
+
+        manifest["signature"] = {
+            "file": SIGNATURE,
+            "algorithm": SIGNATURE_ALGORITHM,
+            "public_key_sha256": key_id(signer.public_key()),
+        }
+        (tmp / SIGNATURE).write_bytes(sign(signed_payload(manifest), signer))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _take_graphs(

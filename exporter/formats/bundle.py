@@ -310,8 +310,8 @@ def resolve_engine(path: str | Path, graph: str | Path | None = None) -> tuple[P
         if not manifest.get("engine") or not (path / ENGINE).is_file():
             raise UserError(
                 f"{path} has no engine yet: build it with `moe-export build engine {path}` where TensorRT and a GPU "
-                f"are; on this machine, check its graphs on CPU against PyTorch on its sample images with "
-                f"`moe-export validate {path / PLUGINS}` with `inputs_npz={path / INPUTS_JSON}` (or {PORTABLE})"
+                f"are; on this machine, check its graphs on CPU against PyTorch on its sample images: "
+                f"validate {path / PLUGINS} with `inputs_npz={path / INPUTS_JSON}` (or {PORTABLE})"
             )
         engine = path / ENGINE
     elif path.is_file():

@@ -414,68 +414,16 @@ def compare_to_reference(
     ``routers`` holds the backend's values of the graph's router tensors (``router_tensors``): with the
     reference's, every flipped V-MoE decision is listed and explained, and each Soft-MoE layer's
     dispatch and combine weights are compared."""
-    expected, routing, source = reference.outputs, reference.routing, reference.model
+    expected, source = reference.outputs, reference.model
     plain = [n for n in actual if not n.startswith(ROUTING_PREFIX)]
-    if len(plain) != len(expected):
-        raise UserError(
-            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source}?"
-        )
-    for n, e in zip(plain, expected):  # outputs of different shapes are not compared (broadcast or failed)
-        if np.shape(actual[n]) != np.shape(e):
-            got, want = ("x".join(map(str, np.shape(v))) or "scalar" for v in (actual[n], e))
-            raise UserError(
-                f"the graph's output {n} is {got} but the model's output is {want}: they cannot be compared; "
-                f"was the graph exported from {source}?"
-            )
+    _check_comparable(plain, expected, actual, source)
     outputs = [compare_output(n, e, actual[n], tolerances.rtol) for n, e in zip(plain, expected)]
-    recorded = routing_layers(header)
-    for layer, route in plugin_routes(header).items():  # another author's top-k layer, after the rewrite
-        names = routing_output_names(layer)
-        if layer in recorded or layer not in routing or not {route["expert"], route["slot"]} <= set(routers or {}):
-            continue
-        found = plugin_routing(route, routers[route["expert"]], routers[route["slot"]])
-        actual = {**actual, **dict(zip(names, (found["expert"], found["kept"], found["slot"])))}
-        recorded = [*recorded, layer]
-    exposed = [layer for layer in recorded if all(n in actual for n in routing_output_names(layer))]
-    routing = {layer: r for layer, r in routing.items() if layer not in reference.derived or layer in exposed}
-    notes = []
-    if not routing:
-        status, checked = ROUTING_NONE, []
-    elif not exposed:
-        status, checked = ROUTING_NOT_EXPOSED, []
-        notes.append("routing not compared: export with `routing_outputs=True` to check routing decisions")
-    else:
-        status = ROUTING_CHECKED
-        missing = sorted(set(routing) - set(exposed))
-        if missing:
-            raise UserError(f"the graph exposes no routing for {missing}; was it exported from {source}?")
-        checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    actual, recorded = _with_plugin_routing(actual, header, reference.routing, routers)
+    routing, status, checked, notes = _compare_routing(reference, actual, recorded, tolerances)
     soft: list[SoftRoutingParity] = []
     if routers:
-        named = router_tensors(header)
-        settings_of = {**{layer: r["attrs"] for layer, r in plugin_routes(header).items()}, **vmoe_layers(header)}
         errors = image_errors(expected[0], actual[plain[0]]) if expected else None
-        for r in checked:
-            names, ref = named.get(r.layer, {}), reference.routers.get(r.layer, {})
-            if "gates" in names and names["gates"] in routers and "gates" in ref:
-                bpr = bool(settings_of.get(r.layer, {}).get("batch_priority"))
-                explain_flips(
-                    r,
-                    routing[r.layer],
-                    actual,
-                    ref["gates"],
-                    routers[names["gates"]],
-                    batch_priority=bpr,
-                    image_errors=errors,
-                )
-        for layer, names in named.items():
-            ref = reference.routers.get(layer, {})
-            if (
-                "dispatch" in names
-                and {"dispatch", "combine"} <= set(ref)
-                and all(n in routers for n in names.values())
-            ):
-                soft.append(compare_soft_routing(layer, ref, {k: routers[n] for k, n in names.items()}))
+        soft = _compare_routers(reference, header, routing, checked, actual, routers, errors)
     graph_precision, routing_precision = precision(header)
     return ParityReport(
         model=source,
@@ -493,6 +441,72 @@ def compare_to_reference(
         routing_precision=routing_precision,
         soft_routing=soft,
     )
+
+
+def _check_comparable(plain: list[str], expected, actual: dict, source: str) -> None:
+    """One line where the graph's outputs are not the model's: another count, or another shape (outputs of
+    different shapes are not compared: they would broadcast or fail)."""
+    if len(plain) != len(expected):
+        raise UserError(
+            f"the graph has {len(plain)} outputs but the model {len(expected)}; was it exported from {source}?"
+        )
+    for n, e in zip(plain, expected):
+        if np.shape(actual[n]) != np.shape(e):
+            got, want = ("x".join(map(str, np.shape(v))) or "scalar" for v in (actual[n], e))
+            raise UserError(
+                f"the graph's output {n} is {got} but the model's output is {want}: they cannot be compared; "
+                f"was the graph exported from {source}?"
+            )
+
+
+def _with_plugin_routing(actual: dict, header: onnx.ModelProto, routing: dict, routers) -> tuple[dict, list[str]]:
+    """The outputs with the decisions of another author's top-k layers, read from their TopKRoute
+    plugin's tensors after the rewrite, and the layers whose routing the graph records."""
+    recorded = routing_layers(header)
+    for layer, route in plugin_routes(header).items():
+        names = routing_output_names(layer)
+        if layer in recorded or layer not in routing or not {route["expert"], route["slot"]} <= set(routers or {}):
+            continue
+        found = plugin_routing(route, routers[route["expert"]], routers[route["slot"]])
+        actual = {**actual, **dict(zip(names, (found["expert"], found["kept"], found["slot"])))}
+        recorded = [*recorded, layer]
+    return actual, recorded
+
+
+def _compare_routing(reference: Reference, actual: dict, recorded: list[str], tolerances: settings.Tolerances):
+    """Every V-MoE layer's decisions the graph exposes against the reference's: ``(the reference's
+    routing compared, status, RoutingParity per layer, notes)``."""
+    exposed = [layer for layer in recorded if all(n in actual for n in routing_output_names(layer))]
+    routing = {k: r for k, r in reference.routing.items() if k not in reference.derived or k in exposed}
+    if not routing:
+        return routing, ROUTING_NONE, [], []
+    if not exposed:
+        notes = ["routing not compared: export with `routing_outputs=True` to check routing decisions"]
+        return routing, ROUTING_NOT_EXPOSED, [], notes
+    missing = sorted(set(routing) - set(exposed))
+    if missing:
+        raise UserError(f"the graph exposes no routing for {missing}; was it exported from {reference.model}?")
+    checked = [compare_routing(layer, routing[layer], actual, tolerances.routing_agreement) for layer in routing]
+    return routing, ROUTING_CHECKED, checked, []
+
+
+def _compare_routers(reference: Reference, header, routing: dict, checked, actual, routers, errors):
+    """With the backend's router tensors: every flipped V-MoE decision explained (in ``checked``, in
+    place) and each Soft-MoE layer's dispatch and combine weights compared (returned)."""
+    named = router_tensors(header)
+    settings_of = {**{layer: r["attrs"] for layer, r in plugin_routes(header).items()}, **vmoe_layers(header)}
+    for r in checked:
+        names, ref = named.get(r.layer, {}), reference.routers.get(r.layer, {})
+        if "gates" in names and names["gates"] in routers and "gates" in ref:
+            bpr = bool(settings_of.get(r.layer, {}).get("batch_priority"))
+            gates = routers[names["gates"]]
+            explain_flips(r, routing[r.layer], actual, ref["gates"], gates, batch_priority=bpr, image_errors=errors)
+    soft = []
+    for layer, names in named.items():
+        ref = reference.routers.get(layer, {})
+        if "dispatch" in names and {"dispatch", "combine"} <= set(ref) and all(n in routers for n in names.values()):
+            soft.append(compare_soft_routing(layer, ref, {k: routers[n] for k, n in names.items()}))
+    return soft
 
 
 def onnx_parity(

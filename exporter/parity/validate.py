@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -66,7 +67,8 @@ def validate(
             raise UserError("`verify_key` checks a bundle's signature: give the bundle folder (or its engine)")
         header = read_header(target)
         batch = batch if batch is not None or inputs_npz else recorded_batch(header)
-        source, notes = _source(source, changes, target, header, trust_module)
+        asked = _Asked(source, changes, batch, seed, inputs_npz, rtol, routing_agreement, trust_module)
+        source, notes = _source(asked, target, header)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         report = validate_onnx(
             target,
@@ -79,30 +81,49 @@ def validate(
         )
         report.notes += notes
         return _note_ignored(report, routing_agreement)
+    asked = _Asked(source, changes, batch, seed, inputs_npz, rtol, routing_agreement, trust_module)
+    return _note_ignored(_validate_engine_target(target, engine_graph, verify_key, asked), routing_agreement)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What ``validate`` was asked, beside the target: the model (or changes to the recorded one), the
+    inputs and the tolerances."""
+
+    source: ModelSource | None
+    changes: Callable[[ModelSource], ModelSource] | None
+    batch: int | None
+    seed: int
+    inputs_npz: str | None
+    rtol: float | None
+    routing_agreement: float | None
+    trust_module: bool
+
+
+def _validate_engine_target(target: Path, engine_graph, verify_key, asked: _Asked) -> ParityReport:
+    """``validate`` of an engine file or a bundle folder: a bundle's own samples and stored PyTorch outputs
+    where nothing else is asked for (no model, nor its checkpoint, needed on the target)."""
     folder = target if target.is_dir() else target.parent
     if not is_bundle(folder) and verify_key:
         raise UserError(f"`verify_key` checks a bundle's signature; {folder} holds no bundle manifest")
     _, notes = open_bundle(folder, verify_key) if is_bundle(folder) else (None, [])
     engine, graph, sample, engine_precision = resolve_engine(target, engine_graph)
-    use_sample = sample is not None and batch is None and inputs_npz is None
-    # A bundle's own samples and stored PyTorch outputs need no model (nor its checkpoint) on the target
-    given = source is not None or changes is not None
+    use_sample = sample is not None and asked.batch is None and asked.inputs_npz is None
+    given = asked.source is not None or asked.changes is not None
     reference = stored_reference(sample.parent) if use_sample and not given else None
-    source, seed_notes = (
-        (None, []) if reference is not None else _source(source, changes, graph, read_header(graph), trust_module)
-    )
+    source, seed_notes = (None, []) if reference is not None else _source(asked, graph, read_header(graph))
     report = validate_engine(
         engine,
         graph,
         source,
-        batch=batch,
-        seed=seed,
-        inputs_npz=str(sample) if use_sample else inputs_npz,
-        tolerances=_tolerances(engine_precision or "fp32", rtol, routing_agreement),
+        batch=asked.batch,
+        seed=asked.seed,
+        inputs_npz=str(sample) if use_sample else asked.inputs_npz,
+        tolerances=_tolerances(engine_precision or "fp32", asked.rtol, asked.routing_agreement),
         reference=reference,
     )
     report.notes += notes + seed_notes
-    return _note_ignored(report, routing_agreement)
+    return report
 
 
 def _note_ignored(report: ParityReport, routing_agreement: float | None) -> ParityReport:
@@ -113,18 +134,16 @@ def _note_ignored(report: ParityReport, routing_agreement: float | None) -> Pari
     return report
 
 
-def _source(
-    source: ModelSource | None, changes, graph: Path, header: onnx.ModelProto, trust_module: bool
-) -> tuple[ModelSource, list[str]]:
+def _source(asked: _Asked, graph: Path, header: onnx.ModelProto) -> tuple[ModelSource, list[str]]:
     """``source``, else the model the graph records passed through ``changes``; and a note when its
     seed is not the seed the graph records (saying which one is used)."""
-    if source is not None:
-        return source, []
-    recorded = recorded_source(graph, header, trust_module=trust_module)
-    if changes is None:
+    if asked.source is not None:
+        return asked.source, []
+    recorded = recorded_source(graph, header, trust_module=asked.trust_module)
+    if asked.changes is None:
         recorded.verify_checkpoint()  # still the weights it was exported with
         return recorded, []
-    source = changes(recorded)
+    source = asked.changes(recorded)
     if source.seed == recorded.seed:
         return source, []
     used = f"`seed={source.seed}` is used, not the seed {recorded.seed} {graph.name} records"

@@ -51,7 +51,7 @@ def test_missing_routing_outputs_are_reported_not_passed_silently(exported):
     _, result = exported("vmoe-tiny", routing_outputs=False)
     report = validate_onnx(result.path)
     assert report.routing_status == ROUTING_NOT_EXPOSED and report.routing == []
-    assert any("--routing-outputs" in n for n in report.notes)
+    assert any("`routing_outputs=True`" in n for n in report.notes)  # --routing-outputs in the CLI
 
 
 def test_a_perturbed_router_is_caught_as_a_routing_divergence(exported, tmp_path):
@@ -191,7 +191,7 @@ def test_a_graph_that_does_not_round_fails_against_bf16_dispatch(exported):
     rounding = dataclasses.replace(source, config=source.config.replace(bf16_dispatch=True))
     report = validate_onnx(result.path, rounding, batch=8)
     assert not report.passed and report.rounding is None and report.outputs[0].max_rel > 5e-4
-    assert any("rounds nothing" in n and "--bf16-dispatch" in n for n in report.notes)
+    assert any("rounds nothing" in n and "`bf16_dispatch=True`" in n for n in report.notes)
 
 
 def test_rounding_as_takes_the_graphs_value_only_next_to_a_midpoint():

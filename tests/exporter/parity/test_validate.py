@@ -54,7 +54,7 @@ def test_a_bundle_without_an_engine_says_how_to_build_one(bundled, tmp_path):
         validate(folder)
     # and the check a CPU machine can run instead, which works as given
     graph, inputs = folder / "model.plugins.onnx", folder / "inputs.json"
-    assert f"`moe-export validate {graph} --inputs {inputs}`" in str(refused.value)
+    assert f"validate {graph} with `inputs_npz={inputs}`" in str(refused.value)  # --inputs in the CLI's words
     report = validate(graph, inputs_npz=str(inputs))
     assert report.passed and report.batch == settings.DEFAULT_VALIDATE_BATCH_IMAGES
 
