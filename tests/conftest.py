@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("tests.helpers")
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SKIP_REASON = "needs an NVIDIA GPU with CUDA and TensorRT (not present on this machine)"
 

@@ -12,26 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
-from cli import main
 from exporter.sources.zoo import ZOO
+from tests.helpers import assert_one_line_error, run
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "user_modules.py"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("command", ["models", "export", "validate", "rewrite", "demo", "bench"])

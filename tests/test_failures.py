@@ -23,18 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cli import main
 from exporter.backends.tensorrt_rtx import rtx_available
+from tests.helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_MODULES = ROOT / "tests" / "fixtures" / "user_modules.py"
 FOREIGN = ROOT / "tests" / "fixtures" / "foreign_moe.py"
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def snapshot(folder: Path) -> dict:

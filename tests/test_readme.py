@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cli import main
+from tests.helpers import run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SAMPLE = re.compile(r"^<!-- sample: ([\w-]+) -->\n```[a-z]*\n(.*?)^```", re.M | re.S)
@@ -34,7 +33,7 @@ def masked(text: str, **renamed: str) -> list[str]:
 
 def run_in(folder: Path, monkeypatch, *args):
     monkeypatch.chdir(folder)
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return run(*args)
 
 
 def test_the_samples_are_there():

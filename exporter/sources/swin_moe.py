@@ -294,44 +294,40 @@ def matching_config(config: SwinMoEConfig) -> SwinMoEConfig | None:
     return None
 
 
-def build_swin_moe(config: SwinMoEConfig, *, seed: int = settings.DEFAULT_SEED, device: str = "cpu"):
-    """The PyTorch model of a config, seeded random init, eval mode. ``device="meta"`` allocates nothing."""
+def config_args(config, names: tuple[str, ...]) -> dict:
+    """The named fields of a config, as the keyword arguments (of the same names) of the module it builds."""
+    return {name: getattr(config, name) for name in names}
+
+
+def seeded_model(make, *, seed: int, device: str):
+    """The model ``make()`` builds on ``device``, initialised from ``seed`` unless on ``"meta"`` (which
+    allocates nothing), in eval mode: the last step of building a config's model, of either kind."""
     import torch
 
-    from exporter.models.swin_moe import SwinTransformerMoE
-
-    config.check()
     with torch.device(device):
-        model = SwinTransformerMoE(
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            in_chans=config.in_chans,
-            num_classes=config.num_classes,
-            embed_dim=config.embed_dim,
-            depths=config.depths,
-            num_heads=config.num_heads,
-            window_size=config.window_size,
-            mlp_ratio=config.mlp_ratio,
-            qkv_bias=config.qkv_bias,
-            qk_scale=config.qk_scale,
-            ape=config.ape,
-            patch_norm=config.patch_norm,
-            mlp_fc2_bias=config.mlp_fc2_bias,
-            pretrained_window_sizes=config.pretrained_window_sizes or None,
-            moe_blocks=config.moe_blocks,
-            num_experts=config.num_experts,
-            k=config.k,
-            capacity_factor=config.capacity_factor,
-            batch_priority=config.batch_priority,
-            normalize_gate=config.normalize_gate,
-            cosine_router=config.cosine_router,
-            cosine_router_dim=config.cosine_router_dim,
-            cosine_router_init_t=config.cosine_router_init_t,
-            alignment=config.alignment,
-        )
+        model = make()
     if str(device) != "meta":
         model.init_(torch.Generator(device=device).manual_seed(seed))
     return model.eval()
+
+
+# SwinTransformerMoE's keyword arguments that are the config's fields of the same names, as they are
+_MODEL_ARGS = (
+    *("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads", "window_size"),
+    *("mlp_ratio", "qkv_bias", "qk_scale", "ape", "patch_norm", "mlp_fc2_bias", "moe_blocks", "num_experts"),
+    *("k", "capacity_factor", "batch_priority", "normalize_gate"),
+    *("cosine_router", "cosine_router_dim", "cosine_router_init_t", "alignment"),
+)
+
+
+def build_swin_moe(config: SwinMoEConfig, *, seed: int = settings.DEFAULT_SEED, device: str = "cpu"):
+    """The PyTorch model of a config, seeded random init, eval mode. ``device="meta"`` allocates nothing."""
+    from exporter.models.swin_moe import SwinTransformerMoE
+
+    config.check()
+    args = config_args(config, _MODEL_ARGS)
+    windows = config.pretrained_window_sizes or None
+    return seeded_model(lambda: SwinTransformerMoE(**args, pretrained_window_sizes=windows), seed=seed, device=device)
 
 
 def swin_moe_param_count(config: SwinMoEConfig) -> int:

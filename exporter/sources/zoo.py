@@ -13,6 +13,8 @@ from exporter.sources.swin_moe import (
     SWIN_MOE_ZOO,
     SwinMoEConfig,
     build_swin_moe,
+    config_args,
+    seeded_model,
     swin_moe_param_count,
 )
 
@@ -182,162 +184,103 @@ def last_half(layers: int) -> tuple[int, ...]:
     return tuple(range(layers // 2, layers))
 
 
+def _entry(base: dict, name: str, summary: str, **differences) -> ModelConfig:
+    """A zoo entry: a base's fields (a family of models) with its name, summary and the fields that differ."""
+    return ModelConfig(name=name, summary=summary, **{**base, **differences})
+
+
 _S = dict(dim=384, mlp_dim=1536, heads=6, layers=12)
 _B = dict(dim=768, mlp_dim=3072, heads=12, layers=12)
-_V_S32 = dict(dim=512, mlp_dim=2048, heads=8, layers=8)  # V-MoE S/32 is 8 layers, D=512
+# The bases: the fields a family's entries share. V-MoE S/32 is 8 layers, D=512, MoE in the last 2 odd blocks;
+# V-MoE B/16 has MoE in every other block; Soft MoE pools globally (gap) and normalises queries and keys.
+_V = dict(family=VMOE, image_size=224, num_experts=8, num_classes=1000)
+_V_S32 = dict(_V, patch_size=32, dim=512, mlp_dim=2048, heads=8, layers=8, moe_layers=last(2, 8))
+_V_B16 = dict(_V, **_B, patch_size=16, moe_layers=every(2, 12))
+_SOFT = dict(family=SOFT_MOE, classifier="gap", qk_norm=True)
+_SOFT_S16 = dict(
+    _S, **_SOFT, image_size=224, patch_size=16, moe_layers=last_half(12), num_experts=128, num_classes=29593
+)
+_TINY = dict(image_size=32, patch_size=4, dim=32, mlp_dim=64, heads=4, layers=4, num_classes=10, tags=("tiny",))
+_RELEASED = ("released",)
 
 ZOO: dict[str, ModelConfig] = {
     c.name: c
     for c in [
-        ModelConfig(
+        _entry(
+            _V_S32,
             "vmoe-s32-last2-e8",
-            VMOE,
             "V-MoE S/32, Last-2, E=8, k=2: the released S/32 at C=1.05 (training); it evaluates at 4.0",
-            image_size=224,
-            patch_size=32,
-            **_V_S32,
-            moe_layers=last(2, 8),
-            num_experts=8,
-            num_classes=1000,
             representation_size=512,
         ),
-        ModelConfig(
+        _entry(
+            _V_B16,
             "vmoe-b16-every2-e8",
-            VMOE,
             "V-MoE B/16, Every-2, E=8, k=2, 224 px, 1000 classes: neither released B/16 (21k classes; 384 px)",
-            image_size=224,
-            patch_size=16,
-            **_B,
-            moe_layers=every(2, 12),
-            num_experts=8,
-            num_classes=1000,
         ),
         # The released checkpoints (google-research/vmoe README), with the capacity factor each
         # config evaluates at; routing groups of 8 images; BPR off as trained. bf16_dispatch stays
         # off (float32, the default); set it to match the reference's bfloat16 dispatch exactly.
-        ModelConfig(
+        _entry(
+            _V_S32,
             "vmoe-s32-last2-ilsvrc2012",
-            VMOE,
             "released vmoe_s32_last2_ilsvrc2012_randaug_light1: S/32, Last-2, E=8, 224 px, eval C=4",
-            image_size=224,
-            patch_size=32,
-            **_V_S32,
-            moe_layers=last(2, 8),
-            num_experts=8,
-            num_classes=1000,
             representation_size=512,
             capacity_factor=4.0,
-            tags=("released",),
+            tags=_RELEASED,
         ),
-        ModelConfig(
+        _entry(
+            _V_S32,
             "vmoe-s32-last2-ilsvrc2012-ft-384",
-            VMOE,
             "released vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012: 384 px, C=1.5",
             image_size=384,
-            patch_size=32,
-            **_V_S32,
-            moe_layers=last(2, 8),
-            num_experts=8,
-            num_classes=1000,
             capacity_factor=1.5,
-            tags=("released",),
+            tags=_RELEASED,
         ),
-        ModelConfig(
+        _entry(
+            _V_B16,
             "vmoe-b16-in21k",
-            VMOE,
             "released vmoe_b16_imagenet21k_randaug_strong: B/16, Every-2, E=8, 21,843 classes, C=1.05",
-            image_size=224,
-            patch_size=16,
-            **_B,
-            moe_layers=every(2, 12),
-            num_experts=8,
             num_classes=21843,
             capacity_factor=1.05,
-            tags=("released",),
+            tags=_RELEASED,
         ),
-        ModelConfig(
+        _entry(
+            _V_B16,
             "vmoe-b16-in21k-ft-ilsvrc2012-384",
-            VMOE,
             "released vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012: 384 px, C=1.5",
             image_size=384,
-            patch_size=16,
-            **_B,
-            moe_layers=every(2, 12),
-            num_experts=8,
-            num_classes=1000,
             capacity_factor=1.5,
-            tags=("released",),
+            tags=_RELEASED,
         ),
-        ModelConfig(
+        _entry(
+            _V_B16,
             "vmoe-b16-every2-e32",
-            VMOE,
             "V-MoE B/16, Every-2, E=32, k=2, JFT-300M head (paper, 979.0M params)",
-            image_size=224,
-            patch_size=16,
-            **_B,
-            moe_layers=every(2, 12),
             num_experts=32,
             num_classes=18291,
             representation_size=768,
         ),
-        ModelConfig(
-            "soft-moe-s16-e128",
-            SOFT_MOE,
-            "Soft MoE S/16, E=128, p=1, JFT-4B head (paper, 0.93B params)",
-            image_size=224,
-            patch_size=16,
-            **_S,
-            moe_layers=last_half(12),
-            num_experts=128,
-            num_classes=29593,
-            classifier="gap",
-            qk_norm=True,
-        ),
-        ModelConfig(
+        _entry(_SOFT_S16, "soft-moe-s16-e128", "Soft MoE S/16, E=128, p=1, JFT-4B head (paper, 0.93B params)"),
+        _entry(
+            {**_SOFT_S16, **_B},
             "soft-moe-b16-e128",
-            SOFT_MOE,
             "Soft MoE B/16, E=128, p=1, JFT-4B head (paper, 3.71B params)",
-            image_size=224,
-            patch_size=16,
-            **_B,
-            moe_layers=last_half(12),
-            num_experts=128,
-            num_classes=29593,
-            classifier="gap",
-            qk_norm=True,
         ),
-        ModelConfig(
+        _entry(
+            _TINY,
             "vmoe-tiny",
-            VMOE,
             "tiny V-MoE for tests: 32x32 images, 4x4 patches, D=32, E=4, k=2",
-            image_size=32,
-            patch_size=4,
-            dim=32,
-            mlp_dim=64,
-            heads=4,
-            layers=4,
+            family=VMOE,
             moe_layers=every(2, 4),
             num_experts=4,
-            num_classes=10,
-            tags=("tiny",),
         ),
-        ModelConfig(
+        _entry(
+            {**_TINY, **_SOFT},
             "soft-moe-tiny",
-            SOFT_MOE,
             "tiny Soft-MoE for tests: 32x32 images, 4x4 patches, D=32, E=8, p=2",
-            image_size=32,
-            patch_size=4,
-            dim=32,
-            mlp_dim=64,
-            heads=4,
-            layers=4,
             moe_layers=last_half(4),
             num_experts=8,
-            num_classes=10,
-            classifier="gap",
-            qk_norm=True,
             slots_per_expert=2,
-            tags=("tiny",),
         ),
     ]
 }
@@ -362,10 +305,13 @@ def get_config(name: str) -> ModelConfig | SwinMoEConfig:
         raise UserError(f"unknown model {name!r}; {hint}`moe-export models` lists the zoo") from None
 
 
+# VisionTransformer's keyword arguments that are the config's fields of the same names
+_MODEL_ARGS = ("image_size", "patch_size", "dim", "mlp_dim", "heads", "layers", "num_classes", "moe_layers")
+_MODEL_ARGS += ("classifier", "representation_size", "qk_norm", "in_chans")
+
+
 def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, device: str = "cpu"):
     """The PyTorch model of a config, seeded random init, eval mode. ``device="meta"`` allocates nothing."""
-    import torch
-
     if config.family == SWIN_MOE:
         return build_swin_moe(config, seed=seed, device=device)
     from exporter.models.soft_moe import SoftMoEMlp
@@ -373,51 +319,15 @@ def build_model(config: ModelConfig, *, seed: int = settings.DEFAULT_SEED, devic
     from exporter.models.vmoe import VMoEMlp
 
     config.check()
-    if config.family == VMOE:
+    layer = VMoEMlp if config.family == VMOE else SoftMoEMlp
+    # the MoE layer's keyword arguments: its family's routing fields and the bfloat16 dispatch
+    routing = config_args(config, (*FAMILY_FIELDS[config.family], "bf16_dispatch"))
 
-        def make_moe(i: int):
-            return VMoEMlp(
-                config.dim,
-                config.mlp_dim,
-                config.num_experts,
-                k=config.k,
-                capacity_factor=config.capacity_factor,
-                batch_priority=config.batch_priority,
-                group_images=config.group_images,
-                ceil_or_round=config.ceil_or_round,
-                multiple_of=config.multiple_of,
-                bf16_dispatch=config.bf16_dispatch,
-            )
-    else:
+    def make_moe(i: int):
+        return layer(config.dim, config.mlp_dim, config.num_experts, **routing)
 
-        def make_moe(i: int):
-            return SoftMoEMlp(
-                config.dim,
-                config.mlp_dim,
-                config.num_experts,
-                slots_per_expert=config.slots_per_expert,
-                bf16_dispatch=config.bf16_dispatch,
-            )
-
-    with torch.device(device):
-        model = VisionTransformer(
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            dim=config.dim,
-            mlp_dim=config.mlp_dim,
-            heads=config.heads,
-            layers=config.layers,
-            num_classes=config.num_classes,
-            moe_layers=config.moe_layers,
-            make_moe=make_moe,
-            classifier=config.classifier,
-            representation_size=config.representation_size,
-            qk_norm=config.qk_norm,
-            in_chans=config.in_chans,
-        )
-    if str(device) != "meta":
-        model.init_(torch.Generator(device=device).manual_seed(seed))
-    return model.eval()
+    args = config_args(config, _MODEL_ARGS)
+    return seeded_model(lambda: VisionTransformer(**args, make_moe=make_moe), seed=seed, device=device)
 
 
 def param_count(config: ModelConfig) -> int:

@@ -10,9 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cli import main
+from tests.helpers import run
 
 ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```(?:bash|sh)\n(.*?)^```", re.M | re.S)
@@ -37,11 +36,10 @@ class SampleRun:
     def __init__(self, sample: str, folder: Path):
         self.folder = folder
         shutil.copytree(ROOT / "samples" / sample, folder / "samples" / sample)
-        self.runner = CliRunner()
         self.commands = readme_commands(sample)
 
     def __call__(self, args: list[str]):
-        result = self.runner.invoke(main, args, catch_exceptions=False)
+        result = run(*args, catch_exceptions=False)
         assert result.exit_code == 0, (args, result.output)
         return result
 

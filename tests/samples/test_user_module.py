@@ -7,9 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from cli import main
+from tests.helpers import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,25 +28,19 @@ def test_the_readme_commands_export_and_validate(sample_run):
 def test_user_module_with_two_outputs_and_grouped_routing(tmp_path):
     fixture = Path(__file__).resolve().parents[1] / "fixtures" / "user_modules.py"
     graph = tmp_path / "u.onnx"
-    runner = CliRunner()
-    result = runner.invoke(
-        main,
-        [
-            "export",
-            "--module",
-            f"{fixture}:tiny_vmoe_user_model",
-            "--input-shape",
-            "4,3,16,16",
-            "--routing-outputs",
-            "-o",
-            str(graph),
-        ],
+    result = run(
+        "export",
+        "--module",
+        f"{fixture}:tiny_vmoe_user_model",
+        "--input-shape",
+        "4,3,16,16",
+        "--routing-outputs",
+        "-o",
+        graph,
     )
     assert result.exit_code == 0, result.output
     assert "2*groups" in result.output and "output_1" in result.output
-    result = runner.invoke(
-        main, ["validate", str(graph), "--trust-module", "--batch", "6", "--json", str(tmp_path / "r.json")]
-    )
+    result = run("validate", graph, "--trust-module", "--batch", "6", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert [o["name"] for o in data["outputs"]] == ["output_0", "output_1"] and data["passed"]

@@ -141,15 +141,13 @@ def test_bundle_engine_has_its_plugin_layers_and_matches_pytorch(built_bundles, 
 
 @pytest.mark.gpu
 def test_portable_engine_and_validate_cli(built_bundles, tmp_path):
-    from click.testing import CliRunner
-
-    from cli import main
     from exporter.deploy.engines import build_bundle_engine
+    from tests.helpers import run
 
     bundle = built_bundles["vmoe-tiny"]
     built = build_bundle_engine(bundle, EngineOptions(), portable=True)
     assert built.passed and built.build.plugin_layers == {} and built.build.expected_plugins == {}
-    result = CliRunner().invoke(main, ["validate", str(bundle), "--json", str(tmp_path / "r.json")])
+    result = run("validate", bundle, "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["backend"] == "tensorrt" and report["passed"] and len(report["routing"]) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,9 +233,10 @@ def test_existing_bundle_is_replaced_and_other_folders_refused(bundles, tmp_path
         read_manifest(other)
 
 
-def test_rebuilding_over_a_bundle_replaces_it(tmp_path):
+def test_rebuilding_over_a_bundle_replaces_it(bundles, tmp_path):
     dest = tmp_path / "b"
-    first = build_bundle(from_zoo("soft-moe-tiny"), dest, targets=[90])
+    _, first, folder = bundles["soft"]  # the session's soft-moe-tiny bundle, copied: this test changes it
+    shutil.copytree(folder, dest)
     (dest / "stale.txt").write_text("from an old bundle")  # a file the old manifest lists
     manifest = read_manifest(dest)
     manifest["files"]["stale.txt"] = file_entry(dest / "stale.txt")

@@ -125,11 +125,9 @@ def test_the_bundle_readme_rtx_command_builds_engines_into_the_bundle_and_its_ma
     says: one engine per target, in the manifest with its hash (validate then checks it), not run here."""
     import shlex
 
-    from click.testing import CliRunner
-
-    from cli import main
     from exporter.backends.tensorrt_rtx import TARGETS, gpu_arch
     from exporter.formats.bundle import check_files, read_manifest
+    from tests.helpers import run
 
     _, _, folder = bundled("soft-moe-tiny")
     bundle = tmp_path / "b"
@@ -142,7 +140,7 @@ def test_the_bundle_readme_rtx_command_builds_engines_into_the_bundle_and_its_ma
     cwd = os.getcwd()
     os.chdir(bundle)
     try:
-        result = CliRunner().invoke(main, args)
+        result = run(*args)
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output

@@ -13,30 +13,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli import main
 from exporter.errors import UserError
 from exporter.formats.graph import routing_output_names
 from exporter.models.routing import TopKRouting
 from exporter.sources.checkpoints import import_vmoe, load_vmoe_checkpoint, read_model_dir
+from tests.helpers import assert_one_line_error, run
 
 from .conftest import GROUP_IMAGES, SOFT, VMOE
 from .test_reference import kept_pairs, rel_err
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_import_writes_weights_and_config(tmp_path):

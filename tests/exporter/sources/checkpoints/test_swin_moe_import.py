@@ -14,19 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli import main
 from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.formats.graph import INPUT_NAME, TUTEL_LAYERS_KEY, metadata_json, routing_output_names
 from exporter.sources.checkpoints import read_model_dir
+from tests.helpers import run
 
 FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "swin_moe"
 REFERENCE = dict(np.load(FIXTURES / "reference.npz"))
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
