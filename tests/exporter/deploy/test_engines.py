@@ -37,11 +37,9 @@ def test_what_to_build_from_is_checked_first(kwargs, message):
 
 def test_bundle_and_model_together_are_refused(bundled):
     _, _, folder = bundled("soft-moe-tiny")
-    from click.testing import CliRunner
+    from tests.helpers import run
 
-    from cli import main
-
-    both = CliRunner().invoke(main, ["build", "engine", str(folder), "--model", "soft-moe-tiny", "-o", str(folder)])
+    both = run("build", "engine", folder, "--model", "soft-moe-tiny", "-o", folder)
     assert both.exit_code == 2 and "not both" in both.output  # the command resolves --model/--module
     with pytest.raises(UserError, match="`triton_repo` needs a bundle"):
         build_engine_for("x.onnx", triton_repo="repo")
