@@ -10,6 +10,42 @@ local functions are written in (``plugins/onnx_function.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+
+class _Name(str, Enum):
+    """An enum whose members are their strings and print as them (``enum.StrEnum``, which Python 3.10,
+    JetPack 6's, lacks)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(_Name):
+    """A graph's precision (and so its strongly typed engine's): FP32; FP16/BF16 with the routing in FP32
+    (exporter/export/precision.py); INT8/FP8 Q/DQ, calibrated; INT8/INT4 expert weights only
+    (exporter/export/quantize.py). A member is its string ("fp32"): JSON, metadata and comparisons with
+    the strings a user gives are unchanged."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    FP8 = "fp8"
+    W8 = "w8"
+    W4 = "w4"
+
+
+class RoutingPrecision(_Name):
+    """Where a reduced graph computes its routing: pinned to FP32 (the default), or reduced too (to
+    measure what pinning buys)."""
+
+    FP32 = "fp32"
+    REDUCED = "reduced"
+
 
 # --- ONNX export -------------------------------------------------------------------------------
 # NOTE: opset 18 keeps the graph parseable by TensorRT 10.3 (JetPack 6), whose parser predates the
@@ -41,7 +77,15 @@ DEFAULT_VALIDATE_BATCH_IMAGES = 2  # Soft-MoE and models without routing groups
 # (about four units of the type's rounding: a k-term dot product rounded once to FP16/BF16).
 # Quantized graphs keep FP32 routing and FP32 tensors between the Q/DQ pairs: a value that a plugin computes
 # a rounding error apart can land one quantization step away (INT8: 1/127 of the tensor's scale; FP8: 1/16).
-REWRITE_CHECK_RTOL = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 3e-2, "int8": 2e-2, "fp8": 7e-2, "w8": 1e-4, "w4": 1e-4}
+REWRITE_CHECK_RTOL = {
+    Precision.FP32: 1e-4,
+    Precision.FP16: 4e-3,
+    Precision.BF16: 3e-2,
+    Precision.INT8: 2e-2,
+    Precision.FP8: 7e-2,
+    Precision.W8: 1e-4,
+    Precision.W4: 1e-4,
+}
 # Export's own check of the written graph (an FP16/BF16 graph: of its FP32 trace) against PyTorch, at the
 # traced batch and a second one: ten times the FP32 parity tolerance (bfloat16 dispatch rounds inside the
 # layers: 3.4e-4 measured), far below what a size fixed at the traced batch does (0.18 to 0.25 measured
@@ -92,20 +136,20 @@ class Tolerances:
 # Per precision. Reduced precision keeps the router and routing math in FP32; the tokens around it are
 # not, so an expert choice can flip where two gates are within the error: a small shortfall is allowed.
 TOLERANCES = {
-    "fp32": Tolerances(rtol=1e-4, routing_agreement=1.0),
-    "fp16": Tolerances(rtol=5e-2, routing_agreement=0.99),
-    "bf16": Tolerances(rtol=1e-1, routing_agreement=0.98),
+    Precision.FP32: Tolerances(rtol=1e-4, routing_agreement=1.0),
+    Precision.FP16: Tolerances(rtol=5e-2, routing_agreement=0.99),
+    Precision.BF16: Tolerances(rtol=1e-1, routing_agreement=0.98),
     # Quantized graphs (exporter/export/quantize.py): the routing is FP32, but its inputs carry the
     # quantization noise of everything upstream, and near-tied gates flip (each flip explained by its gates,
     # or it fails). The shares are below the worst measured (README, "INT8, FP8 and weight-only"): INT8 on
     # the trained digits V-MoE (4 experts, 32 wide) agrees on 84-88% of decisions, the seeded vmoe-tiny at
     # C = 0.5 with priorities on 80%, the seeded S/32 on 92%.
-    "int8": Tolerances(rtol=3.5e-1, routing_agreement=0.75),
-    "fp8": Tolerances(rtol=3.5e-1, routing_agreement=0.75),
-    "w8": Tolerances(rtol=5e-2, routing_agreement=0.99),
-    "w4": Tolerances(rtol=3e-1, routing_agreement=0.9),
+    Precision.INT8: Tolerances(rtol=3.5e-1, routing_agreement=0.75),
+    Precision.FP8: Tolerances(rtol=3.5e-1, routing_agreement=0.75),
+    Precision.W8: Tolerances(rtol=5e-2, routing_agreement=0.99),
+    Precision.W4: Tolerances(rtol=3e-1, routing_agreement=0.9),
 }
-FP32_TOLERANCES = TOLERANCES["fp32"]
+FP32_TOLERANCES = TOLERANCES[Precision.FP32]
 
 
 # --- Triton Inference Server (exporter/deploy/triton_repo.py) --------------------------------------------
@@ -117,10 +161,10 @@ TRITON_PREFERRED_BATCHES = 2  # default preferred batch sizes: max_batch and its
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin with aot_impl: engines that run without Python
 # of a graph (export --precision), and so of its strongly typed engine: FP32, FP16/BF16 with the routing in
 # FP32, INT8/FP8 Q/DQ (calibrated), INT8/INT4 expert weights only (exporter/export/quantize.py)
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")
-REDUCED_PRECISIONS = ("fp16", "bf16")  # the whole graph in a float type (exporter/export/precision.py)
-QUANTIZED_PRECISIONS = ("int8", "fp8")  # Q/DQ on weights and activations, calibrated
-WEIGHT_ONLY_PRECISIONS = ("w8", "w4")  # the experts' weights stored quantized, dequantized before their MatMuls
+PRECISIONS = tuple(p.value for p in Precision)  # the strings (click's choices)
+REDUCED_PRECISIONS = (Precision.FP16, Precision.BF16)  # the whole graph in a float type
+QUANTIZED_PRECISIONS = (Precision.INT8, Precision.FP8)  # Q/DQ on weights and activations, calibrated
+WEIGHT_ONLY_PRECISIONS = (Precision.W8, Precision.W4)  # expert weights stored quantized, dequantized before use
 QUANTIZED_OPSET = 21  # FP8 Q/DQ (opset 19) and INT4 blocks (opset 21): fp8 and w4 graphs are written at 21
 W4_BLOCK = 64  # w4: one scale per block of this many weights along the contracted axis
 # Calibration (--calibration FILE.npz|DIR): images per ONNX Runtime run, the image files a folder may hold,
@@ -133,8 +177,8 @@ CALIBRATION_DEFAULT_GROUPS = 4
 CALIBRATION_DEFAULT_IMAGES = 32
 # TensorRT for RTX's targets with FP8 (Ada sm_89 and later); the others refuse an FP8 graph
 FP8_MIN_TARGET = 89
-ROUTING_PRECISIONS = ("fp32", "reduced")  # the routing pinned to FP32, or in the graph's reduced type too
-DEFAULT_PRECISION = "fp32"
+ROUTING_PRECISIONS = tuple(r.value for r in RoutingPrecision)  # the strings (click's choices)
+DEFAULT_PRECISION = Precision.FP32
 # Jetson Orin (sm_87), Hopper H100/H200 (sm_90) and Jetson Thor (sm_110, PTX ISA 9.0; where the
 # installed Triton can compile it: >= 3.9, see plugins.aot.MIN_TRITON)
 DEFAULT_PTX_TARGETS = (87, 90, 110)

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx_ir.external_data import set_base_dir
 
 from exporter.formats.graph import precision
+from exporter.settings import Precision, RoutingPrecision
 
 EMULATED = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16, ir.DataType.FLOAT8E4M3FN)
 
@@ -43,7 +44,9 @@ def emulation_type(model: onnx.ModelProto) -> ir.DataType | None:
         return ir.DataType.FLOAT8E4M3FN
     if needs_emulation(model):
         return ir.DataType.BFLOAT16
-    if precision(model) == ("fp16", "reduced") and needs_emulation(model, onnx.TensorProto.FLOAT16):
+    if precision(model) == (Precision.FP16, RoutingPrecision.REDUCED) and needs_emulation(
+        model, onnx.TensorProto.FLOAT16
+    ):
         return ir.DataType.FLOAT16
     return None
 

@@ -44,7 +44,7 @@ def build_group():
 @click.option(
     "--precision",
     type=click.Choice(settings.PRECISIONS),
-    default=settings.DEFAULT_PRECISION,
+    default=settings.DEFAULT_PRECISION.value,
     show_default=True,
     help="Both graphs in this type with the routing in FP32 (fp16 for Jetson); the engine builds strongly typed.",
 )

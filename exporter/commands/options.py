@@ -220,14 +220,14 @@ def precision_options(f):
     f = click.option(
         "--routing-precision",
         type=click.Choice(settings.ROUTING_PRECISIONS),
-        default="fp32",
+        default=settings.RoutingPrecision.FP32.value,
         show_default=True,
         help="fp32: the router and routing math stay FP32 (pinned); reduced: in the reduced type too (to compare).",
     )(f)
     return click.option(
         "--precision",
         type=click.Choice(settings.PRECISIONS),
-        default=settings.DEFAULT_PRECISION,
+        default=settings.DEFAULT_PRECISION.value,
         show_default=True,
         help="The graph's precision: fp16/bf16 tokens, weights and experts, with Casts around the FP32 routing; "
         "int8/fp8 explicit Q/DQ (calibrated) on the experts, attention, patch embedding and head, the routing, "

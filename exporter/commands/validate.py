@@ -19,7 +19,7 @@ from exporter.commands.options import (
 from exporter.commands.render import print_report
 from exporter.errors import CheckFailed
 
-_FP32 = settings.TOLERANCES["fp32"]
+_FP32 = settings.TOLERANCES[settings.Precision.FP32]
 
 
 @click.command()

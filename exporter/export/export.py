@@ -45,6 +45,7 @@ from exporter.formats.graph import (
 from exporter.models.capture import capture_routing, flatten_outputs, run_with_routing
 from exporter.models.vmoe import vmoe_layers
 from exporter.progress import phase
+from exporter.settings import Precision, RoutingPrecision
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
 
@@ -62,8 +63,8 @@ class ExportResult:
     routing_layers: list[str]
     findings: list[str] = field(default_factory=list)
     dynamic_batch: bool = True
-    precision: str = "fp32"
-    routing_precision: str = "fp32"
+    precision: Precision = Precision.FP32
+    routing_precision: RoutingPrecision = RoutingPrecision.FP32
     casts: int = 0  # Cast nodes the reduced-precision pass inserted
     fp32_nodes: dict[str, int] = field(default_factory=dict)  # float nodes kept in FP32, by reason
     overflows: list[str] = field(default_factory=list)  # weights/constants whose finite values became infinite
@@ -159,8 +160,8 @@ class ExportOptions:
     opset: int = settings.DEFAULT_OPSET
     routing_outputs: bool = False
     example_batch: int | None = None
-    precision: str = settings.DEFAULT_PRECISION
-    routing_precision: str = "fp32"
+    precision: Precision = settings.DEFAULT_PRECISION
+    routing_precision: RoutingPrecision = RoutingPrecision.FP32
     calibration: str | Path | None = None
 
     def check(self) -> ExportOptions:
@@ -298,8 +299,10 @@ def _convert(model_ir, loaded: LoadedModel, opts: ExportOptions, calibration: tu
                 calibration=note,
                 batch=max(settings.CALIBRATION_CHUNK_IMAGES // multiple, 1) * multiple,
             )
-    elif precision != "fp32":
-        with phase(log, f"Converting to {precision} (routing in {'FP32' if routing == 'fp32' else precision})"):
+    elif precision != Precision.FP32:
+        with phase(
+            log, f"Converting to {precision} (routing in {'FP32' if routing == RoutingPrecision.FP32 else precision})"
+        ):
             converted = reduce_precision(
                 model_ir, precision, routing=routing, vmoe_layers=[n for n, _ in vmoe_layers(model)]
             )
@@ -338,7 +341,7 @@ def _write_and_check(traced: _Traced, loaded: LoadedModel, opts: ExportOptions, 
         if loaded.source.kind == "zoo" and dynamic:
             batches = [traced.second]  # moe-export's own models: the smallest batch, where a fixed size would show
         with phase(log, f"Checking the graph against PyTorch at batch {' and '.join(map(str, batches))}"):
-            trace = traced.exported if opts.precision != "fp32" else None
+            trace = traced.exported if opts.precision != Precision.FP32 else None
             shape = loaded.source.input_shape
             checked = check_graph(path, loaded.module, shape, batches, traced.batch, trace=trace)
         traced.exported = None
@@ -378,8 +381,8 @@ def export_model(
     example_batch: int | None = None,
     opset: int = settings.DEFAULT_OPSET,
     routing_outputs: bool = False,
-    precision: str = settings.DEFAULT_PRECISION,
-    routing_precision: str = "fp32",
+    precision: Precision = settings.DEFAULT_PRECISION,
+    routing_precision: RoutingPrecision = RoutingPrecision.FP32,
     calibration: str | Path | None = None,
 ) -> ExportResult:
     """Builds a model (a zoo name, a model folder, a user module, a checkpoint: ``exporter.from_zoo``,

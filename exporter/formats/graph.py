@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from exporter import settings
 from exporter.errors import UserError
+from exporter.settings import Precision, RoutingPrecision
 from plugins.spec import NAMESPACE
 
 INPUT_NAME = "images"
@@ -134,13 +135,13 @@ def vmoe_layers(model: onnx.ModelProto) -> dict[str, dict]:
 
 # The float types a graph of each precision stores its weights in (its input and outputs stay FP32).
 _WEIGHT_TYPES = {
-    "fp32": set(),
-    "fp16": {onnx.TensorProto.FLOAT16},
-    "bf16": {onnx.TensorProto.BFLOAT16},
-    "int8": {onnx.TensorProto.INT8},  # Q/DQ weights, scales FP32 (exporter/export/quantize.py)
-    "fp8": {onnx.TensorProto.FLOAT8E4M3FN},
-    "w8": {onnx.TensorProto.INT8},
-    "w4": {onnx.TensorProto.INT4},
+    Precision.FP32: set(),
+    Precision.FP16: {onnx.TensorProto.FLOAT16},
+    Precision.BF16: {onnx.TensorProto.BFLOAT16},
+    Precision.INT8: {onnx.TensorProto.INT8},  # Q/DQ weights, scales FP32 (exporter/export/quantize.py)
+    Precision.FP8: {onnx.TensorProto.FLOAT8E4M3FN},
+    Precision.W8: {onnx.TensorProto.INT8},
+    Precision.W4: {onnx.TensorProto.INT4},
 }
 _TYPED = {t for types in _WEIGHT_TYPES.values() for t in types}
 
@@ -155,17 +156,17 @@ def recorded_batch(model: onnx.ModelProto) -> int | None:
     return int(text)
 
 
-def precision(model: onnx.ModelProto) -> tuple[str, str]:
+def precision(model: onnx.ModelProto) -> tuple[Precision, RoutingPrecision]:
     """``(precision, routing precision)`` the graph was exported in; ``("fp32", "fp32")`` when unrecorded.
     A recorded precision must be the one of the graph's weights (an FP32 graph holds no FP16/BF16
     weight, an FP16 or BF16 graph its weights in that type): a user error otherwise."""
     recorded = metadata_json(model, PRECISION_KEY, None)
     if recorded is None:
-        return "fp32", "fp32"
+        return Precision.FP32, RoutingPrecision.FP32
     if (
         not isinstance(recorded, dict)
         or recorded.get("precision") not in settings.PRECISIONS
-        or recorded.get("routing", "fp32") not in settings.ROUTING_PRECISIONS
+        or recorded.get("routing", RoutingPrecision.FP32) not in settings.ROUTING_PRECISIONS
     ):
         raise bad_metadata(PRECISION_KEY, f"not a precision ({', '.join(settings.PRECISIONS)}) and routing precision")
     found = weight_types(model) & _TYPED
@@ -176,7 +177,7 @@ def precision(model: onnx.ModelProto) -> tuple[str, str]:
             f"the graph's metadata says it is {recorded['precision']} but its weights are {held}; it was edited "
             "or written by another tool"
         )
-    return recorded["precision"], recorded.get("routing", "fp32")
+    return Precision(recorded["precision"]), RoutingPrecision(recorded.get("routing", RoutingPrecision.FP32))
 
 
 def weight_types(model: onnx.ModelProto) -> set[int]:
@@ -280,7 +281,7 @@ def bfloat16_roundings(model: onnx.ModelProto) -> list[str]:
     each Cast back to float of a Cast to bfloat16 (the expert inputs and outputs of every MoE layer,
     ``exporter.models.experts.round_to_bfloat16``). Empty for FP16/BF16 graphs, whose Casts to the
     reduced type are the precision's own boundaries."""
-    if precision(model)[0] != "fp32":
+    if precision(model)[0] != Precision.FP32:
         return []
     casts = [n for n in model.graph.node if n.op_type == "Cast" and not n.domain]
     to = {n.output[0]: next((a.i for a in n.attribute if a.name == "to"), None) for n in casts}

@@ -52,6 +52,7 @@ from exporter.formats.graph import (
     vmoe_layers,
 )
 from exporter.progress import phase
+from exporter.settings import Precision, RoutingPrecision
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class ParityReport:
     routing_status: str
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    precision: str = "fp32"  # of the graph (or engine): fp32, fp16, bf16
-    routing_precision: str = "fp32"  # fp32 (pinned) or reduced
+    precision: Precision = Precision.FP32  # of the graph (or engine)
+    routing_precision: RoutingPrecision = RoutingPrecision.FP32  # pinned, or reduced
     soft_routing: list[SoftRoutingParity] = field(default_factory=list)
     rounding: RoundingParity | None = None  # bf16 dispatch: the graph's roundings, when they decided
 
@@ -379,7 +380,7 @@ def ort_backend_name(header: onnx.ModelProto) -> str:
     from exporter.backends.emulation import emulation_type
 
     dtype = emulation_type(header)
-    names = {"BFLOAT16": "bf16", "FLOAT16": "fp16", "FLOAT8E4M3FN": "fp8"}
+    names = {"BFLOAT16": Precision.BF16, "FLOAT16": Precision.FP16, "FLOAT8E4M3FN": Precision.FP8}
     return "onnxruntime-cpu" + ("" if dtype is None else f" ({names[dtype.name]} emulated)")
 
 

@@ -25,6 +25,7 @@ from exporter.parity.parity import (
     reference_run,
     stored_reference,
 )
+from exporter.settings import Precision
 from exporter.sources.loading import ModelSource
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _validate_engine_target(target: Path, engine_graph, verify_key, asked: _Aske
         batch=asked.batch,
         seed=asked.seed,
         inputs_npz=str(sample) if use_sample else asked.inputs_npz,
-        tolerances=_tolerances(engine_precision or "fp32", asked.rtol, asked.routing_agreement),
+        tolerances=_tolerances(engine_precision or Precision.FP32, asked.rtol, asked.routing_agreement),
         reference=reference,
     )
     report.notes += notes + seed_notes

@@ -14,6 +14,7 @@ from exporter import settings
 from exporter.compare import close as _close_to
 from exporter.formats.graph import MIX_OPS, SHAPE_OPS
 from exporter.rewrite.plan import Decline, PluginNode
+from exporter.settings import Precision
 from plugins import registry
 from plugins.onnx_function import PARSER_ATTRIBUTES
 
@@ -202,7 +203,7 @@ def detach(t: gs.Variable) -> None:
         node.outputs[node.outputs.index(t)] = gs.Variable(f"{t.name}.replaced", dtype=t.dtype, shape=t.shape)
 
 
-def close(actual: np.ndarray, expected: np.ndarray, rtol: float = settings.REWRITE_CHECK_RTOL["fp32"]) -> bool:
+def close(actual: np.ndarray, expected: np.ndarray, rtol: float = settings.REWRITE_CHECK_RTOL[Precision.FP32]) -> bool:
     """Float values equal to ``expected`` within ``rtol`` of its scale (the parity check's measure)."""
     return _close_to(actual, expected, rtol)
 

@@ -49,6 +49,7 @@ from exporter.rewrite.graph import quiet_graphsurgeon
 from exporter.rewrite.plan import Decline, LayerPlan, RewriteResult
 from exporter.rewrite.probe import Probe
 from exporter.rewrite.rules import GraphContext, rules
+from exporter.settings import RoutingPrecision
 from plugins import registry
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def plan_rewrite(
     if held:
         raise UserError(f"{path} already holds {held[0]}:: plugin nodes (it was rewritten before)")
     graph_precision, routing_precision = precision(proto)
-    if routing_precision != "fp32":
+    if routing_precision != RoutingPrecision.FP32:
         raise UserError(
             f"{path} computes its routing in {graph_precision}: the moe:: route plugins take FP32 router outputs; "
             "export with `routing_precision=fp32` (the default) to rewrite it"

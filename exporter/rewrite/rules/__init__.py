@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from exporter.rewrite.plan import LayerPlan
+from exporter.settings import Precision
 
 
 @dataclass
@@ -29,7 +30,7 @@ class GraphContext:
     graph: gs.Graph
     paths: dict[str, list[str]]  # node name -> ["blocks.1", "blocks.1.mlp", ...]
     recorded: dict[str, dict] = field(default_factory=dict)  # moe-export's V-MoE settings, by layer
-    precision: str = "fp32"  # the graph's (a BF16 graph runs emulated: its BF16 tensors can be read)
+    precision: Precision = Precision.FP32  # the graph's (a BF16 graph runs emulated: its BF16 tensors can be read)
 
     def path(self, node: gs.Node) -> list[str]:
         return self.paths.get(node.name, [])
@@ -39,7 +40,7 @@ class GraphContext:
         (and so not emulated) a BF16 tensor (bfloat16 dispatch's rounding) cannot be exposed."""
         import onnx
 
-        return t.dtype != onnx.TensorProto.BFLOAT16 or self.precision == "bf16"
+        return t.dtype != onnx.TensorProto.BFLOAT16 or self.precision == Precision.BF16
 
 
 class Probe(Protocol):
