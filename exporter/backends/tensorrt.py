@@ -312,9 +312,10 @@ def build_engine(
     nodes = _plugins_to_build(onnx_path)
     expected = dict(Counter(nodes.values()))
     name, image, batch = input_profile(onnx_path, options, input_shape, batch_multiple)
+    profile = _profile(name, image, batch)
     network_plugins: dict[str, int] = {}
     network = _network(onnx_path, nodes, network_plugins)
-    config = _config(name, image, batch, options)
+    config = _config(profile, options)
     engine_bytes = _build(network, config, onnx_path, precision, batch, options.timing_cache)
     layers, inspected, found = _verify(engine_bytes, onnx_path, nodes, expected, network_plugins)
     with atomic_path(engine_path) as tmp:
@@ -361,6 +362,13 @@ def input_profile(
     return value.name, image, profile_batch(dims[0], options, batch_multiple)
 
 
+def _profile(name: str, image: tuple[int, ...], batch: dict[str, int]):
+    """The optimization profile: the input's min, opt and max batches of ``image``-shaped images."""
+    from polygraphy.backend.trt import Profile
+
+    return Profile().add(name, min=(batch["min"], *image), opt=(batch["opt"], *image), max=(batch["max"], *image))
+
+
 def _network(onnx_path: Path, nodes: dict[str, str], network_plugins: dict[str, int]):
     """The network loader: the ONNX parser's, strongly typed, counting its plugin layers into
     ``network_plugins`` when it runs."""
@@ -371,13 +379,12 @@ def _network(onnx_path: Path, nodes: dict[str, str], network_plugins: dict[str, 
     return PostprocessNetwork(network, _count_network_plugins(network_plugins, nodes), "CountPluginLayers")
 
 
-def _config(name: str, image: tuple[int, ...], batch: dict[str, int], options: EngineOptions):
-    """The builder config loader: the batch profile, timing cache, workspace, optimization level,
-    detailed profiling (for the engine inspector) and the progress monitor."""
+def _config(profile, options: EngineOptions):
+    """The builder config loader: the profile, timing cache, workspace, optimization level, detailed
+    profiling (for the engine inspector) and the progress monitor."""
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, Profile
+    from polygraphy.backend.trt import CreateConfig
 
-    profile = Profile().add(name, min=(batch["min"], *image), opt=(batch["opt"], *image), max=(batch["max"], *image))
     pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20} if options.workspace_mib else None
     timing_cache = options.timing_cache
     return CreateConfig(
