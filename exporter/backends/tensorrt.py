@@ -305,75 +305,21 @@ def build_engine(
     options.check()
     require_tensorrt("building an engine")
     import tensorrt as trt
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineBytesFromNetwork,
-        NetworkFromOnnxPath,
-        PostprocessNetwork,
-        Profile,
-    )
-    from polygraphy.exception import PolygraphyException
 
     start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     precision, routing = graph_precision(onnx_path, options.precision)
-    nodes = plugin_node_names(onnx_path)
+    nodes = _plugins_to_build(onnx_path)
     expected = dict(Counter(nodes.values()))
-    if expected:
-        conflict = numpy_plugin_conflict(trt.__version__, np.__version__)
-        if conflict:
-            raise TensorRTUnavailable(conflict)
-        _register_plugins()
-    value = image_input(read_header(onnx_path))
-    name = value.name
-    dims = [d if isinstance(d, int) else None for d in input_dims(value)]
-    image = tuple(dims[1:]) if all(dims[1:]) else input_shape
-    if image is None:
-        raise UserError(f"{onnx_path}'s input {name} has dynamic image dimensions; give the input shape")
-    batch = profile_batch(dims[0], options, batch_multiple)
-    profile = Profile().add(name, min=(batch["min"], *image), opt=(batch["opt"], *image), max=(batch["max"], *image))
-
-    # strongly typed on 10.x and 11.x: every layer computes in the type the graph gives its tensors
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    name, image, batch = input_profile(onnx_path, options, input_shape, batch_multiple)
+    profile = _profile(name, image, batch)
     network_plugins: dict[str, int] = {}
-    network = PostprocessNetwork(network, _count_network_plugins(network_plugins, nodes), "CountPluginLayers")
-    pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20} if options.workspace_mib else None
-    timing_cache = options.timing_cache
-    config = CreateConfig(
-        profiles=[profile],
-        load_timing_cache=timing_cache if timing_cache and os.path.exists(timing_cache) else None,
-        memory_pool_limits=pools,
-        builder_optimization_level=options.opt_level,
-        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
-        progress_monitor=progress_monitor(trt, OncePerPhase(log)),
-    )
-    building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
-    with phase(log, building), quiet_polygraphy("WARNING"):
-        try:
-            engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
-        except PolygraphyException as e:  # Polygraphy reports parser and builder errors so
-            reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-            raise CheckFailed(f"TensorRT could not build {onnx_path}: {reason}") from None
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(bytes(engine_bytes))
-    if engine is None:
-        raise CheckFailed(f"TensorRT built {onnx_path} but cannot deserialize the engine it made")
-    layers, inspected = inspect_plugin_layers(engine, nodes)
-    found = {op: max(network_plugins.get(op, 0), inspected.get(op, 0)) for op in set(network_plugins) | set(inspected)}
-    missing = {op: n for op, n in expected.items() if network_plugins.get(op, 0) < n}
-    if missing:
-        raise CheckFailed(
-            f"the engine has {found or 'no'} plugin layers but the graph has {expected} plugin nodes: the parser "
-            "used the nodes' local functions instead of the moe:: plugins (are they registered, TensorRT >= 10.9?)"
-        )
+    network = _network(onnx_path, nodes, network_plugins)
+    config = _config(profile, options)
+    engine_bytes = _build(network, config, onnx_path, precision, batch, options.timing_cache)
+    layers, inspected, found = _verify(engine_bytes, onnx_path, nodes, expected, network_plugins)
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(engine_bytes))
-    notes = []
-    if precision != "fp32":
-        notes.append(f"{precision} graph with the routing in {'FP32' if routing == 'fp32' else precision}")
-    if inspected != {op: n for op, n in network_plugins.items() if n}:
-        notes.append(
-            f"the engine inspector's JSON shows plugin layers {inspected or 'none'}, the network {network_plugins}"
-        )
     return EngineBuild(
         path=engine_path,
         onnx=onnx_path,
@@ -385,8 +331,117 @@ def build_engine(
         layers=layers,
         plugin_layers=found,
         expected_plugins=expected,
-        notes=notes,
+        notes=_build_notes(precision, routing, inspected, network_plugins),
     )
+
+
+def _plugins_to_build(onnx_path: Path) -> dict[str, str]:
+    """The graph's plugin nodes (``{node name: plugin op}``); when there are any, the moe:: plugins are
+    registered, after checking that this TensorRT and NumPy can create them."""
+    import tensorrt as trt
+
+    nodes = plugin_node_names(onnx_path)
+    if nodes:
+        conflict = numpy_plugin_conflict(trt.__version__, np.__version__)
+        if conflict:
+            raise TensorRTUnavailable(conflict)
+        _register_plugins()
+    return nodes
+
+
+def input_profile(
+    onnx_path: Path, options: EngineOptions, input_shape: tuple[int, ...] | None, batch_multiple: int
+) -> tuple[str, tuple[int, ...], dict[str, int]]:
+    """(input name, one image's shape, ``{"min", "opt", "max"}`` batches) of the optimization profile:
+    the image shape is the graph's where it is static beyond the batch, else ``input_shape``."""
+    value = image_input(read_header(onnx_path))
+    dims = [d if isinstance(d, int) else None for d in input_dims(value)]
+    image = tuple(dims[1:]) if all(dims[1:]) else input_shape
+    if image is None:
+        raise UserError(f"{onnx_path}'s input {value.name} has dynamic image dimensions; give the input shape")
+    return value.name, image, profile_batch(dims[0], options, batch_multiple)
+
+
+def _profile(name: str, image: tuple[int, ...], batch: dict[str, int]):
+    """The optimization profile: the input's min, opt and max batches of ``image``-shaped images."""
+    from polygraphy.backend.trt import Profile
+
+    return Profile().add(name, min=(batch["min"], *image), opt=(batch["opt"], *image), max=(batch["max"], *image))
+
+
+def _network(onnx_path: Path, nodes: dict[str, str], network_plugins: dict[str, int]):
+    """The network loader: the ONNX parser's, strongly typed, counting its plugin layers into
+    ``network_plugins`` when it runs."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork
+
+    # strongly typed on 10.x and 11.x: every layer computes in the type the graph gives its tensors
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    return PostprocessNetwork(network, _count_network_plugins(network_plugins, nodes), "CountPluginLayers")
+
+
+def _config(profile, options: EngineOptions):
+    """The builder config loader: the profile, timing cache, workspace, optimization level, detailed
+    profiling (for the engine inspector) and the progress monitor."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig
+
+    pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20} if options.workspace_mib else None
+    timing_cache = options.timing_cache
+    return CreateConfig(
+        profiles=[profile],
+        load_timing_cache=timing_cache if timing_cache and os.path.exists(timing_cache) else None,
+        memory_pool_limits=pools,
+        builder_optimization_level=options.opt_level,
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
+        progress_monitor=progress_monitor(trt, OncePerPhase(log)),
+    )
+
+
+def _build(network, config, onnx_path: Path, precision: str, batch: dict[str, int], timing_cache: str | None):
+    """The serialized engine; a parser or builder error is a CheckFailed with its last line."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    building = f"Building the TensorRT {trt.__version__} engine ({precision}, strongly typed, batch {batch})"
+    with phase(log, building), quiet_polygraphy("WARNING"):
+        try:
+            return EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
+        except PolygraphyException as e:  # Polygraphy reports parser and builder errors so
+            reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            raise CheckFailed(f"TensorRT could not build {onnx_path}: {reason}") from None
+
+
+def _verify(
+    engine_bytes, onnx_path: Path, nodes: dict[str, str], expected: dict[str, int], network_plugins: dict[str, int]
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(layers, plugin layers the engine inspector shows, plugin layers found) of the built engine;
+    a CheckFailed when it does not deserialize or the parsed network lacks plugin layers the graph asks for."""
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(bytes(engine_bytes))
+    if engine is None:
+        raise CheckFailed(f"TensorRT built {onnx_path} but cannot deserialize the engine it made")
+    layers, inspected = inspect_plugin_layers(engine, nodes)
+    found = {op: max(network_plugins.get(op, 0), inspected.get(op, 0)) for op in set(network_plugins) | set(inspected)}
+    missing = {op: n for op, n in expected.items() if network_plugins.get(op, 0) < n}
+    if missing:
+        raise CheckFailed(
+            f"the engine has {found or 'no'} plugin layers but the graph has {expected} plugin nodes: the parser "
+            "used the nodes' local functions instead of the moe:: plugins (are they registered, TensorRT >= 10.9?)"
+        )
+    return layers, inspected, found
+
+
+def _build_notes(precision: str, routing: str, inspected: dict[str, int], network_plugins: dict[str, int]) -> list[str]:
+    notes = []
+    if precision != "fp32":
+        notes.append(f"{precision} graph with the routing in {'FP32' if routing == 'fp32' else precision}")
+    if inspected != {op: n for op, n in network_plugins.items() if n}:
+        notes.append(
+            f"the engine inspector's JSON shows plugin layers {inspected or 'none'}, the network {network_plugins}"
+        )
+    return notes
 
 
 def graph_precision(onnx_path: str | Path, wanted: str | None = None) -> tuple[str, str]:

@@ -37,7 +37,6 @@ import numpy as np
 from exporter import settings
 from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
-from exporter.formats.graph import image_input, input_dims, read_header
 from exporter.progress import OncePerPhase
 
 log = logging.getLogger(__name__)
@@ -316,7 +315,7 @@ def build_engine(
         CheckFailed: the parser or builder refused the graph, or a plugin node did not become a
             plugin layer with its kernel.
     """
-    from exporter.backends.tensorrt import EngineOptions, graph_precision, plugin_node_names, profile_batch
+    from exporter.backends.tensorrt import EngineOptions, graph_precision, input_profile, plugin_node_names
 
     options = options or EngineOptions()
     options.check()
@@ -326,24 +325,14 @@ def build_engine(
     require_rtx("building an engine")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     precision, _ = graph_precision(onnx_path, options.precision)
-    need, have = estimated_build_bytes(onnx_path), available_memory()
-    if have is not None and need > have:
-        raise UserError(
-            f"{onnx_path} is too big to build here: the build needs about {need / 2**30:.1f} GiB of memory and "
-            f"{have / 2**30:.1f} GiB is available; build on a machine with more memory"
-        )
-    value = image_input(read_header(onnx_path))
-    dims = [d if isinstance(d, int) else None for d in input_dims(value)]
-    image = tuple(dims[1:]) if all(dims[1:]) else input_shape
-    if image is None:
-        raise UserError(f"{onnx_path}'s input {value.name} has dynamic image dimensions; give the input shape")
-    batch = profile_batch(dims[0], options, batch_multiple)
+    _check_memory(onnx_path)
+    name, image, batch = input_profile(onnx_path, options, input_shape, batch_multiple)
     nodes = plugin_node_names(onnx_path)
     request = {
         "onnx": str(onnx_path),
         "engine": str(engine_path),
         "target": target,
-        "input": value.name,
+        "input": name,
         "shapes": {k: [batch[k], *image] for k in ("min", "opt", "max")},
         "nodes": nodes,
         "precision": precision,
@@ -368,6 +357,16 @@ def build_engine(
         plugin_outputs=result["plugin_outputs"],
         notes=result["notes"],
     )
+
+
+def _check_memory(onnx_path: Path) -> None:
+    """A user error when the build would need more memory than this machine has available."""
+    need, have = estimated_build_bytes(onnx_path), available_memory()
+    if have is not None and need > have:
+        raise UserError(
+            f"{onnx_path} is too big to build here: the build needs about {need / 2**30:.1f} GiB of memory and "
+            f"{have / 2**30:.1f} GiB is available; build on a machine with more memory"
+        )
 
 
 def _library_folder(folder: Path) -> Path:

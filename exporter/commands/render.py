@@ -22,8 +22,6 @@ def mark(ok: bool) -> str:
 
 def print_report(report) -> None:
     """A ParityReport: outputs, routing per V-MoE layer, notes, verdict."""
-    from rich.table import Table
-
     out = console()
     precision = ""
     if report.precision != "fp32":
@@ -33,80 +31,16 @@ def print_report(report) -> None:
         f"[bold]{escape(report.graph)}[/bold] vs PyTorch {escape(report.model)} "
         f"on {report.backend}, batch {report.batch}{precision}"
     )
-    t = Table(title="outputs", title_justify="left", box=None, pad_edge=False)
-    for col in ("output", "shape", "max abs err", "max rel err", f"rel tol {report.tolerances['rtol']:g}"):
-        t.add_column(col, justify="left" if col in ("output", "shape") else "right")
-    for o in report.outputs:
-        t.add_row(escape(o.name), "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", mark(o.passed))
-    out.print(t)
+    _print_outputs(out, report)
     if report.routing:
-        t = Table(title="routing per V-MoE layer", title_justify="left", box=None, pad_edge=False)
-        cols = ("layer", "pairs", "expert", "kept", "slot", "all", "slot swaps", "dropped (torch / graph)", "")
-        for col in cols:
-            t.add_column(col, justify="left" if col == "layer" else "right")
-        for r in report.routing:
-            t.add_row(
-                escape(r.layer),
-                str(r.pairs),
-                share(r.expert),
-                share(r.kept),
-                share(r.slot),
-                share(r.agreement),
-                str(r.slot_swaps),
-                f"{r.dropped_expected:.1%} / {r.dropped_actual:.1%}",
-                mark(r.passed),
-            )
-        out.print(t)
-        agreement = report.tolerances["routing_agreement"]
-        if agreement < 1 or any(r.decisions < 1 for r in report.routing):
-            out.print(
-                "[yellow]note:[/yellow] pass/FAIL judges each pair's decisions, its expert and kept/dropped "
-                f"together: at least {share(agreement)} of the pairs per layer (lowest here "
-                f"{share(min(r.decisions for r in report.routing))}). slot and all are shown, not judged: one "
-                "flipped expert choice moves the buffer position of every later token of both experts in its "
-                "group, so slots differ far more often than decisions (and slot swaps only count where every "
-                "decision agrees)"
-            )
+        _print_routing(out, report)
     else:
         out.print(f"routing: {report.routing_status}")
     explained = [r for r in report.routing if r.gate_error is not None]
     if explained:
-        t = Table(title="flipped decisions per V-MoE layer", title_justify="left", box=None, pad_edge=False)
-        cols = ("layer", "flips", "gates", "cascade", "unexplained", "max gate err", "out err: flipped / clean images")
-        for col in cols:
-            t.add_column(col, justify="left" if col == "layer" else "right")
-        for r in explained:
-            causes = Counter(r.causes)
-            errs = " / ".join("-" if e is None else f"{e:.3g}" for e in (r.output_error_flipped, r.output_error_clean))
-            t.add_row(
-                escape(r.layer),
-                str(r.flip_count),
-                str(causes["gates"]),
-                str(causes["cascade"]),
-                str(r.unexplained) if not r.unexplained else f"[red]{r.unexplained}[/red]",
-                f"{r.gate_error:.3g}",
-                errs,
-            )
-        out.print(t)
-        if any(r.flip_count for r in explained):
-            out.print(
-                "[yellow]note:[/yellow] a flip's cause is [bold]gates[/bold] when the reference's two competing "
-                "gates (or priorities) were closer than the graph's deviation from them, [bold]cascade[/bold] when "
-                "an expert flip earlier in the group moved its buffer position (--json lists each flip)"
-            )
+        _print_flips(out, explained)
     if report.soft_routing:
-        t = Table(title="Soft-MoE weights per layer", title_justify="left", box=None, pad_edge=False)
-        for col in ("layer", "dispatch max abs err", "(rel)", "combine max abs err", "(rel)"):
-            t.add_column(col, justify="left" if col == "layer" else "right")
-        for r in report.soft_routing:
-            t.add_row(
-                escape(r.layer),
-                f"{r.dispatch_max_abs:.3g}",
-                f"{r.dispatch_max_rel:.3g}",
-                f"{r.combine_max_abs:.3g}",
-                f"{r.combine_max_rel:.3g}",
-            )
-        out.print(t)
+        _print_soft_routing(out, report.soft_routing)
     if report.rounding is not None:
         _print_rounding(out, report.rounding, report.tolerances["rtol"])
     if any(r.slot_swaps for r in report.routing):
@@ -119,14 +53,98 @@ def print_report(report) -> None:
     out.print(f"{mark(report.passed)} ({report.seconds:.1f}s)")
 
 
-def _print_rounding(out, r, rtol: float) -> None:
-    """bf16 dispatch: the graph's bfloat16 roundings against PyTorch's (``compare.RoundingParity``)."""
+def _table(title: str, cols, left=("layer",)):
+    """A report table: the title above it on the left, no box; the ``left`` columns left-justified,
+    the others right-justified."""
     from rich.table import Table
 
-    t = Table(title="bfloat16 dispatch roundings", title_justify="left", box=None, pad_edge=False)
-    cols = ("roundings", "elements", "other way at a midpoint", "unexplained", "max rel err before", "")
+    t = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for col in cols:
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="left" if col in left else "right")
+    return t
+
+
+def _print_outputs(out, report) -> None:
+    """Each output's errors against PyTorch and its verdict."""
+    cols = ("output", "shape", "max abs err", "max rel err", f"rel tol {report.tolerances['rtol']:g}")
+    t = _table("outputs", cols, left=("output", "shape"))
+    for o in report.outputs:
+        t.add_row(escape(o.name), "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", mark(o.passed))
+    out.print(t)
+
+
+def _print_routing(out, report) -> None:
+    """The routing decisions' agreement per V-MoE layer, and what pass/FAIL judges when it is not all."""
+    cols = ("layer", "pairs", "expert", "kept", "slot", "all", "slot swaps", "dropped (torch / graph)", "")
+    t = _table("routing per V-MoE layer", cols)
+    for r in report.routing:
+        t.add_row(
+            escape(r.layer),
+            str(r.pairs),
+            share(r.expert),
+            share(r.kept),
+            share(r.slot),
+            share(r.agreement),
+            str(r.slot_swaps),
+            f"{r.dropped_expected:.1%} / {r.dropped_actual:.1%}",
+            mark(r.passed),
+        )
+    out.print(t)
+    agreement = report.tolerances["routing_agreement"]
+    if agreement < 1 or any(r.decisions < 1 for r in report.routing):
+        out.print(
+            "[yellow]note:[/yellow] pass/FAIL judges each pair's decisions, its expert and kept/dropped "
+            f"together: at least {share(agreement)} of the pairs per layer (lowest here "
+            f"{share(min(r.decisions for r in report.routing))}). slot and all are shown, not judged: one "
+            "flipped expert choice moves the buffer position of every later token of both experts in its "
+            "group, so slots differ far more often than decisions (and slot swaps only count where every "
+            "decision agrees)"
+        )
+
+
+def _print_flips(out, explained) -> None:
+    """The flipped decisions of each V-MoE layer and their causes."""
+    cols = ("layer", "flips", "gates", "cascade", "unexplained", "max gate err", "out err: flipped / clean images")
+    t = _table("flipped decisions per V-MoE layer", cols)
+    for r in explained:
+        causes = Counter(r.causes)
+        errs = " / ".join("-" if e is None else f"{e:.3g}" for e in (r.output_error_flipped, r.output_error_clean))
+        t.add_row(
+            escape(r.layer),
+            str(r.flip_count),
+            str(causes["gates"]),
+            str(causes["cascade"]),
+            str(r.unexplained) if not r.unexplained else f"[red]{r.unexplained}[/red]",
+            f"{r.gate_error:.3g}",
+            errs,
+        )
+    out.print(t)
+    if any(r.flip_count for r in explained):
+        out.print(
+            "[yellow]note:[/yellow] a flip's cause is [bold]gates[/bold] when the reference's two competing "
+            "gates (or priorities) were closer than the graph's deviation from them, [bold]cascade[/bold] when "
+            "an expert flip earlier in the group moved its buffer position (--json lists each flip)"
+        )
+
+
+def _print_soft_routing(out, soft_routing) -> None:
+    """The Soft-MoE dispatch and combine weights' errors per layer."""
+    t = _table("Soft-MoE weights per layer", ("layer", "dispatch max abs err", "(rel)", "combine max abs err", "(rel)"))
+    for r in soft_routing:
+        t.add_row(
+            escape(r.layer),
+            f"{r.dispatch_max_abs:.3g}",
+            f"{r.dispatch_max_rel:.3g}",
+            f"{r.combine_max_abs:.3g}",
+            f"{r.combine_max_rel:.3g}",
+        )
+    out.print(t)
+
+
+def _print_rounding(out, r, rtol: float) -> None:
+    """bf16 dispatch: the graph's bfloat16 roundings against PyTorch's (``compare.RoundingParity``)."""
+    cols = ("roundings", "elements", "other way at a midpoint", "unexplained", "max rel err before", "")
+    t = _table("bfloat16 dispatch roundings", cols, left=())
     unexplained = str(r.unexplained) if not r.unexplained else f"[red]{r.unexplained}[/red]"
     t.add_row(
         str(r.roundings), f"{r.elements:,}", str(r.at_midpoint), unexplained, f"{r.max_rel_before:.3g}", mark(r.passed)

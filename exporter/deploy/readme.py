@@ -23,22 +23,24 @@ def _shape(name: str, batch: int, image: list) -> str:
 
 
 def render_readme(manifest: dict) -> str:
-    """The bundle's README: requirements, and the exact commands to build and check the engine."""
+    """The bundle's README: requirements, and the exact commands to build and check the engine; one
+    function per section."""
+    typed, routing_rule = _precision_text(manifest)
+    sections = (
+        _overview(manifest, typed),
+        _requirements(),
+        _with_moe_export(),
+        _with_polygraphy(manifest, routing_rule),
+        _with_trtexec(manifest),
+        _rtx_gpus(),
+    )
+    return "\n".join(sections)
+
+
+def _precision_text(manifest: dict) -> tuple[str, str]:
+    """(the overview's precision line, the end of the parity rule's sentence: routing decisions)."""
     model = manifest["model"]
-    (inp,) = manifest["inputs"]
-    image = inp["shape"][1:]
-    batch = manifest["sample"]["batch"]
-    group = model["batch_multiple"]
-    atol = " ".join(f"{n}:{v:g}" for n, v in manifest["polygraphy_atol"].items())
-    shapes = " ".join(f"--{k}Shapes={_shape(inp['name'], batch, image)}" for k in ("min", "opt", "max"))
-    dims = ",".join(str(d) for d in [batch, *image])
-    # Polygraphy builds a profile with every dynamic dimension at 1 unless told: the sample batch must fit
-    trt_shapes = " ".join(f"--trt-{k}-shapes {inp['name']}:[{dims}]" for k in ("min", "opt", "max"))
-    plugins = manifest["plugins"]
-    counts = ", ".join(f"{n} {op}" for op, n in plugins["nodes"].items()) or "none"
-    targets = ", ".join(plugins["ptx_targets"])
     precision = manifest.get("precision", "fp32")
-    rtol = settings.TOLERANCES[precision].rtol
     if precision == "fp32":
         typed = "Precision: FP32 graphs."
         routing_rule = "and 0 for routing decisions (expert, kept, slot), which must be identical."
@@ -63,6 +65,18 @@ def render_readme(manifest: dict) -> str:
             "decision equal. On CPU, `moe-export validate model.plugins.onnx --inputs inputs.json` exposes the "
             "rounded tensors and accounts for them; an engine exposes none, so its check compares as it stands."
         )
+    return typed, routing_rule
+
+
+def _overview(manifest: dict, typed: str) -> str:
+    """The model, its inputs and precision, and the table of the bundle's files."""
+    model = manifest["model"]
+    (inp,) = manifest["inputs"]
+    batch = manifest["sample"]["batch"]
+    group = model["batch_multiple"]
+    plugins = manifest["plugins"]
+    counts = ", ".join(f"{n} {op}" for op, n in plugins["nodes"].items()) or "none"
+    targets = ", ".join(plugins["ptx_targets"])
     return f"""# Deploy bundle: {model["name"]}
 
 Made by moe-export {manifest["versions"]["moe-export"]} (manifest.json says when). Family: {model["family"]},
@@ -80,8 +94,11 @@ Inputs: {manifest["preprocessing"]}.
 | `{INPUTS_NPZ}`, `{INPUTS_JSON}`, `{INPUTS_BIN}` | {batch} sample images (.npz, Polygraphy JSON, raw float32) |
 | `{REFERENCE_NPZ}`, `{REFERENCE_JSON}` | PyTorch's outputs on them, routing decisions included |
 | `{MANIFEST}` | model, file hashes, inputs/outputs, tolerances, versions, CPU parity |
+"""
 
-## Requirements
+
+def _requirements() -> str:
+    return f"""## Requirements
 
 - **Plugin engine** (`{PLUGINS}`): TensorRT >= 10.9 with its Python package at build time (AOT Quickly
   Deployable Plugins). The built engine embeds the kernels and runs without Python (trtexec, C++, Triton
@@ -105,8 +122,11 @@ bad = [f for f, v in files.items() if hashlib.sha256(open(f, "rb").read()).hexdi
 print(bad or "all files intact")
 EOF
 ```
+"""
 
-## With moe-export (on the device)
+
+def _with_moe_export() -> str:
+    return """## With moe-export (on the device)
 
 Every command here runs in this folder (`cd` into it first), whatever it is called:
 
@@ -114,8 +134,20 @@ Every command here runs in this folder (`cd` into it first), whatever it is call
 moe-export build engine .    # checks every file's hash, registers the plugins, builds model.engine, validates it
 moe-export validate .        # TensorRT vs PyTorch: outputs and routing per layer
 ```
+"""
 
-## With Polygraphy
+
+def _with_polygraphy(manifest: dict, routing_rule: str) -> str:
+    (inp,) = manifest["inputs"]
+    image = inp["shape"][1:]
+    batch = manifest["sample"]["batch"]
+    atol = " ".join(f"{n}:{v:g}" for n, v in manifest["polygraphy_atol"].items())
+    dims = ",".join(str(d) for d in [batch, *image])
+    # Polygraphy builds a profile with every dynamic dimension at 1 unless told: the sample batch must fit
+    trt_shapes = " ".join(f"--trt-{k}-shapes {inp['name']}:[{dims}]" for k in ("min", "opt", "max"))
+    precision = manifest.get("precision", "fp32")
+    rtol = settings.TOLERANCES[precision].rtol
+    return f"""## With Polygraphy
 
 ```bash
 # plugin graph: the script registers the plugins before parsing
@@ -131,8 +163,15 @@ dimension to 1); Polygraphy leaves TF32 off unless `--tf32` is given.
 
 The `--atol` values are the {precision} parity rule (max |TensorRT - PyTorch| <= {rtol:g} x max |PyTorch|
 per output), {routing_rule}
+"""
 
-## With plain trtexec (portable graph, no plugins)
+
+def _with_trtexec(manifest: dict) -> str:
+    (inp,) = manifest["inputs"]
+    image = inp["shape"][1:]
+    batch = manifest["sample"]["batch"]
+    shapes = " ".join(f"--{k}Shapes={_shape(inp['name'], batch, image)}" for k in ("min", "opt", "max"))
+    return f"""## With plain trtexec (portable graph, no plugins)
 
 ```bash
 trtexec --onnx={PORTABLE} {shapes} --stronglyTyped --noTF32 --saveEngine=model.portable.engine
@@ -144,8 +183,11 @@ trtexec --loadEngine=model.portable.engine --shapes={_shape(inp["name"], batch, 
 default, which misses the FP32 parity rule. trtexec cannot build
 `{PLUGINS}` (its plugins are Python), but it runs the plugin engine that moe-export
 or Polygraphy built: `trtexec --loadEngine={ENGINE} --shapes={_shape(inp["name"], batch, image)}`.
+"""
 
-## RTX GPUs (TensorRT for RTX: GeForce RTX 30/40/50, RTX PRO, laptops)
+
+def _rtx_gpus() -> str:
+    return f"""## RTX GPUs (TensorRT for RTX: GeForce RTX 30/40/50, RTX PRO, laptops)
 
 TensorRT for RTX builds for named compute capabilities on any machine, GPU or not
 (`pip install tensorrt-rtx-cu12 cuda-python`): sm_75, sm_80, sm_86 (RTX 30), sm_89 (RTX 40), sm_120

@@ -176,8 +176,32 @@ def write_triton_repo(
     """
     plan = _check_inputs(model_name, engine_path, inputs, outputs, plugins, batch_multiple, max_batch, queue_delay_us)
     plugins = plugins.strip().lower()
-    notes: list[str] = []
+    max_batch_size, notes, dynamic = _batch_axis(inputs, outputs, max_batch, batch_multiple, preferred_batches)
+    notes.append(" ".join(_PLUGIN_COMMENTS[plugins]) + " " + _PLAN_PORTABILITY)
 
+    entry_dir = Path(repo_dir) / model_name
+    entry = TritonRepoEntry(path=entry_dir, model_name=model_name, max_batch_size=max_batch_size)
+    entry.dynamic_batching = dynamic is not None
+    _write_plan(entry, plan, notes)
+    entry.notes = notes
+
+    readme = _readme(Path(repo_dir), model_name, inputs, max_batch_size, batch_multiple, notes)
+    _write_text(entry, README_FILE, readme)
+    config = _config(model_name, inputs, outputs, max_batch_size, batch_multiple, plugins, dynamic, queue_delay_us)
+    _write_text(entry, CONFIG_FILE, config)
+    return entry
+
+
+def _batch_axis(
+    inputs: list[IOSpec],
+    outputs: list[IOSpec],
+    max_batch: int,
+    batch_multiple: int,
+    preferred_batches: list[int] | None,
+) -> tuple[int, list[str], list[int] | None]:
+    """(max_batch_size, notes, preferred batch sizes or None for no dynamic batching) of the engine's
+    batch axis: dynamic in every tensor (``_batched``), or the same static size in every tensor."""
+    notes: list[str] = []
     first_dims = [spec.shape()[0] for spec in inputs + outputs]
     if all(d == -1 for d in first_dims):
         max_batch_size, batching_notes, dynamic = _batched(max_batch, batch_multiple, preferred_batches)
@@ -198,12 +222,13 @@ def write_triton_repo(
             f"the first dims {first_dims} of the inputs and outputs must all be the batch axis: "
             "all dynamic (-1/None), or all the same static size"
         )
-    notes.append(" ".join(_PLUGIN_COMMENTS[plugins]) + " " + _PLAN_PORTABILITY)
+    return max_batch_size, notes, dynamic
 
-    entry_dir = Path(repo_dir) / model_name
-    entry = TritonRepoEntry(path=entry_dir, model_name=model_name, max_batch_size=max_batch_size)
-    entry.dynamic_batching = dynamic is not None
-    plan_dest = entry_dir / VERSION / PLAN_FILE
+
+def _write_plan(entry: TritonRepoEntry, plan: Path | None, notes: list[str]) -> None:
+    """Copies the engine to ``1/model.plan`` (the entry is then complete); without one, a note says
+    the entry is not servable (and whether a plan of an earlier write is there)."""
+    plan_dest = entry.path / VERSION / PLAN_FILE
     if plan is not None:
         with atomic_path(plan_dest) as tmp:
             shutil.copyfile(plan, tmp)
@@ -214,17 +239,12 @@ def write_triton_repo(
         if plan_dest.exists():
             missing += f" (the {VERSION}/{PLAN_FILE} already there is from an earlier write and may not match)"
         notes.append(missing)
-    entry.notes = notes
 
-    readme = _readme(Path(repo_dir), model_name, inputs, max_batch_size, batch_multiple, notes)
-    with atomic_path(entry_dir / README_FILE) as tmp:
-        tmp.write_text(readme)
-    entry.files.append(README_FILE)
-    config = _config(model_name, inputs, outputs, max_batch_size, batch_multiple, plugins, dynamic, queue_delay_us)
-    with atomic_path(entry_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(config)
-    entry.files.append(CONFIG_FILE)
-    return entry
+
+def _write_text(entry: TritonRepoEntry, name: str, text: str) -> None:
+    with atomic_path(entry.path / name) as tmp:
+        tmp.write_text(text)
+    entry.files.append(name)
 
 
 # --- checks ----------------------------------------------------------------------------------------

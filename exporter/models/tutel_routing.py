@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,38 +161,10 @@ def route_tutel(
     _, num_tokens, num_experts = gates.shape
     k = min(k, num_experts)
     indices, values = _top_k(gates[0], k)
-    expert_ids = torch.arange(num_experts, device=gates.device)
-    choice = torch.stack([(i.unsqueeze(-1) == expert_ids) for i in indices]).float()  # [k, N, E]
-    before = _before(values[0] if batch_priority else None, num_tokens, gates.device)
-    same_pass = torch.matmul(before, choice)  # [k, N, E]: earlier choices of e in the same pass
-    per_pass = choice.sum(dim=1, keepdim=True)  # [k, 1, E]
-    earlier_passes = [torch.zeros_like(per_pass[0])]
-    for c in range(1, k):
-        earlier_passes.append(earlier_passes[-1] + per_pass[c - 1])
-    offset = torch.stack(earlier_passes)  # [k, 1, E]
-    location = ((same_pass + offset) * choice).sum(dim=-1).to(torch.int64)  # [k, N]
-
-    bound = None  # cf < 0: the dynamic capacity is clipped to this (aligned, as tutel aligns the clipped value)
-    if capacity_factor > 0:
-        capacity = tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment)
-    else:  # tutel: locations2[-1] + 1, its largest entry
-        if batch_priority:  # only the last token's own location in the last pass counts (BPR's masked cumsum)
-            last = (same_pass[k - 1, -1] * choice[k - 1, -1]).sum()
-            load = offset[k - 1, 0] + 1 + choice[k - 1, -1] * last
-        else:
-            load = per_pass.sum(dim=0)[0]
-        capacity = align(load.max().to(torch.int64), alignment)
-        if capacity_factor < 0:  # align(min(c, b)) == min(align(c), align(b)): compared with each, no tensor
-            bound = align(tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment), alignment)
-
-    weights = values
-    if normalize_gate and k > 1:
-        total = values[0]
-        for v in values[1:]:
-            total = total + v
-        denom = torch.clamp(total, min=torch.finfo(torch.float32).eps)
-        weights = [v / denom for v in values]
-    location = location.transpose(0, 1).unsqueeze(0)  # [1, N, k]
+    passes = _locations(gates, indices, values, batch_priority)
+    capacity, bound = _capacity(passes, num_tokens, num_experts, k, capacity_factor, batch_priority, alignment)
+    weights = _combine_weights(values, k, normalize_gate)
+    location = passes.location.transpose(0, 1).unsqueeze(0)  # [1, N, k]
     kept = location < capacity
     if bound is not None:  # a symbolic bound stays shape arithmetic (a tensor of it would fix the batch size)
         kept = kept & (location < bound)
@@ -204,6 +177,73 @@ def route_tutel(
         weight=torch.where(kept, weight, torch.zeros_like(weight)),
     )
     return routing, capacity
+
+
+class _Passes(NamedTuple):
+    """The buffer locations of the ``k`` passes of choices, and what the capacity rule reads."""
+
+    choice: torch.Tensor  # [k, N, E]: one-hot expert of each token's choice
+    same_pass: torch.Tensor  # [k, N, E]: earlier choices of e in the same pass
+    per_pass: torch.Tensor  # [k, 1, E]: choices of e in each pass
+    offset: torch.Tensor  # [k, 1, E]: choices of e in the earlier passes
+    location: torch.Tensor  # [k, N]: each choice's location in its expert's buffer
+
+
+def _locations(gates: torch.Tensor, indices: list[torch.Tensor], values: list[torch.Tensor], batch_priority: bool):
+    """Each choice's location in its expert's buffer: every choice of an earlier pass goes first, then
+    the same pass's choices of the tokens before it (token order, or BPR's descending top-1 gate)."""
+    _, num_tokens, num_experts = gates.shape
+    k = len(indices)
+    expert_ids = torch.arange(num_experts, device=gates.device)
+    choice = torch.stack([(i.unsqueeze(-1) == expert_ids) for i in indices]).float()  # [k, N, E]
+    before = _before(values[0] if batch_priority else None, num_tokens, gates.device)
+    same_pass = torch.matmul(before, choice)  # [k, N, E]: earlier choices of e in the same pass
+    per_pass = choice.sum(dim=1, keepdim=True)  # [k, 1, E]
+    earlier_passes = [torch.zeros_like(per_pass[0])]
+    for c in range(1, k):
+        earlier_passes.append(earlier_passes[-1] + per_pass[c - 1])
+    offset = torch.stack(earlier_passes)  # [k, 1, E]
+    location = ((same_pass + offset) * choice).sum(dim=-1).to(torch.int64)  # [k, N]
+    return _Passes(choice, same_pass, per_pass, offset, location)
+
+
+def _capacity(
+    passes: _Passes,
+    num_tokens,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    batch_priority: bool,
+    alignment: int,
+):
+    """(capacity, bound): tutel's capacity (an int or a symbolic size for ``cf > 0``, else a 0-d tensor)
+    and, for ``cf < 0``, the bound the dynamic capacity is clipped to (else None)."""
+    bound = None  # cf < 0: the dynamic capacity is clipped to this (aligned, as tutel aligns the clipped value)
+    if capacity_factor > 0:
+        capacity = tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment)
+    else:  # tutel: locations2[-1] + 1, its largest entry
+        if batch_priority:  # only the last token's own location in the last pass counts (BPR's masked cumsum)
+            last = (passes.same_pass[k - 1, -1] * passes.choice[k - 1, -1]).sum()
+            load = passes.offset[k - 1, 0] + 1 + passes.choice[k - 1, -1] * last
+        else:
+            load = passes.per_pass.sum(dim=0)[0]
+        capacity = align(load.max().to(torch.int64), alignment)
+        if capacity_factor < 0:  # align(min(c, b)) == min(align(c), align(b)): compared with each, no tensor
+            bound = align(tutel_capacity(num_tokens, num_experts, k, capacity_factor, alignment), alignment)
+    return capacity, bound
+
+
+def _combine_weights(values: list[torch.Tensor], k: int, normalize_gate: bool) -> list[torch.Tensor]:
+    """The raw gates; with ``normalize_gate`` and ``k > 1``, each divided by the sum of the token's k
+    gates (at least float32 eps)."""
+    weights = values
+    if normalize_gate and k > 1:
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
+        denom = torch.clamp(total, min=torch.finfo(torch.float32).eps)
+        weights = [v / denom for v in values]
+    return weights
 
 
 class TutelRouting(nn.Module):

@@ -11,6 +11,7 @@ that does not build) is an ``n/a`` row with a one-line reason, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -19,7 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,18 +254,9 @@ def bench(
         seed: Seed of the random input images.
     """
     names = parse_backends(backends) if isinstance(backends, str) else check_backends(backends)
-    if warmup < 0 or runs < 1:
-        raise UserError(f"need warmup >= 0 and runs >= 1, got warmup {warmup} and runs {runs}")
-    threads = threads or os.cpu_count() or 1
-    if threads < 1:
-        raise UserError(f"threads must be at least 1, got {threads}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"device {device!r} is not available here (cpu, or cuda with a CUDA GPU)")
+    threads, device = _check_settings(warmup, runs, threads, device)
     start = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         with phase(log, f"Building {source.name}"):
             t0 = time.perf_counter()
             loaded = load(source)
@@ -291,26 +283,74 @@ def bench(
             multiple = loaded.batch_multiple
             rows.update(_bench_torch(loaded, images, names, device, warmup, runs))
             del loaded  # big models: free PyTorch's weights before ONNX Runtime and TensorRT load theirs
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            _collect(device)
             reference = rows.pop("_reference")
+            graph_rows = _GraphRows(graph, export_error, report.export_s, Path(tmp), threads, multiple, warmup, runs)
             for name in (n for n in names if n in ONNX_BACKENDS and n not in rows):
-                if graph is None:
-                    rows[name] = BenchRow(name, batch, status=NOT_AVAILABLE, note=f"no ONNX graph: {export_error}")
-                    continue
-                row = _bench_graph(name, graph, Path(tmp), images, reference, threads, multiple, warmup, runs)
-                if row.setup_s is not None:
-                    row.setup_s += report.export_s
-                rows[name] = row
-                gc.collect()
+                rows[name] = graph_rows.row(name, images, reference)
         report.rows = [rows[n] for n in names]
         report.seconds = time.perf_counter() - start
         if device == "cuda":
             report.notes.append("ONNX Runtime and TensorRT times include copying the images in and the outputs out")
         return report
+
+
+def _check_settings(warmup: int, runs: int, threads: int | None, device: str | None) -> tuple[int, str]:
+    """(threads, device) of the run, their defaults filled in: every CPU core, CUDA when available; a
+    user error for a negative warm-up, no timed run, or a device this machine lacks."""
+    if warmup < 0 or runs < 1:
+        raise UserError(f"need warmup >= 0 and runs >= 1, got warmup {warmup} and runs {runs}")
+    threads = threads or os.cpu_count() or 1
+    if threads < 1:
+        raise UserError(f"threads must be at least 1, got {threads}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"device {device!r} is not available here (cpu, or cuda with a CUDA GPU)")
+    return threads, device
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch runs on ``threads`` threads for the block; its own count is restored after."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _collect(device: str) -> None:
+    """Frees what is no longer referenced: Python's garbage, and on CUDA PyTorch's cached blocks."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _GraphRows:
+    """The rows of the ONNX backends, all timing the one exported graph (``None`` when the export
+    failed with ``export_error``): a row's setup includes the export's seconds."""
+
+    graph: Path | None
+    export_error: str | None
+    export_s: float | None
+    folder: Path
+    threads: int
+    multiple: int
+    warmup: int
+    runs: int
+
+    def row(self, name: str, images: np.ndarray, reference: np.ndarray) -> BenchRow:
+        if self.graph is None:
+            return BenchRow(name, images.shape[0], status=NOT_AVAILABLE, note=f"no ONNX graph: {self.export_error}")
+        row = _bench_graph(
+            name, self.graph, self.folder, images, reference, self.threads, self.multiple, self.warmup, self.runs
+        )
+        if row.setup_s is not None:
+            row.setup_s += self.export_s
+        gc.collect()
+        return row
 
 
 def _export(loaded: LoadedModel, folder: Path) -> tuple[Path | None, float | None, str | None]:

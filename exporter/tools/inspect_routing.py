@@ -39,7 +39,7 @@ from torch import nn
 from exporter import settings
 from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.errors import UserError
-from exporter.fileio import atomic_path, check_output
+from exporter.fileio import check_output
 from exporter.formats.graph import image_input, read_header, routing_layers, routing_output_names
 from exporter.models.capture import run_with_routing
 from exporter.models.routing import TopKRouting
@@ -51,13 +51,13 @@ from exporter.progress import phase
 from exporter.sources.digits import REFERENCE_NORMALIZATION, image_file, load_split, to_display
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SOFT_MOE, SWIN_MOE, VMOE
+from exporter.tools.figures import panel_grid, save_png, wrap_title
 
 log = logging.getLogger(__name__)
 
 GREY = (0.55, 0.55, 0.55)
 # The V-MoE legend's title: the expert colours are drawn translucent over the image in grey.
 LEGEND_SHADE = "colour: the patch's expert; a lighter or darker shade of it: the image's brightness beneath"
-MIN_FIGURE_WIDTH = 6.5  # inches: room for the title of a two-column picture
 
 
 @dataclass(frozen=True)
@@ -265,44 +265,54 @@ def inspect_routing(
     )
     display = to_display(images[0], source.normalization)
     if loaded.family in (VMOE, SWIN_MOE):
-        swin = loaded.family == SWIN_MOE
-        columns, notes = (_swin_columns if swin else _vmoe_columns)(loaded, images, capacity_factors, graph)
-        layers = list(columns[0].experts)
-        title = f"{source.name}: {'Swin-MoE' if swin else 'V-MoE'} routing of {where}"
-        with phase(log, f"Drawing {len(layers)}x{len(columns)} panels"):
-            layout = (draw_swin_moe if swin else draw_vmoe)(dest, display, columns, loaded, title=title, dpi=dpi)
-        stats = [
-            {"layer": layer, "column": c.label, "capacity": c.capacity.get(layer), "dropped": c.dropped(layer)}
-            for layer in layers
-            for c in columns
-        ]
-        if graph is not None:
-            agree = {layer: _agreement(columns[0], columns[1], layer) for layer in layers}
-            for row in stats:
-                row["agreement_with_pytorch"] = agree[row["layer"]]
-        return RoutingPicture(Path(dest), source.name, loaded.family, where, layout, layers, stats, notes)
+        return _picture_top_k(loaded, images, display, where, dest, capacity_factors, graph, dpi)
     if loaded.family == SOFT_MOE:
-        if graph is not None:
-            raise UserError(
-                "Soft-MoE graphs expose no routing outputs (nothing is dropped); picture the PyTorch model "
-                "without --onnx"
-            )
-        with phase(log, "Running the model"):
-            weights = _soft_weights(loaded.module, images)
-        layers = list(weights)
-        title = f"{source.name}: Soft-MoE dispatch and combine of {where}"
-        with phase(log, f"Drawing {len(layers)} layers"):
-            layout, stats = draw_soft_moe(dest, display, weights, loaded, slots=slots, title=title, dpi=dpi)
-        return RoutingPicture(Path(dest), source.name, SOFT_MOE, where, layout, layers, stats)
+        return _picture_soft_moe(loaded, images, display, where, dest, slots, graph, dpi)
     raise UserError(f"{source.name} has no single MoE family to picture (found: {loaded.family})")
+
+
+def _picture_top_k(loaded, images, display, where, dest, capacity_factors, graph, dpi) -> RoutingPicture:
+    """V-MoE or Swin-MoE: the columns (capacity factors, or the graph beside PyTorch), drawn, and a stats
+    row per (layer, column)."""
+    source = loaded.source
+    swin = loaded.family == SWIN_MOE
+    columns, notes = (_swin_columns if swin else _vmoe_columns)(loaded, images, capacity_factors, graph)
+    layers = list(columns[0].experts)
+    title = f"{source.name}: {'Swin-MoE' if swin else 'V-MoE'} routing of {where}"
+    with phase(log, f"Drawing {len(layers)}x{len(columns)} panels"):
+        layout = (draw_swin_moe if swin else draw_vmoe)(dest, display, columns, loaded, title=title, dpi=dpi)
+    stats = [
+        {"layer": layer, "column": c.label, "capacity": c.capacity.get(layer), "dropped": c.dropped(layer)}
+        for layer in layers
+        for c in columns
+    ]
+    if graph is not None:
+        agree = {layer: _agreement(columns[0], columns[1], layer) for layer in layers}
+        for row in stats:
+            row["agreement_with_pytorch"] = agree[row["layer"]]
+    return RoutingPicture(Path(dest), source.name, loaded.family, where, layout, layers, stats, notes)
+
+
+def _picture_soft_moe(loaded, images, display, where, dest, slots, graph, dpi) -> RoutingPicture:
+    """Soft-MoE: the dispatch and combine weights of the image, drawn, and a stats row per (layer, slot)."""
+    source = loaded.source
+    if graph is not None:
+        raise UserError(
+            "Soft-MoE graphs expose no routing outputs (nothing is dropped); picture the PyTorch model without --onnx"
+        )
+    with phase(log, "Running the model"):
+        weights = _soft_weights(loaded.module, images)
+    layers = list(weights)
+    title = f"{source.name}: Soft-MoE dispatch and combine of {where}"
+    with phase(log, f"Drawing {len(layers)} layers"):
+        layout, stats = draw_soft_moe(dest, display, weights, loaded, slots=slots, title=title, dpi=dpi)
+    return RoutingPicture(Path(dest), source.name, SOFT_MOE, where, layout, layers, stats)
 
 
 def _vmoe_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column], list[str]]:
     module = loaded.module
     if graph is None:
-        capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
-        if not capacity_factors:
-            raise UserError("give at least one capacity factor")
+        capacity_factors = _column_factors(capacity_factors)
         group = settings.INSPECT_GROUP_IMAGES
         columns = []
         with phase(log, f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
@@ -318,9 +328,7 @@ def _vmoe_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column]
         routing = onnx_routing(graph, header, batch.numpy())
     own = torch_column(module, batch, Routing(None, _own_bpr(module)), group_images=group, label="PyTorch")
     tokens = next(iter(own.experts.values())).shape[0]
-    missing = sorted(set(own.experts) - set(routing))
-    if missing:
-        raise UserError(f"{graph} has no routing outputs for {missing}; was it exported from {loaded.source.name}?")
+    _check_graph_layers(graph, own, routing, loaded)
     experts, kept = _first_image({n: routing[n] for n in own.experts}, tokens)
     config = loaded.source.config
     setting = f"C={config.capacity_factor:g} {'BPR' if config.batch_priority else 'vanilla'}" if config else "as built"
@@ -328,6 +336,21 @@ def _vmoe_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column]
     own.label = f"PyTorch: {setting}"
     notes = [f"routed in a group of {group} images: the image repeated, the first copy pictured"] if group > 1 else []
     return [graph_column, own], notes
+
+
+def _column_factors(capacity_factors: Sequence[float] | None) -> Sequence[float]:
+    """The capacity factors of the PyTorch columns: the given ones, else ``settings.INSPECT_CAPACITY_FACTORS``."""
+    capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
+    if not capacity_factors:
+        raise UserError("give at least one capacity factor")
+    return capacity_factors
+
+
+def _check_graph_layers(graph: str | Path, own: Column, routing: dict[str, TopKRouting], loaded: LoadedModel) -> None:
+    """A user error when the graph lacks routing outputs of a MoE layer of the model."""
+    missing = sorted(set(own.experts) - set(routing))
+    if missing:
+        raise UserError(f"{graph} has no routing outputs for {missing}; was it exported from {loaded.source.name}?")
 
 
 def _own_bpr(module: nn.Module) -> bool:
@@ -347,9 +370,7 @@ def swin_column(module: nn.Module, image: torch.Tensor, setting: Routing, *, lab
 def _swin_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column], list[str]]:
     module = loaded.module
     if graph is None:
-        capacity_factors = settings.INSPECT_CAPACITY_FACTORS if capacity_factors is None else capacity_factors
-        if not capacity_factors:
-            raise UserError("give at least one capacity factor")
+        capacity_factors = _column_factors(capacity_factors)
         with phase(log, f"Routing in PyTorch at {len(capacity_factors)} capacity factors"):
             columns = [swin_column(module, images, Routing(c, bpr)) for c in capacity_factors for bpr in (False, True)]
         return columns, []
@@ -358,9 +379,7 @@ def _swin_columns(loaded, images, capacity_factors, graph) -> tuple[list[Column]
         routing = onnx_routing(graph, header, images.numpy())
     bpr = swin_moe_layers(module)[0][1].batch_priority
     own = swin_column(module, images, Routing(None, bpr), label="PyTorch")
-    missing = sorted(set(own.experts) - set(routing))
-    if missing:
-        raise UserError(f"{graph} has no routing outputs for {missing}; was it exported from {loaded.source.name}?")
+    _check_graph_layers(graph, own, routing, loaded)
     experts = {n: routing[n].expert[0].numpy() for n in own.experts}
     kept = {n: (routing[n].slot[0] >= 0).numpy() for n in own.experts}
     config = loaded.source.config
@@ -383,69 +402,22 @@ def expert_colors(num_experts: int) -> list[tuple[float, float, float]]:
     return [tuple(hsv(i / num_experts)[:3]) for i in range(num_experts)]
 
 
-def _wrap(fig, text: str) -> str:
-    """Title lines wrapped to the figure's width (about 15 characters per inch at 9 pt)."""
-    import textwrap
-
-    width = int(fig.get_figwidth() * 15)
-    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
-
-
-def _save(fig, dest, dpi: int) -> tuple[int, int]:
-    import matplotlib.pyplot as plt
-
-    dest = Path(dest)
-    try:
-        with atomic_path(dest) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
-        width, height = fig.canvas.get_width_height()
-    finally:
-        plt.close(fig)
-    return width, height
-
-
-def _figure(rows: int, cols: int, panel: tuple[float, float], dpi: int, top: float, bottom: float, right: float = 0.1):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    width, height = max(cols * panel[0] + 0.9, MIN_FIGURE_WIDTH), rows * panel[1] + top + bottom
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=dpi, squeeze=False)
-    fig.subplots_adjust(
-        left=0.9 / width,
-        right=1 - right / width,
-        top=1 - top / height,
-        bottom=bottom / height,
-        wspace=0.25,
-        hspace=0.35,
-    )
-    return fig, axes
-
-
 def draw_vmoe(
     dest, display: np.ndarray, columns: list[Column], loaded: LoadedModel, *, title: str, dpi: int
 ) -> FigureLayout:
     """Rows: V-MoE layers; columns: the input, then the routing settings. Outer square: first choice,
     inner: second."""
-    from matplotlib.patches import Patch
-
     layers = list(columns[0].experts)
     num_experts = max(m.num_experts for _, m in vmoe_layers(loaded.module))
     colors = expert_colors(num_experts)
     tokens = columns[0].experts[layers[0]].shape[0]
     side, px, skip = patch_grid(tokens, display.shape[0])
-    fig, axes = _figure(
+    fig, axes = panel_grid(
         len(layers), len(columns) + 1, (2.3, 2.5), dpi, top=0.75 if len(columns) > 1 else 1.0, bottom=0.75
     )
     titles = []
     for r, layer in enumerate(layers):
-        ax = axes[r][0]
-        ax.imshow(display, interpolation="nearest")
-        ax.set_title("input", fontsize=8)
-        ax.set_ylabel(layer, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _input_panel(axes[r][0], display, layer)
         titles.append(f"{layer} | input")
         for c, column in enumerate(columns, start=1):
             ax = axes[r][c]
@@ -454,29 +426,48 @@ def draw_vmoe(
             _outline(ax, display)
             ax.set_xticks([])
             ax.set_yticks([])
-            panel_title = f"{column.label}\ndropped {column.dropped(layer):.0%}"
-            if column.capacity.get(layer) is not None:
-                panel_title += f", capacity {column.capacity[layer]}"
-            ax.set_title(panel_title, fontsize=7.5)
+            ax.set_title(_column_title(column, layer), fontsize=7.5)
             titles.append(f"{layer} | {column.label}")
-    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(num_experts)]
-    handles.append(Patch(color=GREY, label="dropped"))
-    fig.legend(
-        handles=handles,
-        loc="lower center",
-        ncol=min(len(handles), 9),
-        fontsize=7.5,
-        frameon=False,
-        title=LEGEND_SHADE,
-        title_fontsize=7.5,
-    )
-    k = columns[0].experts[layers[0]].shape[1]
-    subtitle = "outer square: 1st choice, inner square: 2nd choice" if k > 1 else "colour: the chosen expert"
+    _choices_legend(fig, colors, num_experts, title=LEGEND_SHADE, title_fontsize=7.5)
+    subtitle = _choices_caption(columns)
     fig.suptitle(
-        _wrap(fig, f"{title}\n{subtitle}; dropped: share of (token, choice) pairs, class token included"), fontsize=9
+        wrap_title(fig, f"{title}\n{subtitle}; dropped: share of (token, choice) pairs, class token included"),
+        fontsize=9,
     )
-    width, height = _save(fig, dest, dpi)
+    width, height = save_png(fig, dest, dpi)
     return FigureLayout(VMOE, len(layers), len(columns) + 1, titles, width, height, legend=LEGEND_SHADE)
+
+
+def _choices_legend(fig, colors, experts: int, **title) -> None:
+    """The legend below the panels: the first ``experts`` experts' colours and the dropped grey."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(experts)]
+    handles.append(Patch(color=GREY, label="dropped"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=7.5, frameon=False, **title)
+
+
+def _choices_caption(columns: list[Column]) -> str:
+    """What the squares of a routing panel mean: one choice, or a first and a second."""
+    k = next(iter(columns[0].experts.values())).shape[1]
+    return "outer square: 1st choice, inner square: 2nd choice" if k > 1 else "colour: the chosen expert"
+
+
+def _column_title(column: Column, layer: str) -> str:
+    """A routing panel's title: the column, the layer's dropped share and its capacity."""
+    title = f"{column.label}\ndropped {column.dropped(layer):.0%}"
+    if column.capacity.get(layer) is not None:
+        title += f", capacity {column.capacity[layer]}"
+    return title
+
+
+def _input_panel(ax, display: np.ndarray, layer: str) -> None:
+    """A row's first panel: the image, the layer named beside it."""
+    ax.imshow(display, interpolation="nearest")
+    ax.set_title("input", fontsize=8)
+    ax.set_ylabel(layer, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _draw_choices(ax, experts: np.ndarray, kept: np.ndarray, side: int, px: float, skip: int, colors) -> None:
@@ -506,13 +497,13 @@ def draw_swin_moe(
     """Rows: Swin-MoE layers, each at its stage's token grid with its block's attention windows drawn
     (black lines: a shifted block's windows start ``shift`` tokens in and wrap around); columns: routing
     settings. Outer square: first choice, inner: second."""
-    from matplotlib.patches import Patch
-
     layers = list(columns[0].experts)
     modules = dict(loaded.module.named_modules())
     num_experts = max(m.num_experts for _, m in swin_moe_layers(loaded.module))
     colors = expert_colors(num_experts)
-    fig, axes = _figure(len(layers), len(columns), (2.3, 2.5), dpi, top=0.75 if len(columns) > 2 else 1.0, bottom=0.55)
+    fig, axes = panel_grid(
+        len(layers), len(columns), (2.3, 2.5), dpi, top=0.75 if len(columns) > 2 else 1.0, bottom=0.55
+    )
     titles = []
     for r, layer in enumerate(layers):
         block: SwinBlock = modules[layer.removesuffix(".mlp")]
@@ -527,24 +518,18 @@ def draw_swin_moe(
                 ax.axvline(edge * px - 0.5, color="black", lw=1.2)
             ax.set_xticks([])
             ax.set_yticks([])
-            panel_title = f"{column.label}\ndropped {column.dropped(layer):.0%}"
-            if column.capacity.get(layer) is not None:
-                panel_title += f", capacity {column.capacity[layer]}"
-            ax.set_title(panel_title, fontsize=7.5)
+            ax.set_title(_column_title(column, layer), fontsize=7.5)
             if c == 0:
                 shift = f", shift {block.shift}" if block.shift else ""
                 ax.set_ylabel(f"{layer}\n{side}x{side} tokens, windows {block.window}{shift}", fontsize=7)
             titles.append(f"{layer} | {column.label}")
-    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(min(num_experts, 16))]
-    handles.append(Patch(color=GREY, label="dropped"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=7.5, frameon=False)
-    k = columns[0].experts[layers[0]].shape[1]
-    choices = "outer square: 1st choice, inner square: 2nd choice" if k > 1 else "colour: the chosen expert"
+    _choices_legend(fig, colors, min(num_experts, 16))
+    choices = _choices_caption(columns)
     fig.suptitle(
-        _wrap(fig, f"{title}\n{choices}; black lines: attention windows; the image routed alone (batch 1)"),
+        wrap_title(fig, f"{title}\n{choices}; black lines: attention windows; the image routed alone (batch 1)"),
         fontsize=9,
     )
-    width, height = _save(fig, dest, dpi)
+    width, height = save_png(fig, dest, dpi)
     return FigureLayout(SWIN_MOE, len(layers), len(columns), titles, width, height)
 
 
@@ -580,6 +565,41 @@ def draw_soft_moe(
     modules = dict(loaded.module.named_modules())
     first_dispatch = weights[layers[0]][0]
     tokens, total_slots = first_dispatch.shape
+    _check_slots(slots, total_slots)
+    count = len(slots) if slots is not None else min(settings.INSPECT_SLOTS, total_slots)
+    side, _, skip = patch_grid(tokens, display.shape[0])
+    fig, axes = panel_grid(len(layers), count + 2, (2.3, 2.3), dpi, top=0.7, bottom=0.2, right=0.45)
+    titles, stats, colorbars = [], [], []
+    for r, layer in enumerate(layers):
+        dispatch, combine = weights[layer]
+        chosen = list(slots) if slots is not None else choose_slots(dispatch[skip:], count)
+        _input_panel(axes[r][0], display, layer)
+        titles.append(f"{layer} | input")
+        per_expert = modules[layer].slots_per_expert
+        shown = _dispatch_panels(axes[r], display, dispatch[skip:], chosen, side, per_expert, layer, titles, stats)
+        bar = fig.colorbar(shown, ax=axes[r][count], fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=6)
+        bar.ax.set_title("weight", fontsize=6.5)
+        colorbars.append(f"{layer} | dispatch weight, slots {', '.join(map(str, chosen))}")
+        _combine_panel(fig, axes[r][count + 1], combine[skip:], side, total_slots, layer, titles, stats)
+        colorbars.append(f"{layer} | combine spread")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(
+        wrap_title(
+            fig,
+            f"{title}\ndispatch: the weight of each patch in a slot (softmax over patches); "
+            "combine spread: exp(entropy) of each patch's weights over all slots",
+        ),
+        fontsize=8.5,
+    )
+    width, height = save_png(fig, dest, dpi)
+    layout = FigureLayout(SOFT_MOE, len(layers), count + 2, titles, width, height, colorbars=colorbars)
+    return layout, stats
+
+
+def _check_slots(slots: Sequence[int] | None, total_slots: int) -> None:
     if slots is not None:
         bad = [s for s in slots if not 0 <= s < total_slots]
         if bad:
@@ -588,70 +608,60 @@ def draw_soft_moe(
             )
         if not slots:
             raise UserError("give at least one slot")
-    count = len(slots) if slots is not None else min(settings.INSPECT_SLOTS, total_slots)
-    side, _, skip = patch_grid(tokens, display.shape[0])
-    fig, axes = _figure(len(layers), count + 2, (2.3, 2.3), dpi, top=0.7, bottom=0.2, right=0.45)
+
+
+def _dispatch_panels(
+    row,
+    display: np.ndarray,
+    dispatch: np.ndarray,
+    chosen: list[int],
+    side: int,
+    per_expert: int,
+    layer: str,
+    titles: list[str],
+    stats: list[dict],
+):
+    """The chosen slots' dispatch weights over the patch tokens (``dispatch``: ``[patches, slots]``) in
+    ``row[1:]``, on one colour scale; returns the last panel's image (for the row's colour bar)."""
     extent = (-0.5, display.shape[1] - 0.5, display.shape[0] - 0.5, -0.5)
-    titles, stats, colorbars = [], [], []
-    for r, layer in enumerate(layers):
-        dispatch, combine = weights[layer]
-        per_expert = modules[layer].slots_per_expert
-        chosen = list(slots) if slots is not None else choose_slots(dispatch[skip:], count)
-        ax = axes[r][0]
-        ax.imshow(display, interpolation="nearest")
-        ax.set_title("input", fontsize=8)
-        ax.set_ylabel(layer, fontsize=8)
-        titles.append(f"{layer} | input")
-        top = float(dispatch[skip:, chosen].max())  # one colour scale for the row's dispatch panels
-        for c, s in enumerate(chosen, start=1):
-            ax = axes[r][c]
-            heat = dispatch[skip:, s].reshape(side, side)
-            ax.imshow(display.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            shown = ax.imshow(heat, cmap="magma", alpha=0.75, extent=extent, interpolation="nearest", vmin=0, vmax=top)
-            _outline(ax, display)
-            expert, j = divmod(s, per_expert)
-            ax.set_title(f"slot {s}: expert {expert}, its slot {j}\nmax dispatch {heat.max():.2f}", fontsize=7.5)
-            titles.append(f"{layer} | slot {s}")
-            stats.append(
-                {
-                    "layer": layer,
-                    "slot": s,
-                    "expert": expert,
-                    "max_dispatch": float(heat.max()),
-                    "mean_effective_slots": None,
-                }
-            )
-        bar = fig.colorbar(shown, ax=axes[r][count], fraction=0.046, pad=0.04)
-        bar.ax.tick_params(labelsize=6)
-        bar.ax.set_title("weight", fontsize=6.5)
-        colorbars.append(f"{layer} | dispatch weight, slots {', '.join(map(str, chosen))}")
-        ax = axes[r][count + 1]
-        spread = _entropy_slots(combine[skip:]).reshape(side, side)
-        im = ax.imshow(spread, cmap="viridis", vmin=1, vmax=total_slots, interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
-        colorbars.append(f"{layer} | combine spread")
-        ax.set_title(f"combine spread (eff. slots\nof {total_slots}): mean {spread.mean():.1f}", fontsize=7.5)
-        titles.append(f"{layer} | combine spread")
+    top = float(dispatch[:, chosen].max())  # one colour scale for the row's dispatch panels
+    for c, s in enumerate(chosen, start=1):
+        ax = row[c]
+        heat = dispatch[:, s].reshape(side, side)
+        ax.imshow(display.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        shown = ax.imshow(heat, cmap="magma", alpha=0.75, extent=extent, interpolation="nearest", vmin=0, vmax=top)
+        _outline(ax, display)
+        expert, j = divmod(s, per_expert)
+        ax.set_title(f"slot {s}: expert {expert}, its slot {j}\nmax dispatch {heat.max():.2f}", fontsize=7.5)
+        titles.append(f"{layer} | slot {s}")
         stats.append(
             {
                 "layer": layer,
-                "slot": None,
-                "expert": None,
-                "max_dispatch": None,
-                "mean_effective_slots": float(spread.mean()),
+                "slot": s,
+                "expert": expert,
+                "max_dispatch": float(heat.max()),
+                "mean_effective_slots": None,
             }
         )
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(
-        _wrap(
-            fig,
-            f"{title}\ndispatch: the weight of each patch in a slot (softmax over patches); "
-            "combine spread: exp(entropy) of each patch's weights over all slots",
-        ),
-        fontsize=8.5,
+    return shown
+
+
+def _combine_panel(
+    fig, ax, combine: np.ndarray, side: int, total_slots: int, layer: str, titles: list[str], stats: list[dict]
+) -> None:
+    """The spread of each patch token's combine weights (``combine``: ``[patches, slots]``) as its
+    effective number of slots, with its colour bar."""
+    spread = _entropy_slots(combine).reshape(side, side)
+    im = ax.imshow(spread, cmap="viridis", vmin=1, vmax=total_slots, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    ax.set_title(f"combine spread (eff. slots\nof {total_slots}): mean {spread.mean():.1f}", fontsize=7.5)
+    titles.append(f"{layer} | combine spread")
+    stats.append(
+        {
+            "layer": layer,
+            "slot": None,
+            "expert": None,
+            "max_dispatch": None,
+            "mean_effective_slots": float(spread.mean()),
+        }
     )
-    width, height = _save(fig, dest, dpi)
-    layout = FigureLayout(SOFT_MOE, len(layers), count + 2, titles, width, height, colorbars=colorbars)
-    return layout, stats

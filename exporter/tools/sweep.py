@@ -6,7 +6,7 @@ Every point routes the same images in the model's own routing groups (``group_im
 routes each chunk of ``settings.SWEEP_CHUNK_IMAGES`` images together (its group is the batch), so its
 capacities are those of that batch size. The unlimited run uses capacity factor ``E / k`` (Swin-MoE:
 ``E``), where an expert can take every token of its group, so nothing is dropped and vanilla and BPR
-coincide. matplotlib is imported inside ``plot_sweep`` only.
+coincide. matplotlib is imported inside ``plot_sweep`` (through ``exporter.tools.figures``) only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from exporter.backends.onnxruntime import run_onnxruntime
 from exporter.compare import compare_output, compare_routing
 from exporter.errors import UserError
 from exporter.export.export import export_onnx
-from exporter.fileio import atomic_path, check_output
+from exporter.fileio import check_output
 from exporter.formats.graph import INPUT_NAME
 from exporter.models import swin_moe
 from exporter.models.capture import run_with_routing
@@ -37,6 +37,7 @@ from exporter.progress import phase
 from exporter.sources.digits import NUM_CLASSES, accuracy, load_split
 from exporter.sources.loading import LoadedModel, ModelSource, load
 from exporter.sources.zoo import SWIN_MOE, VMOE
+from exporter.tools.figures import pyplot, save_png
 
 log = logging.getLogger(__name__)
 
@@ -206,36 +207,13 @@ def sweep_capacity(
     start = time.perf_counter()
     if plot is not None:
         check_output(plot)
-    if images is not None and images < 1:
-        raise UserError(f"`images` must be at least 1, got {images}")
-    factors = sorted({float(c) for c in capacity_factors})
-    if not factors:
-        raise UserError("give at least one capacity factor")
-    for c in factors:
-        check_capacity_factor(c)
+    source, factors = _check_request(source, capacity_factors, images)
     with phase(log, f"Building {source.name}"):
         loaded = load(source)
     if loaded.family not in (VMOE, SWIN_MOE):
         raise UserError(f"sweep capacity needs a V-MoE or Swin-MoE model; {source.name} is {loaded.family}")
-    split = load_split(tuple(source.input_shape), normalization=source.normalization)
-    multiple = loaded.batch_multiple
-    available = len(split.test_images) if images is None else min(images, len(split.test_images))
-    count = available // multiple * multiple
-    if count == 0:
-        raise UserError(f"{available} images make no whole routing group of {multiple} images")
-    images, labels = split.test_images[:count], split.test_labels[:count]
-    batch = multiple * max(1, settings.SWEEP_CHUNK_IMAGES // multiple)
-    if loaded.family == SWIN_MOE:  # its routing group is the batch: as many images as there are, at most a chunk
-        batch = min(batch, count)
-    notes = []
-    if count < len(split.test_images):
-        notes.append(f"{count} of {len(split.test_images)} test images: a whole number of routing groups")
-    if source.checkpoint is None:
-        notes.append("seeded random weights (no --checkpoint): accuracy is chance level")
-
-    def acc(logits: torch.Tensor) -> float | None:
-        return accuracy(logits, labels) if logits.shape[-1] == NUM_CLASSES else None
-
+    images, labels, batch, notes = _test_images(source, loaded, images)
+    count = len(images)
     unlimited = (swin_moe.unlimited_capacity_factor if loaded.family == SWIN_MOE else unlimited_capacity_factor)(
         loaded.module
     )
@@ -244,44 +222,20 @@ def sweep_capacity(
         _settings(loaded, capacity_factor=unlimited),
     ):
         reference = _forward(loaded, images, batch)
-    ref_norm = float(reference.logits.norm())
-    ref_pred = reference.logits.argmax(-1)
     points = []
     with tempfile.TemporaryDirectory(prefix="moe-export-sweep.") as tmp:
         for c in factors:
             for bpr in (False, True):
-                label = f"C={c:g} {'BPR' if bpr else 'vanilla'}"
-                with (
-                    phase(log, label + (", export and parity" if parity else "")),
-                    _settings(loaded, capacity_factor=c, batch_priority=bpr),
-                ):
-                    run = _forward(loaded, images, batch)
-                    dropped, per_layer, mass, unrouted = _drop_stats(run)
-                    capacity = {n: m.capacity(_group_tokens(loaded, n, run, batch)) for n, m in _layers(loaded)}
-                    tag = f"c{c:g}_{int(bpr)}"
-                    check = _parity(loaded, images, run, Path(tmp), tag, batch) if parity else None
                 points.append(
-                    SweepPoint(
-                        capacity_factor=c,
-                        batch_priority=bpr,
-                        capacity=capacity,
-                        dropped=dropped,
-                        dropped_per_layer=per_layer,
-                        dropped_gate_mass=mass,
-                        tokens_unrouted=unrouted,
-                        deviation=float((run.logits - reference.logits).norm()) / ref_norm if ref_norm else 0.0,
-                        same_prediction=float((run.logits.argmax(-1) == ref_pred).float().mean()),
-                        accuracy=acc(run.logits),
-                        parity=check,
-                    )
+                    _sweep_point(loaded, images, labels, batch, reference, c, bpr, Path(tmp) if parity else None)
                 )
     report = SweepReport(
         model=source.name,
         checkpoint=source.checkpoint,
         images=count,
-        group_images=batch if loaded.family == SWIN_MOE else multiple,
+        group_images=batch if loaded.family == SWIN_MOE else loaded.batch_multiple,
         unlimited_capacity_factor=unlimited,
-        unlimited_accuracy=acc(reference.logits),
+        unlimited_accuracy=_accuracy(reference.logits, labels),
         points=points,
         seconds=time.perf_counter() - start,
         notes=notes,
@@ -291,14 +245,90 @@ def sweep_capacity(
     return report
 
 
+def _check_request(
+    source: ModelSource, capacity_factors: Sequence[float], images: int | None
+) -> tuple[ModelSource, list[float]]:
+    """The model to sweep and its capacity factors (sorted, each once); a user error for an image count
+    below 1 or no valid factor."""
+    if images is not None and images < 1:
+        raise UserError(f"`images` must be at least 1, got {images}")
+    factors = sorted({float(c) for c in capacity_factors})
+    if not factors:
+        raise UserError("give at least one capacity factor")
+    for c in factors:
+        check_capacity_factor(c)
+    return source, factors
+
+
+def _test_images(
+    source: ModelSource, loaded: LoadedModel, images: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
+    """(images, labels, images per chunk, notes): the first ``images`` digits test images (all by
+    default), rounded down to whole routing groups."""
+    split = load_split(tuple(source.input_shape), normalization=source.normalization)
+    multiple = loaded.batch_multiple
+    available = len(split.test_images) if images is None else min(images, len(split.test_images))
+    count = available // multiple * multiple
+    if count == 0:
+        raise UserError(f"{available} images make no whole routing group of {multiple} images")
+    batch = multiple * max(1, settings.SWEEP_CHUNK_IMAGES // multiple)
+    if loaded.family == SWIN_MOE:  # its routing group is the batch: as many images as there are, at most a chunk
+        batch = min(batch, count)
+    notes = []
+    if count < len(split.test_images):
+        notes.append(f"{count} of {len(split.test_images)} test images: a whole number of routing groups")
+    if source.checkpoint is None:
+        notes.append("seeded random weights (no --checkpoint): accuracy is chance level")
+    return split.test_images[:count], split.test_labels[:count], batch, notes
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The digits test accuracy, for a 10-class model only."""
+    return accuracy(logits, labels) if logits.shape[-1] == NUM_CLASSES else None
+
+
+def _sweep_point(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    reference: _Run,
+    c: float,
+    bpr: bool,
+    parity_folder: Path | None,
+) -> SweepPoint:
+    """One capacity factor, vanilla or BPR: its drops, capacity, distance from the unlimited run and
+    accuracy; with ``parity_folder``, the parity of its exported graph (written there and removed)."""
+    label = f"C={c:g} {'BPR' if bpr else 'vanilla'}"
+    with (
+        phase(log, label + (", export and parity" if parity_folder is not None else "")),
+        _settings(loaded, capacity_factor=c, batch_priority=bpr),
+    ):
+        run = _forward(loaded, images, batch)
+        dropped, per_layer, mass, unrouted = _drop_stats(run)
+        capacity = {n: m.capacity(_group_tokens(loaded, n, run, batch)) for n, m in _layers(loaded)}
+        tag = f"c{c:g}_{int(bpr)}"
+        check = _parity(loaded, images, run, parity_folder, tag, batch) if parity_folder is not None else None
+    ref_norm = float(reference.logits.norm())
+    return SweepPoint(
+        capacity_factor=c,
+        batch_priority=bpr,
+        capacity=capacity,
+        dropped=dropped,
+        dropped_per_layer=per_layer,
+        dropped_gate_mass=mass,
+        tokens_unrouted=unrouted,
+        deviation=float((run.logits - reference.logits).norm()) / ref_norm if ref_norm else 0.0,
+        same_prediction=float((run.logits.argmax(-1) == reference.logits.argmax(-1)).float().mean()),
+        accuracy=_accuracy(run.logits, labels),
+        parity=check,
+    )
+
+
 def plot_sweep(report: SweepReport, dest: str | Path, *, dpi: int = settings.FIGURE_DPI) -> tuple[int, int]:
     """Three panels against the capacity factor: dropped share, accuracy, output deviation. Returns
     the PNG's pixel size."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     has_acc = report.unlimited_accuracy is not None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), dpi=dpi)
     styles = {False: ("tab:red", "o", "vanilla"), True: ("tab:blue", "s", "BPR")}
@@ -335,10 +365,4 @@ def plot_sweep(report: SweepReport, dest: str | Path, *, dpi: int = settings.FIG
         fontsize=10,
     )
     fig.tight_layout()
-    try:
-        with atomic_path(dest) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
-        size = fig.canvas.get_width_height()
-    finally:
-        plt.close(fig)
-    return size
+    return save_png(fig, dest, dpi)

@@ -66,37 +66,9 @@ class SoftMatch:
         images, tokens, slots = logits.shape
         dispatch, combine = softmax(logits, 1), softmax(logits, 2)
 
-        # The slot mix: slots = dispatchᵀ·x, image-major [B, S, D] or expert-major [n, B*p, D].
-        for x in self.xs:
-            xv = values[x.name]
-            if xv.size % (images * tokens) or xv.shape[0] != images:
-                continue
-            mixed = np.einsum("bms,bmd->bsd", dispatch, xv.reshape(images, tokens, -1).astype(np.float64))
-            found = self._layout(self.slots, values, mixed, rtol, prefer_last=True)
-            if found:
-                slots_t, slots_layout = found
-                break
-        else:
-            raise Decline("no MatMul/Einsum computes softmax-over-tokens(logits)ᵀ · x")
+        x, slots_t, slots_layout, mixed = self._slot_mix(values, dispatch, rtol)
         dim = mixed.shape[-1]
-
-        # The token mix: y = combine · slot outputs (read as far back as the expert outputs themselves).
-        for u in reversed(self.us):
-            uv = values[u.name].astype(np.float64)
-            if uv.size != images * slots * dim:
-                continue
-            for layout in self._layouts(uv, images, slots, prefer=slots_layout[1]):
-                canonical = to_canonical(uv, layout, images, slots, dim)
-                y = np.einsum("bms,bsd->bmd", combine, canonical)
-                found = self._layout(self.ys, values, y, rtol, prefer_last=True, image_major_only=True)
-                if found:
-                    y_t, u_layout = found[0], layout
-                    break
-            else:
-                continue
-            break
-        else:
-            raise Decline("no MatMul/Einsum computes softmax-over-slots(logits) · expert outputs")
+        u, y_t, u_layout = self._token_mix(values, combine, dim, slots_layout[1], rtol)
 
         experts = (
             slots_layout[1]
@@ -145,6 +117,37 @@ class SoftMatch:
                 graph.layer(op="Reshape", inputs=[y_out, batch_free(y_shape, 1, images)], outputs=[y_t])
 
         return LayerPlan(self.layer, "soft_moe", nodes), apply
+
+    def _slot_mix(self, values, dispatch: np.ndarray, rtol: float):
+        """The slot mix: slots = dispatchᵀ·x, image-major [B, S, D] or expert-major [n, B*p, D]. Returns
+        (x, the slots tensor, its layout ``(expert_major, experts)``, dispatchᵀ·x as [B, S, D])."""
+        images, tokens, _ = dispatch.shape
+        for x in self.xs:
+            xv = values[x.name]
+            if xv.size % (images * tokens) or xv.shape[0] != images:
+                continue
+            mixed = np.einsum("bms,bmd->bsd", dispatch, xv.reshape(images, tokens, -1).astype(np.float64))
+            found = self._layout(self.slots, values, mixed, rtol, prefer_last=True)
+            if found:
+                slots_t, slots_layout = found
+                return x, slots_t, slots_layout, mixed
+        raise Decline("no MatMul/Einsum computes softmax-over-tokens(logits)ᵀ · x")
+
+    def _token_mix(self, values, combine: np.ndarray, dim: int, prefer: int | None, rtol: float):
+        """The token mix: y = combine · slot outputs (read as far back as the expert outputs themselves).
+        Returns (the slot outputs, y, the slot outputs' layout ``(expert_major, experts)``)."""
+        images, _, slots = combine.shape
+        for u in reversed(self.us):
+            uv = values[u.name].astype(np.float64)
+            if uv.size != images * slots * dim:
+                continue
+            for layout in self._layouts(uv, images, slots, prefer=prefer):
+                canonical = to_canonical(uv, layout, images, slots, dim)
+                y = np.einsum("bms,bsd->bmd", combine, canonical)
+                found = self._layout(self.ys, values, y, rtol, prefer_last=True, image_major_only=True)
+                if found:
+                    return u, found[0], layout
+        raise Decline("no MatMul/Einsum computes softmax-over-slots(logits) · expert outputs")
 
     @staticmethod
     def _layouts(value: np.ndarray, images: int, slots: int, prefer: int | None):
