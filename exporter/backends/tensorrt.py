@@ -28,6 +28,7 @@ from exporter.errors import CheckFailed, UserError, one_line
 from exporter.fileio import atomic_path
 from exporter.formats.graph import image_input, input_dims, precision, read_header
 from exporter.progress import OncePerPhase, phase
+from exporter.settings import Precision
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +436,7 @@ def _verify(
 
 def _build_notes(precision: str, routing: str, inspected: dict[str, int], network_plugins: dict[str, int]) -> list[str]:
     notes = []
-    if precision != "fp32":
+    if precision != Precision.FP32:
         notes.append(f"{precision} graph with the routing in {'FP32' if routing == 'fp32' else precision}")
     if inspected != {op: n for op, n in network_plugins.items() if n}:
         notes.append(
@@ -451,7 +452,7 @@ def graph_precision(onnx_path: str | Path, wanted: str | None = None) -> tuple[s
     if wanted is not None and wanted != found[0]:
         raise UserError(
             f"{onnx_path} is typed {found[0]} and TensorRT builds it strongly typed, in the types it holds: for "
-            f"{wanted}, export it with --precision {wanted} (or build the bundle with --precision {wanted})"
+            f"{wanted}, export it with `precision={wanted}` (or build the bundle with `precision={wanted}`)"
         )
     return found
 

@@ -38,6 +38,7 @@ from exporter import settings
 from exporter.backends.runner import Runner
 from exporter.errors import CheckFailed, UserError, one_line
 from exporter.progress import OncePerPhase
+from exporter.settings import Precision
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ INSTALL_HINT = f"pip install {PACKAGE} (its Builder and ONNX parser need no GPU)
 TARGETS = {75: "SM75", 80: "SM80", 86: "SM86", 89: "SM89", 120: "SM120", 121: "SM121"}
 #: Targets it does not offer, and what builds for them instead.
 ELSEWHERE = {
-    87: "Jetson Orin: build with --backend tensorrt on the device (JetPack's TensorRT)",
-    90: "Hopper (H100/H200): build with --backend tensorrt (TensorRT >= 10.9)",
-    100: "Blackwell data-center GPUs: build with --backend tensorrt",
-    103: "Blackwell data-center GPUs: build with --backend tensorrt",
-    110: "Jetson Thor: build with --backend tensorrt on the device (JetPack 7's TensorRT)",
+    87: "Jetson Orin: build with `backend=tensorrt` on the device (JetPack's TensorRT)",
+    90: "Hopper (H100/H200): build with `backend=tensorrt` (TensorRT >= 10.9)",
+    100: "Blackwell data-center GPUs: build with `backend=tensorrt`",
+    103: "Blackwell data-center GPUs: build with `backend=tensorrt`",
+    110: "Jetson Thor: build with `backend=tensorrt` on the device (JetPack 7's TensorRT)",
 }
 #: What the report and the last line say of an engine built where no GPU of its target is.
 NOT_RUN = "not run: no GPU of its target here"
@@ -103,7 +104,7 @@ def parse_targets(targets) -> list[int]:
         if arch not in arches:
             arches.append(arch)
     if not arches:
-        raise UserError(f"give --target: the RTX GPUs to build for ({', '.join(f'sm_{a}' for a in TARGETS)})")
+        raise UserError(f"give `target`: the RTX GPUs to build for ({', '.join(f'sm_{a}' for a in TARGETS)})")
     return arches
 
 
@@ -320,7 +321,7 @@ def build_engine(
     options = options or EngineOptions()
     options.check()
     if options.timing_cache:
-        raise UserError("TensorRT for RTX has no timing cache (it caches kernels at run time); drop --timing-cache")
+        raise UserError("TensorRT for RTX has no timing cache (it caches kernels at run time); drop `timing_cache`")
     (target,) = parse_targets([target])
     require_rtx("building an engine")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -472,13 +473,13 @@ def _build_here(request: dict, emit: Callable[[dict], None]) -> dict:
         raise CheckFailed(f"the engine holds {kernels} plugin kernels for {len(nodes)} plugin layers")
     Path(request["engine"]).write_bytes(data)
     notes = []
-    if request["precision"] != "fp32":
+    if request["precision"] != Precision.FP32:
         notes.append(f"{request['precision']} graph: the FP32 layers are its routing (and ops without the type)")
     return {
         "version": trt.__version__,
         "layers": network.num_layers,
         "plugin_layers": plugin_layers,
-        "fp32_layers": _fp32_layers(trt, network) if request["precision"] != "fp32" else None,
+        "fp32_layers": _fp32_layers(trt, network) if request["precision"] != Precision.FP32 else None,
         "plugin_outputs": {
             layer.name: [
                 [list(layer.get_output(i).shape), str(layer.get_output(i).dtype).rsplit(".", 1)[-1]]

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 from exporter.commands.console import as_options, console, escape
+from exporter.settings import Precision, RoutingPrecision
 
 # --- the parity table -------------------------------------------------------------------------------
 
@@ -24,8 +25,8 @@ def print_report(report) -> None:
     """A ParityReport: outputs, routing per V-MoE layer, notes, verdict."""
     out = console()
     precision = ""
-    if report.precision != "fp32":
-        routing = "routing in FP32" if report.routing_precision == "fp32" else "routing reduced too"
+    if report.precision != Precision.FP32:
+        routing = "routing in FP32" if report.routing_precision == RoutingPrecision.FP32 else "routing reduced too"
         precision = f", {report.precision} ({routing})"
     out.print(
         f"[bold]{escape(report.graph)}[/bold] vs PyTorch {escape(report.model)} "
@@ -193,8 +194,12 @@ def print_export(result) -> None:
     if quantized is not None:
         done = sum(quantized["quantized_nodes"].values())
         precision = f", {result.precision} (routing in FP32; {done} MatMul/Gemm/Conv nodes quantized)"
-    elif result.precision != "fp32":
-        routing = "routing in FP32" if result.routing_precision == "fp32" else f"routing in {result.precision} too"
+    elif result.precision != Precision.FP32:
+        routing = (
+            "routing in FP32"
+            if result.routing_precision == RoutingPrecision.FP32
+            else f"routing in {result.precision} too"
+        )
         kept = sum(result.fp32_nodes.values())
         precision = f", {result.precision} ({routing}; {kept} float nodes in FP32, {result.casts} Casts)"
     out.print(
@@ -207,7 +212,7 @@ def print_export(result) -> None:
     if not result.dynamic_batch:
         out.print("[yellow]warning:[/yellow] the model fixes its batch size, so the graph has a static batch")
     checked = ", ".join(f"{b} ({err:.1e})" for b, err in result.checked.items())
-    if result.precision == "fp32":
+    if result.precision == Precision.FP32:
         out.print(f"checked against PyTorch at batch {checked} (max rel err)")
     else:  # the reduced graph's own differences are validate's to report, flips explained
         out.print(f"checked: its FP32 trace against PyTorch at batch {checked}, and the {result.precision} graph runs")
@@ -266,7 +271,7 @@ def print_rewrite(result) -> None:
 def print_bundle(result) -> None:
     out = console()
     size = sum(f["bytes"] for f in result.files.values())
-    typed = "" if result.precision == "fp32" else f", {result.precision} graphs with the routing in FP32"
+    typed = "" if result.precision == Precision.FP32 else f", {result.precision} graphs with the routing in FP32"
     out.print(
         f"wrote [bold]{escape(str(result.path))}[/bold]: {len(result.files)} files, {size / 2**20:,.1f} MiB"
         f"{typed} ({result.seconds:.1f}s)"

@@ -16,6 +16,7 @@ from exporter.formats.bundle import (
     REFERENCE_JSON,
     REFERENCE_NPZ,
 )
+from exporter.settings import Precision
 
 
 def _shape(name: str, batch: int, image: list) -> str:
@@ -40,8 +41,8 @@ def render_readme(manifest: dict) -> str:
 def _precision_text(manifest: dict) -> tuple[str, str]:
     """(the overview's precision line, the end of the parity rule's sentence: routing decisions)."""
     model = manifest["model"]
-    precision = manifest.get("precision", "fp32")
-    if precision == "fp32":
+    precision = manifest.get("precision", Precision.FP32)
+    if precision == Precision.FP32:
         typed = "Precision: FP32 graphs."
         routing_rule = "and 0 for routing decisions (expert, kept, slot), which must be identical."
     else:
@@ -57,7 +58,7 @@ def _precision_text(manifest: dict) -> tuple[str, str]:
             "rounding may take the other expert, and Polygraphy reports that routing output as a mismatch: "
             "`moe-export validate .` counts such flips per layer, allows the precision's share and explains each."
         )
-    if (model.get("source", {}).get("config") or {}).get("bf16_dispatch") and precision == "fp32":
+    if (model.get("source", {}).get("config") or {}).get("bf16_dispatch") and precision == Precision.FP32:
         routing_rule += (
             " This model rounds its expert inputs and outputs to bfloat16 (bf16 dispatch): an element within "
             "float32 noise of the midpoint between two bfloat16 values can round the other way in TensorRT than "
@@ -145,7 +146,7 @@ def _with_polygraphy(manifest: dict, routing_rule: str) -> str:
     dims = ",".join(str(d) for d in [batch, *image])
     # Polygraphy builds a profile with every dynamic dimension at 1 unless told: the sample batch must fit
     trt_shapes = " ".join(f"--trt-{k}-shapes {inp['name']}:[{dims}]" for k in ("min", "opt", "max"))
-    precision = manifest.get("precision", "fp32")
+    precision = manifest.get("precision", Precision.FP32)
     rtol = settings.TOLERANCES[precision].rtol
     return f"""## With Polygraphy
 

@@ -33,6 +33,7 @@ from exporter.compare import max_rel_err
 from exporter.errors import UserError, one_line
 from exporter.formats.graph import image_input, read_header
 from exporter.progress import phase
+from exporter.settings import Precision
 from exporter.sources.loading import LoadedModel, ModelSource, check_batch, load
 from exporter.versions import package_version
 
@@ -531,7 +532,7 @@ def _bench_tensorrt(name, graph, folder: Path, images, reference, multiple, warm
         graph, setup, note = _plugin_graph(graph, folder)
     input_name = image_input(read_header(graph)).name
     engine = folder / f"{name}.engine"
-    options = EngineOptions(precision="fp32", min_batch=batch, opt_batch=batch, max_batch=batch)
+    options = EngineOptions(precision=Precision.FP32, min_batch=batch, opt_batch=batch, max_batch=batch)
     built = build_engine(graph, engine, options, input_shape=images.shape[1:], batch_multiple=multiple)
     setup += built.seconds
     if built.plugin_layers:

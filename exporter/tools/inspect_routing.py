@@ -133,13 +133,13 @@ def pictured_image(
     """``[1, C, H, W]`` input from an image file or a digits test sample (sample 0 by default),
     normalised as the model takes it."""
     if image is not None and sample is not None:
-        raise UserError("give either --image or --sample, not both")
+        raise UserError("give either `image` or `sample`, not both")
     if image is not None:
         return image_file(image, input_shape, normalization), str(image)
     sample = 0 if sample is None else sample
     split = load_split(input_shape, normalization=normalization)
     if not 0 <= sample < len(split.test_images):
-        raise UserError(f"--sample must be between 0 and {len(split.test_images) - 1}, got {sample}")
+        raise UserError(f"`sample` must be between 0 and {len(split.test_images) - 1}, got {sample}")
     label = int(split.test_labels[sample])
     return split.test_images[sample : sample + 1], f"digits test sample {sample} (a {label})"
 
@@ -175,7 +175,7 @@ def onnx_routing(graph: str | Path, header, images: np.ndarray) -> dict[str, Top
     (weights are not exported: ``weight`` is the kept mask as float)."""
     layers = routing_layers(header)
     if not layers:
-        raise UserError(f"{graph} has no routing outputs; export it with --routing-outputs")
+        raise UserError(f"{graph} has no routing outputs; export it with `routing_outputs=True`")
     outputs = run_onnxruntime(graph, {image_input(header).name: images})
     routing = {}
     for layer in layers:
@@ -298,7 +298,7 @@ def _picture_soft_moe(loaded, images, display, where, dest, slots, graph, dpi) -
     source = loaded.source
     if graph is not None:
         raise UserError(
-            "Soft-MoE graphs expose no routing outputs (nothing is dropped); picture the PyTorch model without --onnx"
+            "Soft-MoE graphs expose no routing outputs (nothing is dropped); picture the PyTorch model without `graph`"
         )
     with phase(log, "Running the model"):
         weights = _soft_weights(loaded.module, images)

@@ -278,7 +278,7 @@ def _test_images(
     if count < len(split.test_images):
         notes.append(f"{count} of {len(split.test_images)} test images: a whole number of routing groups")
     if source.checkpoint is None:
-        notes.append("seeded random weights (no --checkpoint): accuracy is chance level")
+        notes.append("seeded random weights (no `checkpoint`): accuracy is chance level")
     return split.test_images[:count], split.test_labels[:count], batch, notes
 
 

@@ -99,9 +99,9 @@ def test_the_build_takes_the_graphs_own_precision(graphs, name, tmp_path):
     portable, plugins = graphs[name]
     assert graph_precision(portable) == graph_precision(plugins) == ("fp32", "fp32")
     assert graph_precision(portable, "fp32") == ("fp32", "fp32")
-    with pytest.raises(UserError, match="is typed fp32 and TensorRT builds it strongly typed.* --precision fp16"):
+    with pytest.raises(UserError, match="is typed fp32 and TensorRT builds it strongly typed.* `precision=fp16`"):
         graph_precision(plugins, "fp16")
-    with pytest.raises(UserError, match="--precision bf16"):
+    with pytest.raises(UserError, match="`precision=bf16`"):
         build_onnx_engine(plugins, tmp_path, EngineOptions(precision="bf16"))
 
 

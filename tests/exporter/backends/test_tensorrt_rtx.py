@@ -29,9 +29,9 @@ needs_rtx = pytest.mark.skipif(NO_RTX is not None, reason="needs TensorRT for RT
 @pytest.mark.parametrize(
     "target, message",
     [
-        ("sm_87", "cannot build for sm_87 (Jetson Orin: build with --backend tensorrt"),
-        ("sm_90", "cannot build for sm_90 (Hopper (H100/H200): build with --backend tensorrt"),
-        ("sm_110", "cannot build for sm_110 (Jetson Thor: build with --backend tensorrt"),
+        ("sm_87", "cannot build for sm_87 (Jetson Orin: build with `backend=tensorrt`"),
+        ("sm_90", "cannot build for sm_90 (Hopper (H100/H200): build with `backend=tensorrt`"),
+        ("sm_110", "cannot build for sm_110 (Jetson Thor: build with `backend=tensorrt`"),
         ("sm_95", "its targets are sm_75, sm_80, sm_86, sm_89, sm_120, sm_121"),
         ("ampere", "is not a CUDA architecture"),
     ],
@@ -43,7 +43,7 @@ def test_targets_it_cannot_build_name_the_backend_that_can(target, message):
 
 def test_targets_parse_in_both_spellings_once_each():
     assert parse_targets(["sm_89", "120", "SM_89", "sm_120a"]) == [89, 120]
-    with pytest.raises(UserError, match="give --target"):
+    with pytest.raises(UserError, match="give `target`"):
         parse_targets([])
 
 

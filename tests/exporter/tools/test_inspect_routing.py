@@ -142,7 +142,7 @@ def test_image_file_input_and_bad_inputs(tmp_path):
     (tmp_path / "not.png").write_text("not an image")
     with pytest.raises(UserError, match="not a readable PNG or JPEG"):
         inspect_routing(source, tmp_path / "b.png", image=str(tmp_path / "not.png"))
-    with pytest.raises(UserError, match="--sample must be between 0 and 447"):
+    with pytest.raises(UserError, match="`sample` must be between 0 and 447"):
         inspect_routing(source, tmp_path / "b.png", sample=448)
     with pytest.raises(UserError, match="slots \\[16\\] out of range"):
         inspect_routing(from_zoo("soft-moe-tiny"), tmp_path / "b.png", slots=[16])
