@@ -90,19 +90,11 @@ def validate(
     from exporter.parity.validate import validate as run_validate
 
     named = choice.model or choice.module  # else the model the graph records, changed by the options given
-    report = run_validate(
-        graph,
-        resolve(choice) if named else None,
-        changes=functools.partial(resolve, choice) if choice.given and not named else None,
-        engine_graph=engine_graph,
-        batch=choice.batch if batch is None else batch,
-        seed=input_seed,
-        inputs_npz=inputs_npz,
-        rtol=rtol,
-        routing_agreement=routing_agreement,
-        trust_module=trust_module,
-        verify_key=verify_key,
-    )
+    model = dict(changes=functools.partial(resolve, choice) if choice.given and not named else None)
+    inputs = dict(batch=choice.batch if batch is None else batch, seed=input_seed, inputs_npz=inputs_npz)
+    limits = dict(rtol=rtol, routing_agreement=routing_agreement)
+    trust = dict(engine_graph=engine_graph, trust_module=trust_module, verify_key=verify_key)
+    report = run_validate(graph, resolve(choice) if named else None, **model, **inputs, **limits, **trust)
     emit(report, print_report, json_out)
     if not report.passed:
         raise CheckFailed(f"{report.graph} does not match {report.model} (see the table above)")

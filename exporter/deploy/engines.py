@@ -416,15 +416,8 @@ def build_engine_for(
     """
     from exporter.backends.tensorrt import TensorRTUnavailable
 
-    options = check_engine_request(
-        source,
-        output_dir=output_dir,
-        options=options,
-        targets=targets,
-        backend=backend,
-        triton_repo=triton_repo,
-        verify_key=verify_key,
-    )
+    request = dict(options=options, targets=targets, backend=backend, triton_repo=triton_repo, verify_key=verify_key)
+    options = check_engine_request(source, output_dir=output_dir, **request)
     rtx = backend == RTX_BACKEND
     written, notes = None, []
     if _is_model(source):

@@ -388,20 +388,11 @@ def export_model(
     """Builds a model (a zoo name, a model folder, a user module, a checkpoint: ``exporter.from_zoo``,
     ``from_module``, ...) and exports it: what ``moe-export export`` does. See ``export_onnx`` for the
     arguments."""
-    ExportOptions(opset, routing_outputs, example_batch, precision, routing_precision, calibration).check()
+    options = ExportOptions(opset, routing_outputs, example_batch, precision, routing_precision, calibration).check()
     check_output(dest)
     with phase(log, f"Building {source.name}"):
         loaded = load(source)
-    return export_onnx(
-        loaded,
-        dest,
-        opset=opset,
-        routing_outputs=routing_outputs,
-        example_batch=example_batch,
-        precision=precision,
-        routing_precision=routing_precision,
-        calibration=calibration,
-    )
+    return export_onnx(loaded, dest, **dataclasses.asdict(options))
 
 
 def graph_bytes(model: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -36,28 +37,28 @@ def load_private_key(path: str | Path):
     encrypted)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    data = _read(path, "signing key")
-    try:
-        key = _serialization().load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        hint = "give the private key (moe-export keygen writes it)" if b"PUBLIC KEY" in data else str(e)
-        raise UserError(f"{path} is not an unencrypted PEM private key: {hint}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UserError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
-    return key
+    hint = "give the private key (moe-export keygen writes it)"
+    load = functools.partial(_serialization().load_pem_private_key, password=None)
+    return _load_key(path, "signing key", load, Ed25519PrivateKey, b"PUBLIC KEY", hint, "an unencrypted PEM private")
 
 
 def load_public_key(path: str | Path):
     """The Ed25519 public key of a PEM file; one line for anything else."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    data = _read(path, "verification key")
+    hint = "give the public key (KEY.pub), not the private one"
+    load = _serialization().load_pem_public_key
+    return _load_key(path, "verification key", load, Ed25519PublicKey, b"PRIVATE KEY", hint, "a PEM public")
+
+
+def _load_key(path, role: str, load, kind: type, other: bytes, hint: str, what: str):
+    """A key of ``kind`` from the PEM file at ``path``; a file holding the ``other`` half gets ``hint``."""
+    data = _read(path, role)
     try:
-        key = _serialization().load_pem_public_key(data)
+        key = load(data)
     except (ValueError, TypeError) as e:
-        hint = "give the public key (KEY.pub), not the private one" if b"PRIVATE KEY" in data else str(e)
-        raise UserError(f"{path} is not a PEM public key: {hint}") from None
-    if not isinstance(key, Ed25519PublicKey):
+        raise UserError(f"{path} is not {what} key: {hint if other in data else e}") from None
+    if not isinstance(key, kind):
         raise UserError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
     return key
 
