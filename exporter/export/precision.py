@@ -228,7 +228,7 @@ def _is_float(value: ir.Value | None) -> bool:
 
 
 @dataclass
-class ReducePrecisionResult(ir.passes.PassResult):
+class ReducePrecisionPassResult(ir.passes.PassResult):
     """The pass's result: the model, whether it changed, and what it did (``report``)."""
 
     report: PrecisionResult
@@ -273,7 +273,7 @@ class ReducePrecisionPass(ir.passes.InPlacePass):
         self._low_nodes: set[ir.Node] = set()
         self._casts: dict[tuple[int, ir.DataType], ir.Value] = {}
 
-    def call(self, model: ir.Model) -> ReducePrecisionResult:
+    def call(self, model: ir.Model) -> ReducePrecisionPassResult:
         inferred = self._prepare(model)
         self._reset(model.graph)
         self._classify(self._pinned())
@@ -285,7 +285,7 @@ class ReducePrecisionPass(ir.passes.InPlacePass):
         self._report.casts = len(self._casts)
         self._graph.sort()
         modified = inferred or bool(self._low_nodes or self._casts)
-        return ReducePrecisionResult(model, modified, self._report)
+        return ReducePrecisionPassResult(model, modified, self._report)
 
     def _prepare(self, model: ir.Model) -> bool:
         """Refuses local functions; types every value (torch.onnx types every value; others may not).
