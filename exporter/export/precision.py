@@ -1,9 +1,9 @@
 """Reduced-precision graphs: FP16 or BF16 tokens, weights and expert MatMuls, with the routing in FP32.
 
 TensorRT 11 builds strongly typed networks only, so a reduced-precision engine needs the precision in
-the ONNX graph itself. ``reduce_precision`` rewrites an exported FP32 graph (an ``onnx_ir`` model, in
-place) so that every float tensor is FP16 or BF16 except those of the nodes kept in FP32, with one Cast
-wherever a tensor crosses between the two:
+the ONNX graph itself. ``reduce_precision`` (running ``ReducePrecisionPass``, an ``onnx_ir`` pass)
+rewrites an exported FP32 graph (an ``onnx_ir`` model, in place) so that every float tensor is FP16 or
+BF16 except those of the nodes kept in FP32, with one Cast wherever a tensor crosses between the two:
 
 * **Kept in FP32** (``routing="fp32"``, the default): the router of every MoE layer.
   V-MoE: the router MatMul (scope ``<layer>.router``), the softmax giving the gates (in the layer's own
@@ -227,6 +227,196 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
 
+@dataclass
+class ReducePrecisionPassResult(ir.passes.PassResult):
+    """The pass's result: the model, whether it changed, and what it did (``report``)."""
+
+    report: PrecisionResult
+
+
+class ReducePrecisionPass(ir.passes.InPlacePass):
+    """Rewrites a model (in place) to FP16 or BF16 with the routing kept in FP32 (see the module).
+
+    One method per phase, run in order by ``call``: which nodes stay FP32 (``_classify``), constants
+    and weights (``_convert_constants``, ``_convert_initializers``), the tensors reduced nodes make
+    (``_retype_outputs``), the Casts between the two types (``_cast_inputs``, ``_cast_outputs``).
+
+    Attributes:
+        precision: ``fp16`` or ``bf16``.
+        routing: ``fp32`` keeps every MoE router and the routing math in FP32; ``reduced`` does not.
+        vmoe_layers: The V-MoE layers' module names (their scopes name the routing nodes).
+        keep: Further nodes to keep in FP32.
+    """
+
+    def __init__(
+        self,
+        precision: str,
+        *,
+        routing: str = "fp32",
+        vmoe_layers=(),
+        keep: Callable[[ir.Node], bool] | None = None,
+    ) -> None:
+        super().__init__()
+        check_precision(precision, routing)
+        if precision not in settings.REDUCED_PRECISIONS:
+            raise ValueError(
+                f"reduce_precision converts to fp16 or bf16, not {precision} (see exporter.export.quantize)"
+            )
+        self.precision, self.routing, self.vmoe_layers, self.keep = precision, routing, vmoe_layers, keep
+        self.low = DTYPES[precision]
+        self._reset(None)
+
+    def _reset(self, graph: ir.Graph | None) -> None:
+        """Fresh state for a run over ``graph``."""
+        self._graph = graph
+        self._report = PrecisionResult(self.precision, self.routing)
+        self._low_nodes: set[ir.Node] = set()
+        self._casts: dict[tuple[int, ir.DataType], ir.Value] = {}
+
+    def call(self, model: ir.Model) -> ReducePrecisionPassResult:
+        inferred = self._prepare(model)
+        self._reset(model.graph)
+        self._classify(self._pinned())
+        self._convert_constants()
+        self._convert_initializers()
+        self._retype_outputs()
+        self._cast_inputs()
+        self._cast_outputs()
+        self._report.casts = len(self._casts)
+        self._graph.sort()
+        modified = inferred or bool(self._low_nodes or self._casts)
+        return ReducePrecisionPassResult(model, modified, self._report)
+
+    def _prepare(self, model: ir.Model) -> bool:
+        """Refuses local functions; types every value (torch.onnx types every value; others may not).
+        Whether it inferred types."""
+        if model.functions:
+            raise UserError("graphs with local functions cannot be converted to reduced precision (export it again)")
+        if not any(v.type is None for node in model.graph for v in node.outputs):
+            return False
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass()(model)
+        return True
+
+    def _pinned(self) -> set[ir.Node]:
+        """The routing nodes kept in FP32 (none with ``routing="reduced"``)."""
+        if self.routing != "fp32":
+            return set()
+        return vmoe_routing_nodes(self._graph, self.vmoe_layers) | soft_routing_nodes(self._graph)
+
+    def _classify(self, pinned: set[ir.Node]) -> None:
+        """Which nodes compute in the reduced type, and the others' count by reason."""
+        opset = self._graph.opset_imports.get("", 1)
+        reasons: Counter = Counter()
+        for node in self._graph:
+            floats = [v for v in (*node.inputs, *node.outputs) if _is_float(v)]
+            if node.op_type in ("Constant", "Shape", "Size") or not floats:
+                continue  # (Shape and Size read dimensions: any float type will do)
+            if node in pinned:
+                reasons["routing"] += 1
+            elif self.keep is not None and self.keep(node):
+                reasons["kept by the caller"] += 1
+            elif node.op_type in TYPE_FREE_OPS:
+                self._low_nodes.add(node)
+            elif not _takes(node, opset, ONNX_TYPE_NAMES[self.low]):
+                reasons[f"{node.op_type} takes no {self.low.name.lower()} at opset {opset}"] += 1
+            else:
+                self._low_nodes.add(node)
+        self._report.fp32_nodes, self._report.reduced_nodes = dict(reasons), len(self._low_nodes)
+
+    def _wants_low(self, node: ir.Node) -> bool:
+        return node in self._low_nodes
+
+    def _convert_constants(self) -> None:
+        """Constant nodes whose every consumer is reduced hold the reduced type."""
+        for node in [n for n in self._graph if n.op_type == "Constant" and _is_float(n.outputs[0])]:
+            value = node.outputs[0]
+            users = {self._wants_low(n) for n, _ in value.uses()}
+            if users == {True} and not value.is_graph_output():
+                converted = _convert(node.attributes["value"].value, self.low, self._report.overflows)
+                node.attributes["value"] = ir.AttrTensor("value", converted)
+                value.dtype = self.low
+
+    def _convert_initializers(self) -> None:
+        """Weights: one copy per type their consumers want (converted when the model is saved)."""
+        graph, low, report = self._graph, self.low, self._report
+        for name, value in list(graph.initializers.items()):
+            if not _is_float(value) or value.const_value is None:
+                continue
+            users = {self._wants_low(n) for n, _ in value.uses()}
+            if True not in users:
+                continue
+            if users == {True} and not value.is_graph_input():
+                value.const_value = _convert_lazily(value.const_value, low, report.overflows)
+                value.dtype = low
+                report.weights += 1
+                continue
+            copy = ir.Value(name=f"{name}.{self.precision}", type=ir.TensorType(low), shape=value.shape)
+            copy.const_value = _convert_lazily(value.const_value, low, report.overflows)
+            graph.register_initializer(copy)
+            for n, i in list(value.uses()):
+                if self._wants_low(n):
+                    n.replace_input_with(i, copy)
+            report.shared_weights += 1
+
+    def _retype_outputs(self) -> None:
+        """Every float tensor a reduced node makes is reduced; a Cast to FLOAT there casts to the
+        reduced type, a ConstantOfShape fills with it."""
+        for node in self._low_nodes:
+            if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
+                node.attributes["to"] = ir.AttrInt64("to", self.low)
+            for out in node.outputs:
+                if _is_float(out):
+                    out.dtype = self.low
+            if node.op_type == "ConstantOfShape" and "value" in node.attributes:
+                attr = node.attributes["value"].value
+                if attr.dtype == ir.DataType.FLOAT:
+                    converted = _convert(attr, self.low, self._report.overflows)
+                    node.attributes["value"] = ir.AttrTensor("value", converted)
+
+    def _cast_inputs(self) -> None:
+        """A Cast in front of every input whose type is not the one its consumer computes in."""
+        for node in list(self._graph):
+            if node.op_type in TYPE_FREE_OPS:  # (the snapshot holds no inserted Cast)
+                continue
+            want = self.low if self._wants_low(node) else ir.DataType.FLOAT
+            for i, value in enumerate(node.inputs):
+                if value is not None and value.dtype in (ir.DataType.FLOAT, self.low) and value.dtype != want:
+                    node.replace_input_with(i, self._cast(value, want, node))
+
+    def _cast_outputs(self) -> None:
+        """The graph's outputs stay FP32: a reduced one is cast back, under its own name."""
+        graph = self._graph
+        for i, value in enumerate(list(graph.outputs)):
+            if value.dtype == self.low:
+                name = value.name
+                value.name = f"{name}.{self.precision}"
+                out = self._cast(value, ir.DataType.FLOAT, value.producer())
+                out.name = name
+                graph.outputs[i] = out
+
+    def _cast(self, value: ir.Value, to: ir.DataType, scope_of: ir.Node) -> ir.Value:
+        """``value`` cast to ``to``: one Cast per value and type, after its producer (or before
+        ``scope_of``, whose scope it takes)."""
+        key = (id(value), to)
+        if key not in self._casts:
+            suffix = "fp32" if to == ir.DataType.FLOAT else self.precision
+            out = ir.Value(name=f"{value.name}.{suffix}", type=ir.TensorType(to), shape=value.shape)
+            node = ir.Node(
+                "", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out], name=f"{value.name}.cast_{suffix}"
+            )
+            if SCOPE_KEY in scope_of.metadata_props:
+                node.metadata_props[SCOPE_KEY] = scope_of.metadata_props[SCOPE_KEY]
+            producer = value.producer()
+            if producer is None:
+                self._graph.insert_before(scope_of, node)
+            else:
+                self._graph.insert_after(producer, node)
+            self._casts[key] = out
+        return self._casts[key]
+
+
 def reduce_precision(
     model: ir.Model,
     precision: str,
@@ -235,7 +425,8 @@ def reduce_precision(
     vmoe_layers=(),
     keep: Callable[[ir.Node], bool] | None = None,
 ) -> PrecisionResult:
-    """Rewrites ``model`` (in place) to ``precision`` with the routing kept in FP32 (see the module).
+    """Rewrites ``model`` (in place) to ``precision`` with the routing kept in FP32 (see the module):
+    runs ``ReducePrecisionPass``; ``fp32`` leaves the model as it is.
 
     Args:
         model: An exported FP32 graph (onnx_ir).
@@ -248,117 +439,4 @@ def reduce_precision(
     check_precision(precision, routing)
     if precision == "fp32":
         return PrecisionResult(precision, routing)
-    if precision not in settings.REDUCED_PRECISIONS:
-        raise ValueError(f"reduce_precision converts to fp16 or bf16, not {precision} (see exporter.export.quantize)")
-    if model.functions:
-        raise UserError("graphs with local functions cannot be converted to reduced precision (export it again)")
-    graph = model.graph
-    if any(v.type is None for node in graph for v in node.outputs):  # torch.onnx types every value; others may not
-        from onnx_ir.passes.common import ShapeInferencePass
-
-        ShapeInferencePass()(model)
-    low = DTYPES[precision]
-    opset = graph.opset_imports.get("", 1)
-    result = PrecisionResult(precision, routing)
-    reasons: Counter = Counter()
-
-    kept: set[ir.Node] = set()
-    if routing == "fp32":
-        kept = vmoe_routing_nodes(graph, vmoe_layers) | soft_routing_nodes(graph)
-    low_nodes: set[ir.Node] = set()
-    for node in graph:
-        floats = [v for v in (*node.inputs, *node.outputs) if _is_float(v)]
-        if node.op_type in ("Constant", "Shape", "Size") or not floats:
-            continue  # (Shape and Size read dimensions: any float type will do)
-        if node in kept:
-            reasons["routing"] += 1
-        elif keep is not None and keep(node):
-            reasons["kept by the caller"] += 1
-        elif node.op_type in TYPE_FREE_OPS:
-            low_nodes.add(node)
-        elif not _takes(node, opset, ONNX_TYPE_NAMES[low]):
-            reasons[f"{node.op_type} takes no {low.name.lower()} at opset {opset}"] += 1
-        else:
-            low_nodes.add(node)
-    result.fp32_nodes, result.reduced_nodes = dict(reasons), len(low_nodes)
-
-    def wants_low(node: ir.Node) -> bool:
-        return node in low_nodes
-
-    # Constants and weights: one copy per type their consumers want.
-    for node in [n for n in graph if n.op_type == "Constant" and _is_float(n.outputs[0])]:
-        value = node.outputs[0]
-        users = {wants_low(n) for n, _ in value.uses()}
-        if users == {True} and not value.is_graph_output():
-            converted = _convert(node.attributes["value"].value, low, result.overflows)
-            node.attributes["value"] = ir.AttrTensor("value", converted)
-            value.dtype = low
-    for name, value in list(graph.initializers.items()):
-        if not _is_float(value) or value.const_value is None:
-            continue
-        users = {wants_low(n) for n, _ in value.uses()}
-        if True not in users:
-            continue
-        if users == {True} and not value.is_graph_input():
-            value.const_value = _convert_lazily(value.const_value, low, result.overflows)
-            value.dtype = low
-            result.weights += 1
-            continue
-        copy = ir.Value(name=f"{name}.{precision}", type=ir.TensorType(low), shape=value.shape)
-        copy.const_value = _convert_lazily(value.const_value, low, result.overflows)
-        graph.register_initializer(copy)
-        for n, i in list(value.uses()):
-            if wants_low(n):
-                n.replace_input_with(i, copy)
-        result.shared_weights += 1
-
-    # Every float tensor a reduced node makes is reduced; a Cast to FLOAT there casts to the reduced type.
-    for node in low_nodes:
-        if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
-            node.attributes["to"] = ir.AttrInt64("to", low)
-        for out in node.outputs:
-            if _is_float(out):
-                out.dtype = low
-        if node.op_type == "ConstantOfShape" and "value" in node.attributes:
-            attr = node.attributes["value"].value
-            if attr.dtype == ir.DataType.FLOAT:
-                node.attributes["value"] = ir.AttrTensor("value", _convert(attr, low, result.overflows))
-
-    # Casts where a tensor's type is not the one its consumer computes in.
-    casts: dict[tuple[int, ir.DataType], ir.Value] = {}
-
-    def cast(value: ir.Value, to: ir.DataType, scope_of: ir.Node) -> ir.Value:
-        key = (id(value), to)
-        if key not in casts:
-            suffix = "fp32" if to == ir.DataType.FLOAT else precision
-            out = ir.Value(name=f"{value.name}.{suffix}", type=ir.TensorType(to), shape=value.shape)
-            node = ir.Node(
-                "", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out], name=f"{value.name}.cast_{suffix}"
-            )
-            if SCOPE_KEY in scope_of.metadata_props:
-                node.metadata_props[SCOPE_KEY] = scope_of.metadata_props[SCOPE_KEY]
-            producer = value.producer()
-            if producer is None:
-                graph.insert_before(scope_of, node)
-            else:
-                graph.insert_after(producer, node)
-            casts[key] = out
-        return casts[key]
-
-    for node in list(graph):
-        if node.op_type in TYPE_FREE_OPS:  # (the snapshot holds no inserted Cast)
-            continue
-        want = low if wants_low(node) else ir.DataType.FLOAT
-        for i, value in enumerate(node.inputs):
-            if value is not None and value.dtype in (ir.DataType.FLOAT, low) and value.dtype != want:
-                node.replace_input_with(i, cast(value, want, node))
-    for i, value in enumerate(list(graph.outputs)):
-        if value.dtype == low:  # the outputs stay FP32
-            name = value.name
-            value.name = f"{name}.{precision}"
-            out = cast(value, ir.DataType.FLOAT, value.producer())
-            out.name = name
-            graph.outputs[i] = out
-    result.casts = len(casts)
-    graph.sort()
-    return result
+    return ReducePrecisionPass(precision, routing=routing, vmoe_layers=vmoe_layers, keep=keep)(model).report

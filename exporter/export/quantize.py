@@ -3,8 +3,8 @@ kept exact (in FP32).
 
 TensorRT 11 and TensorRT for RTX take INT8 and FP8 only as explicit QuantizeLinear/DequantizeLinear
 pairs in the graph, in one form: symmetric (zero point 0), weights per output channel, activations per
-tensor, no bias quantization. ``quantize`` rewrites an exported FP32 graph (an ``onnx_ir`` model, in
-place) into that form:
+tensor, no bias quantization. ``quantize`` (running ``QuantizePass``, an ``onnx_ir`` pass) rewrites an
+exported FP32 graph (an ``onnx_ir`` model, in place) into that form:
 
 * **Quantized** (``int8``, ``fp8``): the inputs of every MatMul, Gemm and Conv outside the routing:
   patch embedding, attention projections, the attention's two activation matmuls, dense MLPs, the
@@ -381,6 +381,158 @@ def _activation_qdq(graph: ir.Graph, value: ir.Value, amax: np.ndarray, precisio
     return [q, dq]
 
 
+@dataclass
+class QuantizePassResult(ir.passes.PassResult):
+    """The pass's result: the model, whether it changed, and what it did (``report``)."""
+
+    report: QuantizeResult
+
+
+class QuantizePass(ir.passes.InPlacePass):
+    """Rewrites a model (in place) to INT8/FP8 Q/DQ or weight-only INT8/INT4 experts (see the module).
+
+    One method per phase, run in order by ``call``: which nodes are quantized (``_plan``), the
+    activations' ranges (``_calibrate_activations``), the Q/DQ in front of those nodes (``_insert_qdq``),
+    the FP32 weights nothing reads any more (``_drop_replaced``), the opset (``_raise_opset``) and the
+    weights' sizes (``_measure``).
+
+    Attributes:
+        precision: ``int8`` or ``fp8`` (Q/DQ, calibrated), ``w8`` or ``w4`` (expert weights only).
+        moe_layers: Module names of the MoE layers (V-MoE and Soft-MoE): their nodes outside
+            ``<layer>.experts`` stay FP32.
+        images: Calibration images ``[N, C, H, W]`` (``int8``/``fp8``), in whole routing groups.
+        calibration: Where the images came from, one line for the report.
+        batch: Images per calibration run (whole routing groups).
+    """
+
+    def __init__(
+        self,
+        precision: str,
+        *,
+        moe_layers=(),
+        images: np.ndarray | None = None,
+        calibration: str = "",
+        batch: int = 8,
+    ) -> None:
+        super().__init__()
+        self.precision, self.moe_layers = precision, tuple(moe_layers)
+        self.images, self.calibration, self.batch = images, calibration, batch
+        self.weight_only = precision in settings.WEIGHT_ONLY_PRECISIONS
+        self._reset(None)
+
+    def _reset(self, graph: ir.Graph | None) -> None:
+        """Fresh state for a run over ``graph``."""
+        self._graph = graph
+        self._report = QuantizeResult(self.precision, calibration=self.calibration)
+        self._ranges = _Ranges()
+        self._before: dict[str, int] = {}  # initializer bytes before
+        self._expert_names: set[str] = set()  # the experts' weights
+        self._expert_after = 0  # their bytes after
+        self._weights: dict[str, ir.Value] = {}  # weight name: its dequantized value
+        self._activations: dict[str, ir.Value] = {}  # activation name: its quantized-dequantized value
+        self._counts: dict[str, int] = {}  # quantized nodes by op type
+
+    def call(self, model: ir.Model) -> QuantizePassResult:
+        if model.functions:
+            raise UserError("graphs with local functions cannot be quantized (export it again)")
+        self._reset(model.graph)
+        chosen = self._plan()
+        self._calibrate_activations(model, chosen)
+        self._insert_qdq(chosen)
+        self._drop_replaced()
+        raised = self._raise_opset(model)
+        self._measure()
+        return QuantizePassResult(model, bool(self._counts) or raised, self._report)
+
+    def _plan(self) -> dict[ir.Node, str]:
+        """The nodes to quantize (``{node: "dense" | "expert"}``; the experts alone for weight-only),
+        the others counted by reason; the weights' sizes before and which are the experts'."""
+        graph = self._graph
+        chosen, self._report.float_nodes = plan(graph, self.moe_layers)
+        self._before = {n: v.const_value.nbytes for n, v in graph.initializers.items() if v.const_value is not None}
+        experts = [node for node, kind in chosen.items() if kind == "expert"]
+        self._expert_names = {v.name for node in experts for v in node.inputs if _is_weight(v)}
+        if self.weight_only:
+            chosen = {n: k for n, k in chosen.items() if k == "expert"}
+        return chosen
+
+    def _calibrate_activations(self, model: ir.Model, chosen: dict[ir.Node, str]) -> None:
+        """The largest magnitude of each activation the chosen nodes read, over the calibration images
+        (none for weight-only), and the tokens each expert saw."""
+        if self.weight_only:
+            return
+        images, batch = self.images, self.batch
+        if images is None or not len(images):
+            raise UserError(f"`precision={self.precision}` needs calibration images")
+        fixed = self._graph.inputs[0].shape[0] if self._graph.inputs[0].shape is not None else None
+        if isinstance(fixed, int):  # a model that fixes its batch: runs of exactly that many images
+            images, batch = whole_groups(images, fixed, self.calibration or "the calibration images"), fixed
+        start = time.perf_counter()
+        self._ranges = _calibrate(model, _activations(chosen), images, batch)
+        self._report.calibration_images, self._report.calibration_seconds = len(images), time.perf_counter() - start
+        _expert_tokens(self._graph, chosen, self._ranges, self.moe_layers, self._report)
+
+    def _insert_qdq(self, chosen: dict[ir.Node, str]) -> None:
+        """Every float input of a chosen node but a bias read through DequantizeLinear: a weight
+        stored quantized, an activation (not for weight-only) through a QuantizeLinear first."""
+        for node in list(self._graph):
+            kind = chosen.get(node)
+            if kind is None:
+                continue
+            self._counts[node.op_type] = self._counts.get(node.op_type, 0) + 1
+            for i, value in enumerate(list(node.inputs)):
+                if value is None or value.dtype != ir.DataType.FLOAT or (node.op_type in ("Gemm", "Conv") and i == 2):
+                    continue
+                if _is_weight(value):
+                    node.replace_input_with(i, self._dequantized_weight(node, i, kind))
+                elif not self.weight_only:
+                    node.replace_input_with(i, self._dequantized_activation(node, value))
+
+    def _dequantized_weight(self, node: ir.Node, index: int, kind: str) -> ir.Value:
+        """Weight input ``index`` of ``node`` stored quantized and dequantized (once per weight)."""
+        name = node.inputs[index].name
+        if name not in self._weights:
+            nodes, stored = _weight_dq(self._graph, node, index, kind, self.precision)
+            self._graph.insert_before(node, nodes)
+            self._weights[name] = nodes[-1].outputs[0]
+            if name in self._expert_names:
+                self._expert_after += stored
+        return self._weights[name]
+
+    def _dequantized_activation(self, node: ir.Node, value: ir.Value) -> ir.Value:
+        """``value`` quantized and dequantized at its calibrated scale (once per activation)."""
+        if value.name not in self._activations:
+            nodes = _activation_qdq(self._graph, value, self._ranges.amax[value.name], self.precision)
+            self._graph.insert_before(node, nodes)
+            self._activations[value.name] = nodes[-1].outputs[0]
+        return self._activations[value.name]
+
+    def _drop_replaced(self) -> None:
+        """Removes the FP32 originals of the quantized weights that nothing reads any more."""
+        for name in self._weights:
+            value = self._graph.initializers[name]
+            if not value.uses() and not value.is_graph_output():
+                self._graph.initializers.pop(name)
+
+    def _raise_opset(self, model: ir.Model) -> bool:
+        """FP8 and INT4 need ``settings.QUANTIZED_OPSET``: whether the opset was raised to it."""
+        if self.precision not in ("fp8", "w4"):
+            return False
+        graph = self._graph
+        old = graph.opset_imports.get("", 1)
+        graph.opset_imports[""] = max(old, settings.QUANTIZED_OPSET)
+        model.opset_imports[""] = graph.opset_imports[""]
+        return graph.opset_imports[""] != old
+
+    def _measure(self) -> None:
+        """The quantized nodes by op type; the experts' and all weights' bytes before and after."""
+        after = {n: v.const_value.nbytes for n, v in self._graph.initializers.items() if v.const_value is not None}
+        report, before = self._report, self._before
+        report.quantized_nodes = self._counts
+        report.expert_weight_bytes = (sum(before[n] for n in self._expert_names), self._expert_after)
+        report.weight_bytes = (sum(before.values()), sum(after.values()))
+
+
 def quantize(
     model: ir.Model,
     precision: str,
@@ -390,7 +542,7 @@ def quantize(
     calibration: str = "",
     batch: int = 8,
 ) -> QuantizeResult:
-    """Rewrites ``model`` (in place) to ``precision`` (see the module).
+    """Rewrites ``model`` (in place) to ``precision`` (see the module): runs ``QuantizePass``.
 
     Args:
         model: An exported FP32 graph (onnx_ir).
@@ -401,66 +553,8 @@ def quantize(
         calibration: Where the images came from, one line for the report.
         batch: Images per calibration run (whole routing groups).
     """
-    if model.functions:
-        raise UserError("graphs with local functions cannot be quantized (export it again)")
-    graph = model.graph
-    result = QuantizeResult(precision, calibration=calibration)
-    chosen, result.float_nodes = plan(graph, moe_layers)
-    before = {n: v.const_value.nbytes for n, v in graph.initializers.items() if v.const_value is not None}
-    expert_names = {v.name for node, kind in chosen.items() if kind == "expert" for v in node.inputs if _is_weight(v)}
-    weight_only = precision in settings.WEIGHT_ONLY_PRECISIONS
-    if weight_only:
-        chosen = {n: k for n, k in chosen.items() if k == "expert"}
-
-    ranges = _Ranges()
-    if not weight_only:
-        if images is None or not len(images):
-            raise UserError(f"`precision={precision}` needs calibration images")
-        fixed = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else None
-        if isinstance(fixed, int):  # a model that fixes its batch: runs of exactly that many images
-            images, batch = whole_groups(images, fixed, calibration or "the calibration images"), fixed
-        start = time.perf_counter()
-        activations = _activations(chosen)
-        ranges = _calibrate(model, activations, images, batch)
-        result.calibration_images, result.calibration_seconds = len(images), time.perf_counter() - start
-        _expert_tokens(graph, chosen, ranges, moe_layers, result)
-
-    expert_after, done_weights, done_acts = 0, {}, {}
-    counts: dict[str, int] = {}
-    for node in list(graph):
-        kind = chosen.get(node)
-        if kind is None:
-            continue
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        for i, value in enumerate(list(node.inputs)):
-            if value is None or value.dtype != ir.DataType.FLOAT or (node.op_type in ("Gemm", "Conv") and i == 2):
-                continue
-            if _is_weight(value):
-                if value.name not in done_weights:
-                    nodes, stored = _weight_dq(graph, node, i, kind, precision)
-                    graph.insert_before(node, nodes)
-                    done_weights[value.name] = nodes[-1].outputs[0]
-                    if value.name in expert_names:
-                        expert_after += stored
-                node.replace_input_with(i, done_weights[value.name])
-            elif not weight_only:
-                if value.name not in done_acts:
-                    nodes = _activation_qdq(graph, value, ranges.amax[value.name], precision)
-                    graph.insert_before(node, nodes)
-                    done_acts[value.name] = nodes[-1].outputs[0]
-                node.replace_input_with(i, done_acts[value.name])
-    for name in done_weights:  # the FP32 originals nothing reads any more
-        value = graph.initializers[name]
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(name)
-    if precision in ("fp8", "w4"):
-        graph.opset_imports[""] = max(graph.opset_imports.get("", 1), settings.QUANTIZED_OPSET)
-        model.opset_imports[""] = graph.opset_imports[""]
-    after = {n: v.const_value.nbytes for n, v in graph.initializers.items() if v.const_value is not None}
-    result.quantized_nodes = counts
-    result.expert_weight_bytes = (sum(before[n] for n in expert_names), expert_after)
-    result.weight_bytes = (sum(before.values()), sum(after.values()))
-    return result
+    done = QuantizePass(precision, moe_layers=moe_layers, images=images, calibration=calibration, batch=batch)
+    return done(model).report
 
 
 def _expert_tokens(graph: ir.Graph, chosen, ranges: _Ranges, moe_layers, result: QuantizeResult) -> None:
