@@ -181,7 +181,8 @@ def print_quantization(q: dict) -> None:
     if kept:
         out.print(f"kept in FP32: {escape(kept)}; LayerNorm, softmax and residual adds carry no Q/DQ")
     if q["calibration"]:
-        out.print(f"calibration: {escape(q['calibration'])} ({q['calibration_seconds']:.1f}s)", soft_wrap=True)
+        calibration = escape(as_options(q["calibration"]))
+        out.print(f"calibration: {calibration} ({q['calibration_seconds']:.1f}s)", soft_wrap=True)
     for layer, tokens in q["expert_tokens"].items():
         out.print(escape(f"  {layer}: calibration tokens per expert {', '.join(map(str, tokens))}"))
     for warning in q["warnings"]:

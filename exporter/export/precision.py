@@ -44,9 +44,10 @@ import onnx_ir as ir
 from exporter import settings
 from exporter.errors import UserError
 from exporter.formats.graph import MIX_OPS, SCOPE_KEY, SHAPE_OPS, module_path
+from exporter.settings import Precision, RoutingPrecision
 
 PRECISIONS, ROUTING_PRECISIONS = settings.PRECISIONS, settings.ROUTING_PRECISIONS
-DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+DTYPES = {Precision.FP16: ir.DataType.FLOAT16, Precision.BF16: ir.DataType.BFLOAT16}
 ONNX_TYPE_NAMES = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
 
 # Ops that read a float tensor without computing on it: they take either type, no Cast is needed
@@ -82,12 +83,12 @@ class PrecisionResult:
     overflows: list[str] = field(default_factory=list)
 
 
-def check_precision(precision: str, routing: str = "fp32") -> None:
+def check_precision(precision: Precision, routing: RoutingPrecision = RoutingPrecision.FP32) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if routing not in ROUTING_PRECISIONS:
         raise UserError(f"routing precision must be one of {', '.join(ROUTING_PRECISIONS)}, got {routing!r}")
-    if precision not in settings.REDUCED_PRECISIONS and routing != "fp32":
+    if precision not in settings.REDUCED_PRECISIONS and routing != RoutingPrecision.FP32:
         raise UserError("`routing_precision=reduced` needs `precision` fp16 or bf16")
 
 
@@ -252,7 +253,7 @@ class ReducePrecisionPass(ir.passes.InPlacePass):
         self,
         precision: str,
         *,
-        routing: str = "fp32",
+        routing: RoutingPrecision = RoutingPrecision.FP32,
         vmoe_layers=(),
         keep: Callable[[ir.Node], bool] | None = None,
     ) -> None:
@@ -301,7 +302,7 @@ class ReducePrecisionPass(ir.passes.InPlacePass):
 
     def _pinned(self) -> set[ir.Node]:
         """The routing nodes kept in FP32 (none with ``routing="reduced"``)."""
-        if self.routing != "fp32":
+        if self.routing != RoutingPrecision.FP32:
             return set()
         return vmoe_routing_nodes(self._graph, self.vmoe_layers) | soft_routing_nodes(self._graph)
 
@@ -401,7 +402,7 @@ class ReducePrecisionPass(ir.passes.InPlacePass):
         ``scope_of``, whose scope it takes)."""
         key = (id(value), to)
         if key not in self._casts:
-            suffix = "fp32" if to == ir.DataType.FLOAT else self.precision
+            suffix = Precision.FP32 if to == ir.DataType.FLOAT else self.precision
             out = ir.Value(name=f"{value.name}.{suffix}", type=ir.TensorType(to), shape=value.shape)
             node = ir.Node(
                 "", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out], name=f"{value.name}.cast_{suffix}"
@@ -421,7 +422,7 @@ def reduce_precision(
     model: ir.Model,
     precision: str,
     *,
-    routing: str = "fp32",
+    routing: RoutingPrecision = RoutingPrecision.FP32,
     vmoe_layers=(),
     keep: Callable[[ir.Node], bool] | None = None,
 ) -> PrecisionResult:
@@ -437,6 +438,6 @@ def reduce_precision(
             residual stream in FP32 with it).
     """
     check_precision(precision, routing)
-    if precision == "fp32":
+    if precision == Precision.FP32:
         return PrecisionResult(precision, routing)
     return ReducePrecisionPass(precision, routing=routing, vmoe_layers=vmoe_layers, keep=keep)(model).report

@@ -257,7 +257,7 @@ def test_an_int8_export_validates_with_every_flip_explained(exported):
     from exporter.parity.validate import validate_onnx
 
     _, result = exported("vmoe-tiny", precision="int8", **VMOE)
-    assert result.quantization["calibration"].startswith("no --calibration: 32 seeded N(0, 1) images")
+    assert result.quantization["calibration"].startswith("no `calibration`: 32 seeded N(0, 1) images")
     report = validate_onnx(result.path)
     assert report.precision == "int8" and report.passed
     assert all(r.flip_count > 0 and r.unexplained == 0 for r in report.routing)  # INT8 flips near-ties ...
