@@ -341,7 +341,7 @@ def build_engine(
         "opt_level": options.opt_level,
     }
     start = time.perf_counter()
-    result = _run_child(request, OncePerPhase(log))
+    result = _run_child(request)
     return RTXEngineBuild(
         path=engine_path,
         onnx=onnx_path,
@@ -381,9 +381,10 @@ def _library_folder(folder: Path) -> Path:
     return folder
 
 
-def _run_child(request: dict, progress: Callable[[str], None]) -> dict:
+def _run_child(request: dict) -> dict:
     """Runs the build in ``python -m exporter.backends.tensorrt_rtx`` and reads its JSON lines:
-    progress as it comes, then the result or the error it names."""
+    progress as it comes (logged, each build phase once), then the result or the error it names."""
+    progress = OncePerPhase(log)
     with tempfile.TemporaryDirectory(prefix="moe-export-rtx-") as tmp:
         # the kernels compile to PTX in the child: Triton's interpreter (the kernel tests') would refuse
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
