@@ -6,7 +6,9 @@ Only click and rich are imported here (rich inside the functions), so ``--help``
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import logging
 import re
@@ -16,6 +18,7 @@ import click
 
 from exporter.errors import UserError
 from exporter.progress import MESSAGE, PHASE, ROOT, SECONDS
+from exporter.progress import phase as library_phase
 
 # --- the library names its arguments; the CLI shows its options --------------------------------------
 
@@ -25,22 +28,27 @@ _ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 def _options(ctx: click.Context | None) -> dict[str, click.Option]:
     """Every option the CLI has, by parameter name and by long flag (``capacity_factors`` for
     ``--capacity-factors``): the running command's first, then every other command's."""
-    found: dict[str, click.Option] = {}
+    return {} if ctx is None else _option_table(ctx.command, ctx.find_root().command)
 
-    def add(command: click.Command, sub_ctx: click.Context) -> None:
+
+@functools.lru_cache(maxsize=16)
+def _option_table(command: click.Command, root: click.Command) -> dict[str, click.Option]:
+    """``_options`` of one command under one CLI, walked once (notes and JSON reports ask per string)."""
+    found: dict[str, click.Option] = {}
+    ctx = click.Context(root)
+
+    def add(command: click.Command) -> None:
         for param in command.params:
             if isinstance(param, click.Option):
                 for key in (param.name, *(o.lstrip("-").replace("-", "_") for o in param.opts if o.startswith("--"))):
                     found.setdefault(key, param)
         if isinstance(command, click.Group):
-            for name in command.list_commands(sub_ctx):
-                if (sub := command.get_command(sub_ctx, name)) is not None:
-                    add(sub, sub_ctx)
+            for name in command.list_commands(ctx):
+                if (sub := command.get_command(ctx, name)) is not None:
+                    add(sub)
 
-    if ctx is not None:
-        add(ctx.command, ctx)
-        root = ctx.find_root()
-        add(root.command, root)
+    add(command)
+    add(root)
     return found
 
 
@@ -159,28 +167,24 @@ class ProgressHandler(logging.Handler):
         super().close()
 
 
-class progress_shown:
+@contextlib.contextmanager
+def progress_shown():
     """Installs a ``ProgressHandler`` on the library's root logger for the block (a command's run),
     and removes it after: the library itself never prints."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger(ROOT)
-        self.handler, self.level = ProgressHandler(), self.logger.level
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        return self.handler
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.level)
-        self.handler.close()
-        return False
+    logger, handler = logging.getLogger(ROOT), ProgressHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 def phase(message: str):
     """A phase of a command's own (loading, importing): shown as the library's phases are."""
-    from exporter.progress import phase as library_phase
-
     return library_phase(logging.getLogger(f"{ROOT}.commands"), message)
 
 

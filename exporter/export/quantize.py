@@ -533,28 +533,11 @@ class QuantizePass(ir.passes.InPlacePass):
         report.weight_bytes = (sum(before.values()), sum(after.values()))
 
 
-def quantize(
-    model: ir.Model,
-    precision: str,
-    *,
-    moe_layers=(),
-    images: np.ndarray | None = None,
-    calibration: str = "",
-    batch: int = 8,
-) -> QuantizeResult:
-    """Rewrites ``model`` (in place) to ``precision`` (see the module): runs ``QuantizePass``.
-
-    Args:
-        model: An exported FP32 graph (onnx_ir).
-        precision: ``int8`` or ``fp8`` (Q/DQ, calibrated), ``w8`` or ``w4`` (expert weights only).
-        moe_layers: Module names of the MoE layers (V-MoE and Soft-MoE): their nodes outside
-            ``<layer>.experts`` stay FP32.
-        images: Calibration images ``[N, C, H, W]`` (``int8``/``fp8``), in whole routing groups.
-        calibration: Where the images came from, one line for the report.
-        batch: Images per calibration run (whole routing groups).
-    """
-    done = QuantizePass(precision, moe_layers=moe_layers, images=images, calibration=calibration, batch=batch)
-    return done(model).report
+def quantize(model: ir.Model, precision: str, **options) -> QuantizeResult:
+    """Rewrites ``model`` (an exported FP32 graph, in place) to ``precision`` (see the module): runs
+    ``QuantizePass``, whose arguments ``options`` are (``moe_layers``, ``images``, ``calibration``,
+    ``batch``)."""
+    return QuantizePass(precision, **options)(model).report
 
 
 def _expert_tokens(graph: ir.Graph, chosen, ranges: _Ranges, moe_layers, result: QuantizeResult) -> None:

@@ -61,6 +61,7 @@ def validate(
     ``verify_key`` (an Ed25519 public key file), a bundle's signature is checked first.
     """
     target = Path(target)
+    asked = _Asked(source, changes, batch, seed, inputs_npz, rtol, routing_agreement, trust_module)
     if not (target.is_dir() or target.suffix in ENGINE_SUFFIXES):
         if engine_graph:
             raise UserError("`engine_graph` applies to engine files; the target is already an ONNX graph")
@@ -68,7 +69,6 @@ def validate(
             raise UserError("`verify_key` checks a bundle's signature: give the bundle folder (or its engine)")
         header = read_header(target)
         batch = batch if batch is not None or inputs_npz else recorded_batch(header)
-        asked = _Asked(source, changes, batch, seed, inputs_npz, rtol, routing_agreement, trust_module)
         source, notes = _source(asked, target, header)
         tolerances = _tolerances(precision(header)[0], rtol, routing_agreement)
         report = validate_onnx(
@@ -82,7 +82,6 @@ def validate(
         )
         report.notes += notes
         return _note_ignored(report, routing_agreement)
-    asked = _Asked(source, changes, batch, seed, inputs_npz, rtol, routing_agreement, trust_module)
     return _note_ignored(_validate_engine_target(target, engine_graph, verify_key, asked), routing_agreement)
 
 
